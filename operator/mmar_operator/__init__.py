@@ -1,0 +1,1 @@
+"""mmar_operator: the kopf operator that runs MMARJob steps as Kubernetes Jobs."""

@@ -1,0 +1,249 @@
+"""What an MMAR is on disk, and how its configuration is read.
+
+An MMAR is a folder:
+
+    config/config_train.json       training recipe (MONAI bundle syntax: _target_, @ref, $expr)
+    config/config_validation.json  the validation/inference recipe, laid over config_train.json
+    config/environment.json        DATA_ROOT, DATASET_JSON, MMAR_CKPT_DIR, MMAR_EVAL_OUTPUT_PATH, ...
+    commands/*.sh                  thin calls of the CLI
+    models/                        checkpoints, training state, TensorBoard events
+    eval/                          metrics, per-case CSV, predictions, overlays
+
+Components are built by MONAI's `ConfigParser`; this module only finds the files, applies `--set`
+overrides, checks the keys it knows, and resolves environment paths against the MMAR root.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from mmar.errors import MMARError
+
+CONFIG_DIR = "config"
+TRAIN_CONFIG = "config_train.json"
+VALIDATION_CONFIG = "config_validation.json"
+ENVIRONMENT = "environment.json"
+
+# Clara's environment keys (paths are relative to the MMAR root unless absolute).
+ENV_KEYS = {
+    "DATA_ROOT": "base folder of the datalist's relative paths (default: the datalist's folder)",
+    "DATASET_JSON": "the datalist",
+    "MMAR_CKPT_DIR": "checkpoints, training state and TensorBoard events",
+    "MMAR_EVAL_OUTPUT_PATH": "metrics, per-case CSV, predictions and overlays",
+    "PROCESSING_TASK": "segmentation or classification",
+    "PRETRAIN_WEIGHTS_FILE": "checkpoint that --finetune starts from (default: MMAR_CKPT_DIR/model.ckpt)",
+}
+
+# Keys the runtime itself reads. Anything else in a section is a typo until proven otherwise: a user who
+# writes "epoch": 100 must hear about it rather than silently train for the default.
+TOP_LEVEL_KEYS = {
+    "epochs", "learning_rate", "num_training_epoch_per_valid", "num_interval_per_valid", "amp",
+    "determinism", "task", "num_classes", "image_key", "label_key", "image_base_dir", "spatial_size",
+    "network", "train", "validate", "infer", "multi_gpu", "definitions", "label_format",
+}
+SECTION_KEYS = {
+    "determinism": {"random_seed", "deterministic"},
+    "train": {
+        "datalist_key", "batch_size", "num_workers", "cache", "loss", "optimizer", "lr_scheduler",
+        "preprocessing", "augmentation", "postprocessing", "metrics", "inferer", "log_every",
+        "compile", "samples_per_volume",
+    },
+    "validate": {
+        "datalist_key", "batch_size", "num_workers", "preprocessing", "inferer", "postprocessing",
+        "key_metric", "metrics", "overlays", "schedule",
+    },
+    "infer": {"datalist_key", "output_postfix", "output_ext", "postprocessing"},
+    "multi_gpu": {"lr_scaling", "warmup_epochs", "backend", "timeout_seconds"},
+}
+
+
+@dataclass
+class Archive:
+    """A resolved MMAR: its root, environment (paths absolute) and merged configuration (a plain dict)."""
+
+    root: Path
+    env: dict[str, str]
+    config: dict[str, Any]
+    config_files: list[Path] = field(default_factory=list)
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self.env["MMAR_CKPT_DIR"])
+
+    @property
+    def eval_dir(self) -> Path:
+        return Path(self.env["MMAR_EVAL_OUTPUT_PATH"])
+
+    @property
+    def task(self) -> str:
+        return self.env.get("PROCESSING_TASK") or self.config.get("task", "segmentation")
+
+    def parser(self):
+        """A MONAI ConfigParser over this configuration (components are instantiated from it)."""
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser(copy.deepcopy(self.config))
+        return parser
+
+    def describe(self, key: str) -> str:
+        return f"{self.config_files[-1] if self.config_files else self.root}: {key}"
+
+
+def config_path(root: Path, name: str) -> Path:
+    return Path(root) / CONFIG_DIR / name
+
+
+def read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise MMARError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise MMARError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
+    except UnicodeDecodeError as error:
+        raise MMARError(f"{path}: not a UTF-8 text file ({error.reason})") from None
+
+
+def load_archive(
+    root: str | os.PathLike,
+    overrides: Iterable[str] = (),
+    *,
+    for_validation: bool = False,
+    file_root: str | None = None,
+) -> Archive:
+    """Read an MMAR folder: environment + config(s), `--set` overrides applied, keys checked.
+
+    `for_validation` lays config_validation.json over config_train.json (a top-level key in the
+    validation file replaces the training one), as `validate` and `infer` do.
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise MMARError(f"MMAR folder not found: {root}")
+    env_file = config_path(root, ENVIRONMENT)
+    env = read_json(env_file, "environment file")
+    if not isinstance(env, dict):
+        raise MMARError(f"{env_file}: must hold a JSON object")
+    unknown = sorted(set(env) - set(ENV_KEYS))
+    if unknown:
+        raise MMARError(f"{env_file}: unknown key {_with_hint(unknown[0], ENV_KEYS)}")
+
+    files = [config_path(root, TRAIN_CONFIG)]
+    if for_validation and config_path(root, VALIDATION_CONFIG).is_file():
+        files.append(config_path(root, VALIDATION_CONFIG))
+    config: dict[str, Any] = {}
+    for path in files:
+        content = read_json(path, "config file")
+        if not isinstance(content, dict):
+            raise MMARError(f"{path}: must hold a JSON object")
+        check_keys(content, path)
+        config.update(content)
+
+    env = {key: str(value) for key, value in env.items()}
+    for key, value in parse_overrides(overrides):
+        if key in ENV_KEYS:
+            env[key] = str(value)
+        else:
+            set_by_path(config, key, value)
+    check_keys(config, "--set")
+    if file_root:
+        config["image_base_dir"] = file_root
+
+    env = resolve_env(root, env)
+    return Archive(root=root, env=env, config=config, config_files=files)
+
+
+def resolve_env(root: Path, env: dict[str, str]) -> dict[str, str]:
+    """Make environment paths absolute (relative ones are relative to the MMAR root), fill defaults."""
+    resolved = dict(env)
+    resolved.setdefault("MMAR_CKPT_DIR", "models")
+    resolved.setdefault("MMAR_EVAL_OUTPUT_PATH", "eval")
+    for key in ("DATA_ROOT", "DATASET_JSON", "MMAR_CKPT_DIR", "MMAR_EVAL_OUTPUT_PATH", "PRETRAIN_WEIGHTS_FILE"):
+        value = resolved.get(key)
+        if value:
+            path = Path(os.path.expandvars(os.path.expanduser(value)))
+            resolved[key] = str(path if path.is_absolute() else (root / path).resolve())
+    return resolved
+
+
+def check_keys(config: dict[str, Any], source: Any) -> None:
+    for key in config:
+        if key.startswith("_"):  # MONAI's own keys (_meta_, _requires_, ...) and private helpers
+            continue
+        if key not in TOP_LEVEL_KEYS:
+            raise MMARError(f"{source}: unknown config key {_with_hint(key, TOP_LEVEL_KEYS)}")
+    for section, allowed in SECTION_KEYS.items():
+        value = config.get(section)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise MMARError(f"{source}: `{section}` must be an object, got {type(value).__name__}")
+        for key in value:
+            if not key.startswith("_") and key not in allowed:
+                raise MMARError(f"{source}: unknown config key {section}#{_with_hint(key, allowed)}")
+
+
+def _with_hint(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+
+
+def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
+    """`key=value` strings -> (key, value); values are JSON when they parse as JSON, else strings."""
+    parsed = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise MMARError(f"--set {item!r}: expected KEY=VALUE (e.g. epochs=10 or train#batch_size=2)")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        parsed.append((key, value))
+    return parsed
+
+
+def split_key(key: str) -> list[str]:
+    """`train#batch_size` (MONAI) and `train.batch_size` (Clara) name the same key."""
+    return [part for part in key.replace(".", "#").split("#") if part]
+
+
+def set_by_path(config: dict[str, Any], key: str, value: Any) -> None:
+    parts = split_key(key)
+    node: Any = config
+    for index, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, key)]
+            continue
+        if part not in node:
+            if index == 0:
+                raise MMARError(f"--set {key}: unknown config key {_with_hint(part, TOP_LEVEL_KEYS | set(ENV_KEYS))}")
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise MMARError(f"--set {key}: '{part}' is a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, key)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise MMARError(f"--set {key}: '{part}' is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def num_training_epoch_per_valid(config: dict[str, Any]) -> int:
+    """Clara 3's key, or v4's `num_interval_per_valid`."""
+    value = config.get("num_training_epoch_per_valid", config.get("num_interval_per_valid", 1))
+    if not isinstance(value, int) or value < 1:
+        raise MMARError(f"config: num_training_epoch_per_valid must be a positive integer, got {value!r}")
+    return value

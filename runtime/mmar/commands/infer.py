@@ -1,0 +1,22 @@
+"""`mmar infer DIR [--ckpt PATH] [--model ckpt|ts|onnx|trt] [--key LIST]`"""
+
+from __future__ import annotations
+
+import argparse
+
+from mmar.commands._common import add_archive_arguments, open_archive
+from mmar.report import write_result
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mmar infer", description="Predict every image of a datalist list -> eval/.")
+    add_archive_arguments(parser)
+    parser.add_argument("--ckpt", help="checkpoint (default models/model.ckpt) or exported model file")
+    parser.add_argument("--model", default="ckpt", help="model format: ckpt (default), ts, onnx, trt")
+    parser.add_argument("--key", help="datalist list to predict (default: infer#datalist_key, 'validation')")
+    args = parser.parse_args(argv)
+    archive = open_archive(args, for_validation=True)
+    from mmar.engine.evaluate import infer
+
+    write_result(infer(archive, ckpt=args.ckpt, model=args.model, list_key=args.key))
+    return 0

@@ -1,0 +1,21 @@
+"""`mmar validate DIR [--ckpt PATH] [--model ckpt|ts|onnx|trt]`"""
+
+from __future__ import annotations
+
+import argparse
+
+from mmar.commands._common import add_archive_arguments, open_archive
+from mmar.report import write_result
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mmar validate", description="Metrics against ground truth -> eval/.")
+    add_archive_arguments(parser)
+    parser.add_argument("--ckpt", help="checkpoint (default models/model.ckpt) or exported model file")
+    parser.add_argument("--model", default="ckpt", help="model format: ckpt (default), ts, onnx, trt")
+    args = parser.parse_args(argv)
+    archive = open_archive(args, for_validation=True)
+    from mmar.engine.evaluate import validate
+
+    write_result(validate(archive, ckpt=args.ckpt, model=args.model))
+    return 0

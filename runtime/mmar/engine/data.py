@@ -1,0 +1,85 @@
+"""Datasets and loaders for a section of the recipe (train / validate / infer).
+
+Deterministic preprocessing is cached in memory (MONAI `CacheDataset`) and random augmentation runs on
+the cached tensors, so a volume is decoded once per run, not once per epoch. The cache is bounded by a
+share of the available RAM (`train#cache#max_ram_fraction`): when the data does not fit, only the share
+that fits is cached, with a message, instead of the kernel killing the run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset
+from monai.transforms import Compose
+
+from mmar.transforms import nbytes_estimate
+
+DEFAULT_RAM_FRACTION = 0.5
+
+
+def available_ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def cache_rate_that_fits(
+    items: Sequence[dict[str, Any]], keys: Sequence[str], requested: float, ram_fraction: float, log=print
+) -> float:
+    """The cache rate that keeps the cache under `ram_fraction` of the available memory."""
+    if requested <= 0 or not items:
+        return 0.0
+    sample = items[: min(len(items), 8)]
+    per_case = max(1, sum(nbytes_estimate(item, keys) for item in sample) // len(sample))
+    # decoded volumes plus the working copies of the transforms: count 1.5x
+    need = per_case * 1.5 * len(items) * requested
+    budget = available_ram_bytes() * ram_fraction
+    if need <= budget:
+        return requested
+    rate = max(0.0, requested * budget / need)
+    log(
+        f"cache: {len(items)} cases need about {need / 2**30:.1f} GiB, more than {ram_fraction:.0%} of the "
+        f"available RAM ({budget / 2**30:.1f} GiB); caching {rate:.0%} of them, the rest is read each epoch "
+        "(raise train#cache#max_ram_fraction or add RAM to cache all)"
+    )
+    return rate
+
+
+def make_dataset(
+    items: Sequence[dict[str, Any]],
+    deterministic: Sequence[Any],
+    random: Sequence[Any] = (),
+    *,
+    keys: Sequence[str],
+    cache: dict[str, Any] | None = None,
+    log=print,
+) -> Dataset:
+    cache = dict(cache or {})
+    transforms = Compose([*deterministic, *random], log_stats=False)
+    rate = cache_rate_that_fits(
+        items, keys, float(cache.get("rate", 1.0)), float(cache.get("max_ram_fraction", DEFAULT_RAM_FRACTION)), log
+    )
+    if rate <= 0:
+        return Dataset(list(items), transforms)
+    workers = int(cache.get("num_workers", min(4, os.cpu_count() or 1)))
+    return CacheDataset(list(items), transforms, cache_rate=rate, num_workers=workers, progress=False)
+
+
+def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, num_workers: int, sampler=None) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )

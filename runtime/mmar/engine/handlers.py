@@ -1,0 +1,217 @@
+"""Cross-cutting work of a training run, as ignite event handlers on MONAI's engines.
+
+Written here rather than taken from MONAI's `CheckpointSaver` because Clara's contract is specific:
+fixed names (`model.ckpt` only when the key metric improves, from a best that starts at -inf and survives
+a resume; `model_final.ckpt` at the end), every write atomic, and one resumable state file per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from ignite.engine import Engine, Events
+
+from mmar.engine import checkpoint
+from mmar.io import atomic_write
+
+
+class Progress:
+    """Run bookkeeping shared by the handlers: best key metric, epoch history (kept across a resume)."""
+
+    def __init__(self, key_metric: str | None):
+        self.key_metric = key_metric
+        self.best_metric = -math.inf
+        self.best_epoch = 0
+        self.history: list[dict[str, Any]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_metric": self.best_metric, "best_epoch": self.best_epoch, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_metric = float(state.get("best_metric", -math.inf))
+        self.best_epoch = int(state.get("best_epoch", 0))
+        self.history = list(state.get("history", []))
+
+
+class EpochValidation:
+    """Run the evaluator every `interval` epochs and after the last epoch (so a best model always exists)."""
+
+    def __init__(self, evaluator: Engine, interval: int):
+        self.evaluator, self.interval = evaluator, interval
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, trainer: Engine) -> None:
+        epoch = trainer.state.epoch
+        if epoch % self.interval == 0 or epoch == trainer.state.max_epochs:
+            self.evaluator.run(global_epoch=epoch)
+
+
+class BestModelSaver:
+    """`model.ckpt` whenever the key metric beats the best so far; the best starts at -inf."""
+
+    def __init__(self, progress: Progress, evaluator: Engine | None, network, models_dir: Path, meta: dict, log=print):
+        self.progress, self.evaluator, self.network = progress, evaluator, network
+        self.path = Path(models_dir) / checkpoint.MODEL_FILE
+        self.meta, self.log = meta, log
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, trainer: Engine) -> None:
+        epoch = trainer.state.epoch
+        if self.evaluator is None:  # no validation list: the latest model is the one to use
+            checkpoint.save_model(self.path, self.network, epoch=epoch, **self.meta)
+            return
+        if self.evaluator.state.epoch != epoch or not self.evaluator.state.metrics:
+            return  # no validation this epoch
+        value = float(self.evaluator.state.metrics[self.progress.key_metric])
+        if value > self.progress.best_metric:
+            self.progress.best_metric, self.progress.best_epoch = value, epoch
+            checkpoint.save_model(
+                self.path, self.network, epoch=epoch, key_metric=self.progress.key_metric, metric=value, **self.meta
+            )
+            self.log(f"epoch {epoch}: new best {self.progress.key_metric} {value:.4f} -> {self.path}")
+
+
+class EpochSummary:
+    """One line per epoch on the terminal, TensorBoard scalars, `training_curves.png`, and the history."""
+
+    def __init__(self, progress: Progress, optimizer, evaluator: Engine | None, models_dir: Path,
+                 writer=None, extra_scalars: Callable[[Engine], dict[str, float]] | None = None, log=print):
+        self.progress, self.optimizer, self.evaluator = progress, optimizer, evaluator
+        self.models_dir, self.writer, self.extra_scalars, self.log = Path(models_dir), writer, extra_scalars, log
+        self._losses: list[float] = []
+        self._samples = 0
+        self._started = 0.0
+        self._data_wait = 0.0
+        self._fetch_started = 0.0
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        trainer.add_event_handler(Events.GET_BATCH_STARTED, self._fetch_start)
+        trainer.add_event_handler(Events.GET_BATCH_COMPLETED, self._fetch_done)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _epoch_started(self, trainer: Engine) -> None:
+        self._losses, self._samples, self._data_wait = [], 0, 0.0
+        self._started = time.perf_counter()
+
+    def _fetch_start(self, trainer: Engine) -> None:
+        self._fetch_started = time.perf_counter()
+
+    def _fetch_done(self, trainer: Engine) -> None:
+        self._data_wait += time.perf_counter() - self._fetch_started
+
+    def _iteration(self, trainer: Engine) -> None:
+        self._losses.append(float(loss_of(trainer.state.output)))
+        self._samples += batch_size_of(trainer.state.batch)
+
+    def _epoch_completed(self, trainer: Engine) -> None:
+        epoch = trainer.state.epoch
+        seconds = time.perf_counter() - self._started
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "loss": sum(self._losses) / max(1, len(self._losses)),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "seconds": seconds,
+            "samples_per_second": self._samples / max(seconds, 1e-9),
+            "data_wait_fraction": self._data_wait / max(seconds, 1e-9),
+        }
+        validated = self.evaluator is not None and self.evaluator.state.epoch == epoch and self.evaluator.state.metrics
+        if validated:
+            record.update({k: float(v) for k, v in self.evaluator.state.metrics.items() if _is_number(v)})
+            if self.extra_scalars:
+                record.update(self.extra_scalars(self.evaluator))
+        self.progress.history.append(record)
+        line = f"epoch {epoch}/{trainer.state.max_epochs} loss {record['loss']:.4f} lr {record['lr']:.2e}"
+        if validated and self.progress.key_metric:
+            line += f" {self.progress.key_metric} {record[self.progress.key_metric]:.4f}"
+            line += f" (best {self.progress.best_metric:.4f} @ {self.progress.best_epoch})"
+        line += f" {seconds:.1f}s {record['samples_per_second']:.1f} samples/s"
+        self.log(line)
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "epoch":
+                    self.writer.add_scalar(key, value, epoch)
+            self.writer.flush()
+        write_curves(self.models_dir / "training_curves.png", self.progress.history, self.progress.key_metric)
+
+
+class StateSaver:
+    """Everything needed to resume, written atomically after every epoch (after validation)."""
+
+    def __init__(self, path: Path, objects: dict[str, Any], progress: Progress, mode: str):
+        self.path, self.objects, self.progress, self.mode = Path(path), objects, progress, mode
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, trainer: Engine) -> None:
+        state = {name: obj.state_dict() for name, obj in self.objects.items() if obj is not None}
+        state["model"] = checkpoint.unwrap(self.objects["model"]).state_dict()
+        state["trainer"] = {
+            "epoch": trainer.state.epoch,
+            "iteration": trainer.state.iteration,
+            "max_epochs": trainer.state.max_epochs,
+            "epoch_length": trainer.state.epoch_length,
+        }
+        state["progress"] = self.progress.state_dict()
+        state["mode"] = self.mode
+        state["complete"] = trainer.state.epoch >= trainer.state.max_epochs
+        checkpoint.save_state(self.path, state)
+
+
+def loss_of(output: Any) -> float:
+    if isinstance(output, list):
+        output = output[0]
+    value = output["loss"] if isinstance(output, dict) else output
+    return value.item() if isinstance(value, torch.Tensor) else float(value)
+
+
+def batch_size_of(batch: Any) -> int:
+    if isinstance(batch, dict):
+        for value in batch.values():
+            if isinstance(value, torch.Tensor):
+                return int(value.shape[0])
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return int(batch[0].shape[0])
+    return 1
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+
+
+def write_curves(path: Path, history: list[dict[str, Any]], key_metric: str | None) -> None:
+    """Loss and key metric per epoch, for people who would rather look than read TensorBoard."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, loss_axis = plt.subplots(figsize=(6, 3.5), dpi=100)
+    epochs = [r["epoch"] for r in history]
+    loss_axis.plot(epochs, [r["loss"] for r in history], color="tab:blue", label="training loss")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("training loss", color="tab:blue")
+    if key_metric:
+        points = [(r["epoch"], r[key_metric]) for r in history if key_metric in r]
+        if points:
+            metric_axis = loss_axis.twinx()
+            metric_axis.plot(*zip(*points), color="tab:orange", marker="o", markersize=3, label=key_metric)
+            metric_axis.set_ylabel(key_metric, color="tab:orange")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())

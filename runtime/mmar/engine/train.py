@@ -1,0 +1,203 @@
+"""`mmar train`: the Clara training loop on MONAI's `SupervisedTrainer` and `SupervisedEvaluator`.
+
+Batches, an optimizer minimizing the loss, validation every `num_training_epoch_per_valid` epochs over the
+whole validation list, `model.ckpt` when the key metric improves, `model_final.ckpt` at the end, training
+state every epoch so that re-running resumes after a crash or a kill.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from monai.handlers import LrScheduleHandler
+from monai.inferers import SimpleInferer
+from monai.utils import set_determinism
+
+from mmar.archive import Archive, num_training_epoch_per_valid
+from mmar.engine import checkpoint
+from mmar.engine.data import make_loader
+from mmar.engine.handlers import BestModelSaver, EpochSummary, EpochValidation, Progress, StateSaver
+from mmar.engine.workflow import (
+    KeyedBatch, build_dataset, build_evaluator, device_for, has_list, keys_of, section_items, validation_loader,
+)
+from mmar.errors import MMARError
+from mmar.tasks import get_task
+
+
+def train(archive: Archive, *, finetune: bool = False, ckpt: str | None = None, log=print) -> dict[str, Any]:
+    config = archive.config
+    task = get_task(archive.task)
+    epochs = int(config.get("epochs", 1))
+    if epochs < 1:
+        raise MMARError(f"config: epochs must be >= 1, got {epochs}")
+    interval = num_training_epoch_per_valid(config)
+    seed = config.get("determinism", {}).get("random_seed")
+    if seed is not None:
+        set_determinism(seed=int(seed))
+    models_dir = archive.models_dir
+    models_dir.mkdir(parents=True, exist_ok=True)
+    image_key, label_key = keys_of(config)
+    keys = [image_key, label_key]
+
+    # --- data (checked before anything heavy is built)
+    train_items = section_items(archive, "train")
+    val_key = config.get("validate", {}).get("datalist_key", "validation")
+    val_items = section_items(archive, "validate") if has_list(archive, val_key) else None
+    if val_items is None:
+        log(f"no '{val_key}' list in the datalist: no validation; model.ckpt is the latest epoch's model")
+
+    # --- components, from the config
+    parser = archive.parser()
+    device = device_for(archive)
+    network = parser.get_parsed_content("network").to(device)
+    loss = parser.get_parsed_content("train#loss")
+    optimizer = parser.get_parsed_content("train#optimizer")
+    scheduler = parser.get_parsed_content("train#lr_scheduler") if config["train"].get("lr_scheduler") else None
+    amp = bool(config.get("amp", False)) and device.type == "cuda"
+
+    state_path = models_dir / checkpoint.STATE_FILE
+    mode = "finetune" if finetune else "train"
+    resume = _resumable_state(state_path, mode, log)
+    if finetune and resume is None:
+        start = Path(ckpt) if ckpt else Path(archive.env.get("PRETRAIN_WEIGHTS_FILE") or models_dir / checkpoint.MODEL_FILE)
+        checkpoint.load_weights(network, start)
+        log(f"fine-tuning from {start}")
+    elif ckpt and resume is None:
+        checkpoint.load_weights(network, ckpt)
+        log(f"initial weights from {ckpt}")
+
+    train_dataset = build_dataset(parser, "train", train_items, keys=keys, with_augmentation=True, log=log)
+    section = config["train"]
+    train_loader = make_loader(train_dataset, batch_size=int(section.get("batch_size", 2)), shuffle=True,
+                               num_workers=int(section.get("num_workers", 0)))
+
+    evaluator = None
+    if val_items is not None:
+        evaluator = build_evaluator(parser, network, validation_loader(parser, val_items, keys=keys, log=log),
+                                    device, amp=amp)
+
+    trainer = SupervisedTrainer(
+        device=device,
+        max_epochs=epochs,
+        train_data_loader=train_loader,
+        network=network,
+        optimizer=optimizer,
+        loss_function=loss,
+        inferer=SimpleInferer(),
+        prepare_batch=KeyedBatch(image_key, label_key),
+        amp=amp,
+        decollate=False,
+    )
+    progress = Progress(config.get("validate", {}).get("key_metric") if evaluator else None)
+
+    # --- handlers, in the order they must run at the end of an epoch
+    if seed is not None:
+        trainer.add_event_handler(Events.EPOCH_STARTED, _reseed(int(seed), train_dataset))
+    if evaluator is not None:
+        EpochValidation(evaluator, interval).attach(trainer)
+    meta = {"task": archive.task, "network_config": config.get("network")}
+    BestModelSaver(progress, evaluator, network, models_dir, meta, log).attach(trainer)
+    writer = _tensorboard(models_dir)
+    extra = getattr(task, "extra_scalars", None)
+    EpochSummary(progress, optimizer, evaluator, models_dir, writer, extra, log).attach(trainer)
+    if scheduler is not None:
+        LrScheduleHandler(scheduler, print_lr=False).attach(trainer)
+    objects = {"model": network, "optimizer": optimizer, "lr_scheduler": scheduler,
+               "scaler": getattr(trainer, "scaler", None)}
+    StateSaver(state_path, objects, progress, mode).attach(trainer)
+    _progress_bar(trainer)
+    _attach_metrics(trainer, evaluator)
+
+    if resume is not None:
+        _restore(resume, objects, progress, trainer, epochs)
+        log(f"resuming {mode} from {state_path} after epoch {trainer.state.epoch}")
+
+    started = time.perf_counter()
+    trainer.run()
+    checkpoint.save_model(models_dir / checkpoint.FINAL_FILE, network, epoch=trainer.state.epoch, **meta)
+    if writer is not None:
+        writer.close()
+    minutes = (time.perf_counter() - started) / 60
+    result = {
+        "command": "finetune" if finetune else "train",
+        "epochs": trainer.state.epoch,
+        "key_metric": progress.key_metric,
+        "best_metric": None if progress.best_metric == float("-inf") else progress.best_metric,
+        "best_epoch": progress.best_epoch,
+        "minutes": round(minutes, 2),
+        "models_dir": str(models_dir),
+    }
+    log(f"done: {trainer.state.epoch} epochs in {minutes:.1f} min; best {progress.key_metric} "
+        f"{result['best_metric']} at epoch {progress.best_epoch}; models in {models_dir}")
+    return result
+
+
+def _resumable_state(path: Path, mode: str, log) -> dict[str, Any] | None:
+    """An unfinished run of the same kind is resumed; a finished one is not (a new run starts)."""
+    state = checkpoint.load_state(path)
+    if state is None:
+        return None
+    if state.get("complete") or state.get("mode") != mode:
+        return None
+    return state
+
+
+def _restore(state, objects, progress: Progress, trainer, epochs: int) -> None:
+    checkpoint.unwrap(objects["model"]).load_state_dict(state["model"])
+    for name in ("optimizer", "lr_scheduler", "scaler"):
+        if objects.get(name) is not None and state.get(name) is not None:
+            objects[name].load_state_dict(state[name])
+    progress.load_state_dict(state.get("progress", {}))
+    saved = state["trainer"]
+    if saved["epoch"] >= epochs:
+        raise MMARError(f"training state {saved['epoch']} epochs >= epochs={epochs}; nothing to resume")
+    trainer.state.epoch = saved["epoch"]
+    trainer.state.iteration = saved["iteration"]
+
+
+def _reseed(seed: int, dataset):
+    """Seed each epoch from (seed, epoch): a resumed run draws the same augmentations as an unbroken one."""
+
+    def handler(engine):
+        set_determinism(seed=seed + engine.state.epoch)
+        transform = getattr(dataset, "transform", None)
+        if hasattr(transform, "set_random_state"):
+            transform.set_random_state(seed=seed + engine.state.epoch)
+
+    return handler
+
+
+def _tensorboard(models_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is an extra of monai; training goes on without event files
+        return None
+    return SummaryWriter(log_dir=str(models_dir))
+
+
+def _progress_bar(trainer) -> None:
+    if not sys.stderr.isatty():
+        return  # logs of pods and CI: the one-line epoch summary is enough
+    from ignite.handlers import ProgressBar
+
+    ProgressBar(persist=False).attach(trainer, output_transform=lambda output: {"loss": _loss(output)})
+
+
+def _loss(output) -> float:
+    from mmar.engine.handlers import loss_of
+
+    return loss_of(output)
+
+
+def _attach_metrics(trainer, evaluator) -> None:
+    try:
+        from mmar.engine.prometheus import attach_from_env
+    except ImportError:
+        return
+    attach_from_env(trainer, evaluator)

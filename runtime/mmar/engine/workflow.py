@@ -1,0 +1,115 @@
+"""Shared building blocks of training, validation and inference: the datalist of a section, the device,
+the dataset/loader from the recipe's transforms, and the MONAI evaluator.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from monai.engines import SupervisedEvaluator
+
+from mmar.archive import Archive
+from mmar.datalist import check_channels_aligned, load_items, load_json
+from mmar.engine.data import make_dataset, make_loader
+from mmar.errors import MMARError
+
+
+def device_for(archive: Archive) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def keys_of(config: dict[str, Any]) -> tuple[str, str]:
+    return config.get("image_key", "image"), config.get("label_key", "label")
+
+
+def base_dir(archive: Archive) -> str | None:
+    return archive.config.get("image_base_dir") or archive.env.get("DATA_ROOT") or None
+
+
+def has_list(archive: Archive, list_key: str) -> bool:
+    data = load_json(_datalist_path(archive))
+    return isinstance(data.get(list_key), list) and bool(data[list_key])
+
+
+def _datalist_path(archive: Archive):
+    path = archive.env.get("DATASET_JSON")
+    if not path:
+        raise MMARError(f"{archive.root}/config/environment.json: DATASET_JSON is not set")
+    return path
+
+
+def section_items(archive: Archive, section: str, *, list_key: str | None = None, require_label: bool = True):
+    """The checked, absolute-path items of the datalist list a section reads."""
+    config = archive.config
+    image_key, label_key = keys_of(config)
+    key = list_key or config.get(section, {}).get("datalist_key") or ("training" if section == "train" else "validation")
+    items = load_items(
+        _datalist_path(archive), key, base_dir=base_dir(archive),
+        image_key=image_key, label_key=label_key, require_label=require_label,
+    )
+    for index, item in enumerate(items):
+        check_channels_aligned(item, image_key, f"{_datalist_path(archive)}: {key}[{index}].{image_key}")
+    return items
+
+
+def build_dataset(parser, section: str, items, *, keys, with_augmentation: bool, log=print):
+    config = parser.config
+    deterministic = parser.get_parsed_content(f"{section}#preprocessing", instantiate=True)
+    random = parser.get_parsed_content(f"{section}#augmentation") if with_augmentation and config[section].get("augmentation") else []
+    return make_dataset(items, deterministic, random, keys=keys, cache=config[section].get("cache"), log=log)
+
+
+class KeyedBatch:
+    """`prepare_batch` for MONAI engines with configurable data keys (MONAI's default reads 'image'/'label')."""
+
+    def __init__(self, image_key: str, label_key: str):
+        self.image_key, self.label_key = image_key, label_key
+
+    def __call__(self, batch, device=None, non_blocking=False, **kwargs):
+        image = batch[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        label = batch.get(self.label_key)
+        if isinstance(label, torch.Tensor):
+            label = label.to(device=device, non_blocking=non_blocking, **kwargs)
+        else:
+            label = None
+        return image, label
+
+
+def build_evaluator(parser, network, loader, device, *, with_metrics: bool = True, postprocessing=None,
+                    amp: bool = False, handlers=()) -> SupervisedEvaluator:
+    config = parser.config
+    image_key, label_key = keys_of(config)
+    metrics: dict[str, Any] = {}
+    key_metric = None
+    if with_metrics:
+        metrics = dict(parser.get_parsed_content("validate#metrics"))
+        key_metric = config["validate"].get("key_metric")
+        if key_metric not in metrics:
+            raise MMARError(
+                f"config: validate#key_metric {key_metric!r} is not one of validate#metrics ({', '.join(metrics)})"
+            )
+    if postprocessing is None:
+        postprocessing = parser.get_parsed_content("validate#postprocessing")
+    return SupervisedEvaluator(
+        device=device,
+        val_data_loader=loader,
+        network=network,
+        inferer=parser.get_parsed_content("validate#inferer"),
+        prepare_batch=KeyedBatch(image_key, label_key),
+        postprocessing=postprocessing,
+        key_val_metric={key_metric: metrics.pop(key_metric)} if key_metric else None,
+        additional_metrics=metrics or None,
+        val_handlers=list(handlers) or None,
+        amp=amp,
+    )
+
+
+def validation_loader(parser, items, *, keys, log=print):
+    section = parser.config["validate"]
+    dataset = build_dataset(parser, "validate", items, keys=keys, with_augmentation=False, log=log)
+    return make_loader(dataset, batch_size=int(section.get("batch_size", 1)), shuffle=False,
+                       num_workers=int(section.get("num_workers", 0)))

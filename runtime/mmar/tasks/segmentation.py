@@ -1,0 +1,395 @@
+"""3D segmentation: the default recipe `mmar init` writes, and how predictions and results are written.
+
+The recipe is MONAI bundle syntax; everything here that is not a config template is about the task's
+outputs (a NIfTI mask per case on the input's grid, per-class Dice, overlays).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mmar.io import atomic_path, atomic_write
+
+NAME = "segmentation"
+KEY_METRIC = "val_mean_dice"
+
+
+def _keys(with_label: bool = True) -> list[str]:
+    return ["@image_key", "@label_key"] if with_label else ["@image_key"]
+
+
+def preprocessing(with_label: bool = True, pad: bool = False) -> list[dict[str, Any]]:
+    keys = _keys(with_label)
+    steps: list[dict[str, Any]] = [
+        # labels may be absent (inference reads the same recipe without ground truth)
+        {"_target_": "mmar.transforms.LoadCased", "keys": keys, "allow_missing_keys": True},
+        {"_target_": "EnsureChannelFirstd", "keys": keys, "allow_missing_keys": True},
+        {
+            "_target_": "mmar.transforms.SegmentationCased",
+            "image_key": "@image_key",
+            "label_key": "@label_key",
+            "num_classes": "@num_classes",
+        },
+        {"_target_": "NormalizeIntensityd", "keys": "@image_key", "nonzero": True, "channel_wise": True},
+    ]
+    if pad:
+        steps.append({"_target_": "SpatialPadd", "keys": keys, "spatial_size": "@spatial_size", "allow_missing_keys": True})
+    steps.append({"_target_": "EnsureTyped", "keys": keys, "track_meta": True, "allow_missing_keys": True})
+    return steps
+
+
+def augmentation() -> list[dict[str, Any]]:
+    keys = _keys()
+    return [
+        {
+            "_target_": "RandCropByPosNegLabeld",
+            "keys": keys,
+            "label_key": "@label_key",
+            "spatial_size": "@spatial_size",
+            "pos": 2,
+            "neg": 1,
+            "num_samples": "@train#samples_per_volume",
+        },
+        {"_target_": "RandFlipd", "keys": keys, "prob": 0.5, "spatial_axis": 0},
+        {"_target_": "RandFlipd", "keys": keys, "prob": 0.5, "spatial_axis": 1},
+        {"_target_": "RandFlipd", "keys": keys, "prob": 0.5, "spatial_axis": 2},
+        {"_target_": "RandScaleIntensityd", "keys": "@image_key", "factors": 0.1, "prob": 0.5},
+        {"_target_": "RandShiftIntensityd", "keys": "@image_key", "offsets": 0.1, "prob": 0.5},
+    ]
+
+
+def metric_postprocessing() -> dict[str, Any]:
+    return {
+        "_target_": "Compose",
+        "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {
+                "_target_": "AsDiscreted",
+                "keys": ["pred", "label"],
+                "argmax": [True, False],
+                "to_onehot": ["@num_classes", "@num_classes"],
+            },
+        ],
+    }
+
+
+def validate_section() -> dict[str, Any]:
+    return {
+        "datalist_key": "validation",
+        "batch_size": 1,
+        "num_workers": 0,
+        "preprocessing": preprocessing(with_label=True),
+        "inferer": {
+            "_target_": "SlidingWindowInferer",
+            "roi_size": "@spatial_size",
+            "sw_batch_size": 8,
+            "overlap": 0.25,
+            "mode": "gaussian",
+        },
+        "postprocessing": metric_postprocessing(),
+        "key_metric": KEY_METRIC,
+        "metrics": {
+            KEY_METRIC: {
+                "_target_": "MeanDice",
+                "include_background": False,
+                "output_transform": "$monai.handlers.from_engine(['pred', 'label'])",
+                "save_details": True,
+            }
+        },
+        "overlays": 3,
+    }
+
+
+def default_configs(
+    *, num_classes: int, in_channels: int, spatial_size: Sequence[int], epochs: int = 100
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """config_train.json and config_validation.json for a new segmentation MMAR."""
+    train = {
+        "task": NAME,
+        "epochs": epochs,
+        "learning_rate": 2e-3,
+        "num_training_epoch_per_valid": 1,
+        "amp": True,
+        "determinism": {"random_seed": 42},
+        "num_classes": num_classes,
+        "image_key": "image",
+        "label_key": "label",
+        "spatial_size": list(spatial_size),
+        "network": {
+            "_target_": "monai.networks.nets.UNet",
+            "spatial_dims": 3,
+            "in_channels": in_channels,
+            "out_channels": "@num_classes",
+            "channels": [16, 32, 64, 128, 256],
+            "strides": [2, 2, 2, 2],
+            "num_res_units": 2,
+            "norm": "INSTANCE",
+        },
+        "train": {
+            "datalist_key": "training",
+            "batch_size": 2,
+            "samples_per_volume": 2,
+            "num_workers": 0,
+            "cache": {"rate": 1.0, "max_ram_fraction": 0.5},
+            "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
+            "optimizer": {
+                "_target_": "torch.optim.AdamW",
+                "params": "$@network.parameters()",
+                "lr": "@learning_rate",
+                "weight_decay": 1e-5,
+            },
+            "lr_scheduler": {
+                "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
+                "optimizer": "@train#optimizer",
+                "T_max": "@epochs",
+            },
+            "preprocessing": preprocessing(with_label=True, pad=True),
+            "augmentation": augmentation(),
+        },
+        "validate": validate_section(),
+    }
+    validation = {
+        "validate": validate_section(),
+        "infer": {"datalist_key": "validation", "output_postfix": "seg", "output_ext": ".nii.gz"},
+    }
+    return train, validation
+
+
+# ---- outputs -------------------------------------------------------------------------------------
+
+
+def prediction_path(out_dir: Path, image_file: str, postfix: str, ext: str) -> Path:
+    name = Path(image_file).name
+    for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return out_dir / f"{name}_{postfix}{ext}"
+
+
+def write_mask(mask: np.ndarray, reference_file: str, path: Path) -> None:
+    """Write `mask` (spatial, the reference image's voxel order) with the reference's exact geometry."""
+    mask = mask.astype(np.uint8 if mask.max() < 256 else np.int16)
+    if str(reference_file).endswith((".nii", ".nii.gz")) and str(path).endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        ref = nib.load(reference_file)
+        header = ref.header.copy()
+        header.set_data_dtype(mask.dtype)
+        header["dim"][0] = 3
+        header.set_data_shape(mask.shape)
+        header["scl_slope"], header["scl_inter"] = 1, 0  # a mask is stored raw
+        image = nib.Nifti1Image(mask, ref.affine, header)
+        image.set_qform(ref.get_qform(), code=int(ref.header["qform_code"]))
+        image.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
+        with atomic_path(path) as tmp:
+            nib.save(image, str(tmp))
+        return
+    import SimpleITK as sitk
+
+    ref = sitk.ReadImage(str(reference_file))
+    out = sitk.GetImageFromArray(np.ascontiguousarray(mask.transpose(2, 1, 0)))
+    out.CopyInformation(ref) if ref.GetDimension() == 3 else None
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(out, str(tmp))
+
+
+def per_class_dice(details) -> list[float]:
+    """Mean Dice per foreground class from MeanDice's per-case details [cases, classes] (NaN skipped)."""
+    array = np.asarray(details, dtype=float)
+    if array.ndim == 1:
+        array = array[:, None]
+    return [float(np.nanmean(column)) if np.isfinite(column).any() else float("nan") for column in array.T]
+
+
+def write_case_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    columns = list(rows[0])
+    with atomic_write(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def best_slice(label: np.ndarray, pred: np.ndarray) -> int:
+    """The axial slice (last axis) with the most structure in ground truth or prediction."""
+    area = (label > 0).sum(axis=(0, 1)) + (pred > 0).sum(axis=(0, 1))
+    return int(np.argmax(area)) if area.any() else label.shape[-1] // 2
+
+
+def overlay_png(image: np.ndarray, label: np.ndarray, pred: np.ndarray, title: str, path: Path) -> None:
+    """A slice with ground truth (green) and prediction (red) outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4, 4), dpi=100)
+    axis.imshow(image.T, cmap="gray", origin="lower")
+    for mask, color in ((label, "lime"), (pred, "red")):
+        for value in np.unique(mask[mask > 0]):
+            axis.contour((mask == value).T.astype(float), levels=[0.5], colors=color, linewidths=1)
+    axis.set_title(title, fontsize=8)
+    axis.axis("off")
+    buffer = _io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(figure)
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+
+
+# ---- the workflow's hooks ------------------------------------------------------------------------
+
+
+def _spatial(tensor) -> np.ndarray:
+    """[C, X, Y, Z] one-hot or index tensor -> [X, Y, Z] index array."""
+    array = tensor.detach().cpu().numpy()
+    return array.argmax(axis=0) if array.shape[0] > 1 else array[0]
+
+
+class CaseCollector:
+    """Per-case file names and one overlay slice per case, gathered while the evaluator runs."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.label_key = config.get("label_key", "label")
+        self.cases: list[dict[str, Any]] = []
+
+    def on_iteration(self, engine) -> None:
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        from mmar.transforms import source_file
+
+        for output in outputs:
+            image, label, pred = output["image"], _spatial(output["label"]), _spatial(output["pred"])
+            z = best_slice(label, pred)
+            self.cases.append({
+                "image": source_file(image),
+                "label": source_file(output["label"], ""),
+                "slice": (image[0, :, :, z].detach().cpu().numpy(), label[:, :, z], pred[:, :, z], z),
+            })
+
+
+def summarize(evaluator, collector: CaseCollector, config: dict[str, Any]) -> dict[str, Any]:
+    key = config["validate"]["key_metric"]
+    details = evaluator.state.metric_details.get(key)
+    if details is None:
+        return {}
+    per_class = per_class_dice(details)
+    first = 0 if config["validate"]["metrics"][key].get("include_background", True) else 1
+    return {"dice_per_class": {str(first + i): value for i, value in enumerate(per_class)}}
+
+
+def write_validation(eval_dir: Path, evaluator, collector: CaseCollector, config: dict[str, Any]) -> None:
+    key = config["validate"]["key_metric"]
+    details = evaluator.state.metric_details.get(key)
+    first = 0 if config["validate"]["metrics"][key].get("include_background", True) else 1
+    rows = []
+    for index, case in enumerate(collector.cases):
+        row: dict[str, Any] = {"image": case["image"], "label": case["label"]}
+        if details is not None:
+            values = np.asarray(details[index].detach().cpu() if hasattr(details[index], "detach") else details[index], float)
+            values = np.atleast_1d(values)
+            for offset, value in enumerate(values):
+                row[f"dice_{first + offset}"] = round(float(value), 6)
+            row["mean_dice"] = round(float(np.nanmean(values)), 6) if np.isfinite(values).any() else float("nan")
+        rows.append(row)
+    write_case_csv(eval_dir / "cases.csv", rows)
+    count = int(config["validate"].get("overlays", 3))
+    if count <= 0 or not rows or "mean_dice" not in rows[0]:
+        return
+    order = sorted(range(len(rows)), key=lambda i: np.nan_to_num(rows[i]["mean_dice"], nan=-1.0))
+    chosen = {("worst", i) for i in order[:count]} | {("best", i) for i in order[-count:]}
+    for kind, index in sorted(chosen):
+        image, label, pred, z = collector.cases[index]["slice"]
+        name = Path(rows[index]["image"]).name.split(".")[0]
+        title = f"{kind}: {name} slice {z} Dice {rows[index]['mean_dice']:.3f} (green truth, red prediction)"
+        overlay_png(image, label, pred, title, eval_dir / "overlays" / f"{kind}_{name}.png")
+
+
+def inference_postprocessing(parser):
+    if parser.config.get("infer", {}).get("postprocessing"):
+        return parser.get_parsed_content("infer#postprocessing")
+    from monai.transforms import Activationsd, AsDiscreted, Compose
+
+    return Compose([Activationsd(keys="pred", softmax=True), AsDiscreted(keys="pred", argmax=True)])
+
+
+class PredictionWriter:
+    """One mask per case, on the input's grid (affine, spacing, orientation) and in its voxel order."""
+
+    def __init__(self, eval_dir: Path, config: dict[str, Any]):
+        infer = config.get("infer", {})
+        self.eval_dir = Path(eval_dir)
+        self.postfix = infer.get("output_postfix", "seg")
+        self.ext = infer.get("output_ext", ".nii.gz")
+        self.written: list[Path] = []
+
+    def on_iteration(self, engine) -> None:
+        from mmar.errors import MMARError
+        from mmar.transforms import source_file, spatial_shape
+
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        for output in outputs:
+            reference = source_file(output["image"])
+            mask = _spatial(output["pred"])
+            expected = spatial_shape(reference)
+            if tuple(mask.shape) != tuple(expected):
+                raise MMARError(
+                    f"prediction for {reference} has shape {mask.shape}, the image {expected}: the validation "
+                    "preprocessing changes the voxel grid (remove spatial transforms or add invertible ones)"
+                )
+            path = prediction_path(self.eval_dir, reference, self.postfix, self.ext)
+            write_mask(mask, reference, path)
+            self.written.append(path)
+
+    def finish(self) -> list[Path]:
+        return self.written
+
+
+# ---- init: fit the recipe to the data ----------------------------------------------------------
+
+
+def patch_size(shapes: list[tuple[int, ...]], cap: int = 96, multiple: int = 16) -> list[int]:
+    """The median shape rounded up to a multiple of 16 (the UNet's 4 poolings), at most `cap` per axis.
+
+    Small volumes (hippocampus) are then trained whole; large ones (CT) as 96^3 patches.
+    """
+    median = np.median(np.asarray(shapes), axis=0)
+    return [int(min(cap, max(multiple, -(-int(m) // multiple) * multiple))) for m in median]
+
+
+def inspect_datalist(datalist: Path, sample: int = 12) -> dict[str, Any]:
+    """Input channels, number of classes and patch size, from the training list's headers and labels."""
+    import nibabel as nib
+
+    from mmar.datalist import load_items
+    from mmar.errors import MMARError
+
+    items = load_items(datalist, "training")
+    chosen = items[:: max(1, len(items) // sample)][:sample]
+    first = chosen[0]["image"]
+    if isinstance(first, list):
+        in_channels = len(first)
+    else:
+        shape = nib.load(first).shape
+        in_channels = int(shape[3]) if len(shape) > 3 else 1
+    shapes = []
+    num_classes = 2
+    for item in chosen:
+        image = item["image"][0] if isinstance(item["image"], list) else item["image"]
+        shapes.append(tuple(nib.load(image).shape[:3]))
+        try:
+            label = np.asanyarray(nib.load(item["label"]).dataobj)
+        except Exception as error:
+            raise MMARError(f"{datalist}: cannot read label {item['label']}: {error}") from None
+        if label.ndim > 3 and label.shape[3] > 1:  # one-hot: one channel per class (background optional)
+            channels = int(label.shape[3])
+            num_classes = max(num_classes, channels if np.all(label.sum(axis=3) >= 1) else channels + 1)
+        else:
+            num_classes = max(num_classes, int(label.max()) + 1)
+    return {"num_classes": num_classes, "in_channels": in_channels, "spatial_size": patch_size(shapes)}

@@ -1,0 +1,134 @@
+"""The few transforms MONAI does not have: loading that names the file at fault, and the checks and
+label conventions of a Clara segmentation case. Everything else in a recipe is a MONAI transform
+declared in the config.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.transforms import LoadImaged, MapTransform
+
+from mmar.errors import MMARError
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def source_file(tensor: Any, fallback: str = "?") -> str:
+    meta = getattr(tensor, "meta", None) or {}
+    name = meta.get("filename_or_obj", fallback)
+    if isinstance(name, (list, tuple)):  # channels read from several files: the first names the case
+        name = name[0] if name else fallback
+    return str(name)
+
+
+class LoadCased(MapTransform):
+    """`LoadImaged`, one key at a time, so an unreadable or truncated file is named in the error.
+
+    A list of files under one key is read as channels (MONAI stacks them on a new first axis).
+    """
+
+    def __init__(self, keys, allow_missing_keys: bool = False, **loader_kwargs: Any) -> None:
+        super().__init__(keys, allow_missing_keys)
+        loader_kwargs.setdefault("image_only", True)
+        self.loaders = {key: LoadImaged(keys=[key], **loader_kwargs) for key in self.keys}
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            try:
+                d = self.loaders[key](d)
+            except Exception as error:
+                root = error
+                while root.__cause__ is not None:
+                    root = root.__cause__
+                raise MMARError(f"cannot read {key} {_describe(data[key])}: {root}") from None
+        return d
+
+
+class SegmentationCased(MapTransform):
+    """Check a loaded (channel-first) image/label pair and bring the label to one index channel.
+
+    Clara labels are either an integer index mask, or one-hot with one channel per class (with or without
+    the background channel). Image and label must share the spatial shape; label values must be classes.
+    """
+
+    def __init__(self, image_key: str = "image", label_key: str = "label", num_classes: int = 2) -> None:
+        super().__init__([label_key], allow_missing_keys=True)
+        self.image_key, self.label_key, self.num_classes = image_key, label_key, int(num_classes)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.label_key not in d:
+            return d
+        image, label = d[self.image_key], d[self.label_key]
+        label_name = source_file(label, _describe(data.get(self.label_key)))
+        if tuple(image.shape[1:]) != tuple(label.shape[1:]):
+            raise MMARError(
+                f"shape mismatch: image {source_file(image)} has spatial shape {tuple(image.shape[1:])}, "
+                f"label {label_name} has {tuple(label.shape[1:])}"
+            )
+        if label.shape[0] > 1:
+            label = self._one_hot_to_index(label, label_name)
+        values = torch.unique(torch.as_tensor(label))
+        bad = [int(v) if v == torch.round(v) else float(v) for v in values if v < 0 or v >= self.num_classes or v != torch.round(v)]
+        if bad:
+            raise MMARError(
+                f"label {label_name} holds values {bad[:5]} outside the configured classes 0..{self.num_classes - 1} "
+                f"(set num_classes in config/config_train.json if the data has more classes)"
+            )
+        d[self.label_key] = label
+        return d
+
+    def _one_hot_to_index(self, label, name: str):
+        channels = label.shape[0]
+        values = torch.unique(torch.as_tensor(label))
+        if not all(v in (0, 1) for v in values.tolist()):
+            raise MMARError(f"label {name}: {channels} channels but values are not one-hot (0/1): {values[:5].tolist()}")
+        if channels == self.num_classes:
+            index = torch.argmax(label, dim=0, keepdim=True)
+        elif channels == self.num_classes - 1:  # no background channel: background where no class is set
+            index = (torch.argmax(label, dim=0, keepdim=True) + 1) * (label.sum(dim=0, keepdim=True) > 0)
+        else:
+            raise MMARError(
+                f"label {name}: one-hot label has {channels} channels, expected {self.num_classes} "
+                f"(one per class) or {self.num_classes - 1} (without background)"
+            )
+        return index.to(label.dtype) if hasattr(index, "to") else index
+
+
+def spatial_shape(path: str | Sequence[str]) -> tuple[int, ...]:
+    """Spatial shape from the header alone (no voxel data read)."""
+    import nibabel as nib
+
+    first = path[0] if isinstance(path, (list, tuple)) else path
+    try:
+        return tuple(int(s) for s in nib.load(first).shape[:3])
+    except Exception:
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(first))
+        reader.ReadImageInformation()
+        return tuple(int(s) for s in reader.GetSize())
+
+
+def nbytes_estimate(item: Mapping[str, Any], keys: Sequence[str]) -> int:
+    """Bytes a cached case takes as float32 (header-only read)."""
+    total = 0
+    for key in keys:
+        value = item.get(key)
+        if not isinstance(value, (str, list)) or not value:
+            continue
+        files = value if isinstance(value, list) else [value]
+        try:
+            total += len(files) * int(np.prod(spatial_shape(files[0]))) * 4
+        except Exception:  # unreadable: loading it reports the file and the cause
+            continue
+    return total
