@@ -24,6 +24,9 @@ COMMANDS = {
     "train_finetune.sh": ("train --finetune", "Fine-tune from models/model.ckpt (or PRETRAIN_WEIGHTS_FILE) on DATASET_JSON"),
     "validate.sh": ("validate", "Validate models/model.ckpt against ground truth -> eval/metrics.json"),
     "infer.sh": ("infer", "Predict every image of the validation list (or --key LIST) -> eval/"),
+    "export.sh": ("export", "Export models/model.ckpt to TorchScript, ONNX (and TensorRT on a GPU) -> models/"),
+    # train_Ngpu: copy this file and change --gpus (one process per GPU, DistributedDataParallel)
+    "train_2gpu.sh": ("train --gpus 2", "Train data-parallel on 2 GPUs (torchrun, one process per GPU)"),
 }
 
 
