@@ -13,12 +13,13 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test test-all clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml docker/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU build on disk here (a CUDA build on GPU machines); nothing else may pull another
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[runtime,operator,test]"
+	# the exact versions the images ship (docker/constraints.txt), so that CI tests what is deployed
+	$(PY) -m pip install -q -c docker/constraints.txt -e ".[runtime,operator,test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,17 +27,15 @@ install: $(STAMP)
 demo: install
 	rm -rf $(DEMO)
 	$(MMAR) demo-data $(DEMO)/data --task segmentation --cases 24 --size 32
-	$(MMAR) init $(DEMO)/mmar --task segmentation --datalist $(DEMO)/data/datalist.json --epochs $(DEMO_EPOCHS)
-	$(DEMO)/mmar/commands/train.sh
-	$(DEMO)/mmar/commands/validate.sh
-	$(DEMO)/mmar/commands/infer.sh
+	# the same MMARJob manifest the operator runs on a cluster, run here: claims map to local folders
+	$(MMAR) run examples/demo-job.yaml --volume demo-data=$(DEMO)/data --volume demo-workspace=$(DEMO)/workspace
 	@echo
-	@echo "results:"
-	@echo "  best model        $(DEMO)/mmar/models/model.ckpt (final: model_final.ckpt)"
-	@echo "  training curves   $(DEMO)/mmar/models/training_curves.png (TensorBoard: $(PY) -m tensorboard.main --logdir $(DEMO)/mmar/models)"
-	@echo "  metrics           $(DEMO)/mmar/eval/metrics.json, per case: $(DEMO)/mmar/eval/cases.csv"
-	@echo "  overlays          $(DEMO)/mmar/eval/overlays/"
-	@echo "  predicted masks   $(DEMO)/mmar/eval/*_seg.nii.gz"
+	@echo "results (MMAR: $(DEMO)/workspace/seg-demo):"
+	@echo "  best model        $(DEMO)/workspace/seg-demo/models/model.ckpt (final: model_final.ckpt)"
+	@echo "  training curves   $(DEMO)/workspace/seg-demo/models/training_curves.png (TensorBoard: $(PY) -m tensorboard.main --logdir $(DEMO)/workspace/seg-demo/models)"
+	@echo "  metrics           $(DEMO)/workspace/seg-demo/eval/metrics.json, per case: eval/cases.csv, overlays: eval/overlays/"
+	@echo "  predicted masks   $(DEMO)/workspace/seg-demo/eval/*_seg.nii.gz"
+	@echo "  job status        $(DEMO)/workspace/demo.status.json"
 
 test: install
 	$(PY) -m pytest -q -m "not slow and not e2e" $(PYTEST_ARGS) tests

@@ -77,7 +77,6 @@ def init(root: str | os.PathLike, *, task: str, datalist: str | os.PathLike, for
     }
     for folder in ("config", "commands", "models", "eval", "docs"):
         (root / folder).mkdir(parents=True, exist_ok=True)
-    write_json(root / CONFIG_DIR / TRAIN_CONFIG, train_config)
     write_json(root / CONFIG_DIR / VALIDATION_CONFIG, validation_config)
     write_json(root / CONFIG_DIR / ENVIRONMENT, environment)
     executable = mmar_executable()
@@ -86,6 +85,9 @@ def init(root: str | os.PathLike, *, task: str, datalist: str | os.PathLike, for
         with atomic_write(path, "w", encoding="utf-8") as handle:
             handle.write(command_script(arguments, description, executable))
         path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    # config_train.json marks a complete MMAR (init --exist-ok tests it): written last, so that pods of a
+    # multi-node job running init at the same moment never take a half-written folder for an MMAR
+    write_json(root / CONFIG_DIR / TRAIN_CONFIG, train_config)
     summary = ", ".join(f"{k}={v}" for k, v in facts.items())
     log(f"MMAR for {task} at {root} ({summary})")
     return root

@@ -1,0 +1,198 @@
+"""kopf handlers: a few lines each, gluing observe -> status.compute -> render -> apply.
+
+Every trigger (MMARJob created, resumed after an operator restart, spec updated, a child Job changed, a
+periodic resync) runs the same idempotent `reconcile`: it reads what exists, computes the status, creates
+the next step's objects by deterministic name (adopting any that exist) and patches the status.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+import kopf
+
+from mmar import job as contract
+from mmar.errors import MMARError
+
+from mmar_operator import render, status
+from mmar_operator.apply import GROUP, PLURAL, VERSION, Cluster
+from mmar_operator.config import Config
+from mmar_operator.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """What handlers need, set at startup (or by tests): the API wrapper, settings, metrics."""
+
+    def __init__(self) -> None:
+        self.cluster: Cluster | None = None
+        self.config = Config.from_env()
+        self.metrics = Metrics()
+        self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+        self._guard = threading.Lock()
+
+    def lock(self, namespace: str, name: str) -> threading.Lock:
+        # kopf serializes handlers per object, but a child Job's event and the MMARJob's own handler
+        # may run at once in the thread pool: one reconcile per MMARJob at a time.
+        with self._guard:
+            return self._locks[(namespace, name)]
+
+
+RUNTIME = Runtime()
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def plain(value: Any) -> Any:
+    """kopf's Body and its views -> plain dicts/lists (render and status take plain data)."""
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def observe(job: Mapping[str, Any], previous: Mapping[str, Any], cluster: Cluster) -> dict[int, status.Observed]:
+    """Each step's Job, and the termination message of steps that just finished (pods read only then)."""
+    namespace = job["metadata"]["namespace"]
+    children = {c["metadata"]["name"]: c for c in cluster.jobs_of(namespace, contract.name_of(job))}
+    recorded = {s.get("jobName"): s.get("phase") for s in previous.get("steps") or []}
+    observed: dict[int, status.Observed] = {}
+    for index in range(len(contract.steps_of(job))):
+        name = render.child_name(job, index)
+        child = children.get(name)
+        if child is None:
+            continue
+        message = None
+        phase, _, _ = status.job_phase(child)
+        if phase in status.TERMINAL and recorded.get(name) not in status.TERMINAL:
+            message = status.termination_message(cluster.pods_of(namespace, name), phase == status.SUCCEEDED)
+        observed[index] = status.Observed(job=child, message=message)
+    return observed
+
+
+def _sync_suspend(job: Mapping[str, Any], observed: Mapping[int, status.Observed], cluster: Cluster) -> None:
+    """Hold or release the running step's Job as spec.runPolicy.suspend says. Jobs queued by Kueue are
+    left to Kueue (it owns their suspend field); for those suspend only holds back the next step."""
+    if render.passthrough_labels(job).get(f"{render.KUEUE_PREFIX}queue-name"):
+        return
+    want = bool(job["spec"]["runPolicy"]["suspend"])
+    for index, seen in observed.items():
+        if seen.job is None or status.job_phase(seen.job)[0] in status.TERMINAL:
+            continue
+        if bool((seen.job.get("spec") or {}).get("suspend")) != want:
+            cluster.set_suspend(job["metadata"]["namespace"], render.child_name(job, index), want)
+
+
+def reconcile(body: Mapping[str, Any], cluster: Cluster, config: Config, metrics: Metrics, now: str | None = None) -> dict[str, Any]:
+    """One idempotent pass over an MMARJob; returns the status it patched."""
+    body = plain(body)
+    now = now or now_iso()
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    previous = body.get("status") or {}
+    try:
+        job = contract.parse(body)
+    except MMARError as error:  # slipped past the schema (or an older CRD): Failed, not a crash loop
+        new = status.invalid(body, previous, str(error), now)
+    else:
+        observed = observe(job, previous, cluster)
+        _sync_suspend(job, observed, cluster)
+        new = status.compute(job, previous, observed, now)
+        index = status.next_step(job, new)
+        if index is not None:
+            created = None
+            for obj in render.render_step(job, index, config):
+                created = cluster.ensure(obj)
+                metrics.children_created.labels(kind=obj["kind"]).inc()
+            observed[index] = status.Observed(job=created)
+            new = status.compute(job, previous, observed, now)
+        metrics.observe_finished(status.finished_steps(previous, new))
+    metrics.set_phase(namespace, name, new["phase"])
+    if new != previous:
+        # a merge patch keeps keys it does not mention: clear the ones the new status dropped
+        cluster.patch_status(namespace, name, {**{k: None for k in previous if k not in new}, **new})
+    return new
+
+
+def reconcile_guarded(body: Mapping[str, Any], runtime: Runtime | None = None) -> dict[str, Any] | None:
+    """Reconcile the MMARJob as the API server has it now (an event's body may be stale: an old status
+    could make a finished step whose Job was garbage-collected look unstarted), one at a time."""
+    runtime = runtime or RUNTIME
+    meta = body["metadata"]
+    with runtime.lock(meta["namespace"], meta["name"]):
+        try:
+            fresh = runtime.cluster.get_mmarjob(meta["namespace"], meta["name"])
+            if fresh is None or (fresh.get("metadata") or {}).get("deletionTimestamp"):
+                return None  # deleted: its children go with it
+            return reconcile(fresh, runtime.cluster, runtime.config, runtime.metrics)
+        except Exception as error:
+            runtime.metrics.reconcile_errors.inc()
+            log.exception("reconcile of %s/%s failed", meta["namespace"], meta["name"])
+            raise kopf.TemporaryError(f"reconcile failed: {error}", delay=15) from error
+
+
+def forget(namespace: str, name: str, runtime: Runtime | None = None) -> None:
+    """The MMARJob is gone; its Jobs and Services go with it through their ownerReferences."""
+    (runtime or RUNTIME).metrics.set_phase(namespace, name, None)
+
+
+# ------------------------------------------------------------------------------------------ kopf glue
+
+
+@kopf.on.startup()
+def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    if RUNTIME.cluster is None:
+        RUNTIME.cluster = Cluster.from_kubeconfig()
+    settings.posting.level = logging.WARNING  # Kubernetes Events only for problems
+    # kopf's bookkeeping in annotations only: the structural schema would prune a status.kopf field
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+def _on_create(body: kopf.Body, **_: Any) -> None:
+    reconcile_guarded(body)
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)  # the operator (re)started: adopt what exists, create what is missing
+def _on_resume(body: kopf.Body, **_: Any) -> None:
+    reconcile_guarded(body)
+
+
+@kopf.on.update(GROUP, VERSION, PLURAL)  # spec or labels edited (e.g. runPolicy.suspend toggled)
+def _on_update(body: kopf.Body, **_: Any) -> None:
+    reconcile_guarded(body)
+
+
+def _unfinished(status: Mapping[str, Any] | None, **_: Any) -> bool:
+    return (status or {}).get("phase") not in ("Succeeded", "Failed")
+
+
+# a safety net for a missed watch event; finished MMARJobs are never touched again
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RUNTIME.config.resync_seconds, initial_delay=RUNTIME.config.resync_seconds, when=_unfinished)
+def _resync(body: kopf.Body, **_: Any) -> None:
+    reconcile_guarded(body)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_JOB: kopf.PRESENT})
+def _on_child(type: str, body: kopf.Body, **_: Any) -> None:  # noqa: A002 - kopf's keyword
+    namespace, parent = body["metadata"]["namespace"], body["metadata"]["labels"][render.LABEL_JOB]
+    if RUNTIME.cluster is not None:
+        reconcile_guarded({"metadata": {"namespace": namespace, "name": parent}})
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)  # optional: no finalizer ever blocks deletion
+def _on_delete(body: kopf.Body, **_: Any) -> None:
+    forget(body["metadata"]["namespace"], body["metadata"]["name"])
+
+
+@kopf.on.probe(id="reconciler")
+def _probe(**_: Any) -> str:
+    return "ok" if RUNTIME.cluster is not None else "starting"

@@ -1,0 +1,215 @@
+"""Pure: an MMARJob (parsed by `mmar.job`) -> the child objects of one step, as plain dicts.
+
+One batch/v1 Job per step. A train/finetune step on several nodes is an Indexed Job (one pod per node,
+the completion index is the node rank) plus a headless Service that gives pod 0 a stable DNS name for
+torchrun's rendezvous. The container's argv is `mmar.job.step_argv()`, the same one `mmar run` executes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+from mmar import job as contract
+
+from mmar_operator.config import Config
+
+GROUP = "mmar.dev"
+LABEL_JOB = f"{GROUP}/mmarjob"
+LABEL_STEP = f"{GROUP}/step"
+LABEL_STEP_INDEX = f"{GROUP}/step-index"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "mmar-operator", "app.kubernetes.io/name": "mmar"}
+KUEUE_PREFIX = "kueue.x-k8s.io/"  # queue-name, priority-class: passed through so Kueue admits the Jobs
+CONTAINER = "mmar"
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+
+def child_name(job: Mapping[str, Any], index: int) -> str:
+    """Deterministic: a replayed event or a restarted operator finds the same name and adopts it."""
+    return f"{contract.name_of(job)}-{index}-{contract.steps_of(job)[index]['name']}"
+
+
+def selector_labels(job: Mapping[str, Any], index: int) -> dict[str, str]:
+    return {LABEL_JOB: contract.name_of(job), LABEL_STEP: contract.steps_of(job)[index]["name"], LABEL_STEP_INDEX: str(index)}
+
+
+def passthrough_labels(job: Mapping[str, Any]) -> dict[str, str]:
+    labels = job["metadata"].get("labels") or {}
+    return {k: v for k, v in labels.items() if k.startswith(KUEUE_PREFIX)}
+
+
+def owner_reference(job: Mapping[str, Any]) -> dict[str, Any]:
+    """Makes the MMARJob the controller of its children: deleting it garbage-collects them."""
+    return {
+        "apiVersion": contract.API_VERSION,
+        "kind": contract.KIND,
+        "name": contract.name_of(job),
+        "uid": job["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def is_multinode(job: Mapping[str, Any], index: int) -> bool:
+    return contract.steps_of(job)[index]["nodes"] > 1
+
+
+def render_step(job: Mapping[str, Any], index: int, config: Config) -> list[dict[str, Any]]:
+    """The objects step `index` needs, in creation order (the Service before the Job that resolves it)."""
+    objects = []
+    if is_multinode(job, index):
+        objects.append(render_service(job, index))
+    objects.append(render_job(job, index, config))
+    return objects
+
+
+def _metadata(job: Mapping[str, Any], index: int) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": child_name(job, index),
+        "labels": {**MANAGED_BY, **passthrough_labels(job), **selector_labels(job, index)},
+        "ownerReferences": [owner_reference(job)],
+    }
+    if job["metadata"].get("namespace"):
+        meta["namespace"] = job["metadata"]["namespace"]
+    return meta
+
+
+def render_service(job: Mapping[str, Any], index: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, index),
+        "spec": {
+            "clusterIP": "None",
+            # rank 0 must be resolvable before it is Ready, or the other ranks cannot rendezvous
+            "publishNotReadyAddresses": True,
+            "selector": selector_labels(job, index),
+            "ports": [{"name": "rendezvous", "port": contract.MASTER_PORT, "targetPort": contract.MASTER_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+GPU = "nvidia.com/gpu"
+
+
+def _resources(job: Mapping[str, Any], index: int, config: Config) -> dict[str, Any]:
+    """The step's (else the job's, else the operator's default) CPU/memory, and gpusPerNode GPUs.
+
+    gpusPerNode is the one place GPUs are asked for: any nvidia.com/gpu in resources is replaced by it,
+    so a convert step never holds a GPU because of a job-wide or operator-wide default.
+    """
+    resources = contract.resources_of(job, index) or copy.deepcopy(config.default_resources)
+    resources = {k: {n: v for n, v in amounts.items() if n != GPU} for k, amounts in resources.items()}
+    gpus = contract.gpus_of(job, index)
+    if gpus > 0:  # an extended resource goes in limits (its request defaults to the limit)
+        resources.setdefault("limits", {})[GPU] = gpus
+    # quantities as strings: that is their wire form, and the typed client (kubernetes>=35) refuses ints
+    return {k: {n: str(v) for n, v in amounts.items()} for k, amounts in resources.items() if amounts}
+
+
+def _env(job: Mapping[str, Any], index: int, config: Config) -> list[dict[str, Any]]:
+    step = contract.steps_of(job)[index]
+    env: list[dict[str, Any]] = [
+        {"name": "MMAR_JOB_NAME", "value": contract.name_of(job)},
+        {"name": "MMAR_STEP", "value": step["name"]},
+        {"name": "MMAR_METRICS_PORT", "value": str(config.runtime_metrics_port)},
+    ]
+    if is_multinode(job, index):
+        # Kubeflow's PET_* contract (torchrun reads these too); the argv refers to them as $(PET_...)
+        service = child_name(job, index)
+        env += [
+            {"name": "PET_NNODES", "value": str(step["nodes"])},
+            {"name": "PET_NPROC_PER_NODE", "value": str(max(contract.gpus_of(job, index), 1))},
+            {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}},
+            {"name": "PET_MASTER_ADDR", "value": f"{child_name(job, index)}-0.{service}"},
+            {"name": "PET_MASTER_PORT", "value": str(contract.MASTER_PORT)},
+        ]
+    return env
+
+
+def _volumes(job: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    spec = job["spec"]
+    workspace, data = spec["mmar"]["claimName"], spec["data"]["claimName"]
+    volumes = [{"name": "workspace", "persistentVolumeClaim": {"claimName": workspace}}]
+    mounts = [{"name": "workspace", "mountPath": contract.WORKSPACE_ROOT}]
+    data_volume = "workspace"
+    if data != workspace:  # one claim may hold both: mount the same volume twice
+        data_volume = "data"
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": data, "readOnly": spec["data"]["readOnly"]}})
+    mounts.append({"name": data_volume, "mountPath": contract.DATA_ROOT, "readOnly": spec["data"]["readOnly"]})
+    # PyTorch DataLoader workers and NCCL pass tensors through /dev/shm; the container default is 64 MiB
+    volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(spec["shmSize"])}})
+    mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    return volumes, mounts
+
+
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def _container(name: str, argv: list[str], job: Mapping[str, Any], index: int, config: Config, mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    spec = job["spec"]
+    return {
+        "name": name,
+        "image": spec.get("image") or config.default_image,
+        "imagePullPolicy": spec["imagePullPolicy"],
+        "command": argv[:1],
+        "args": argv[1:],
+        "env": _env(job, index, config),
+        "volumeMounts": copy.deepcopy(mounts),  # no aliasing between containers: callers may edit one
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+        # the runtime writes its result JSON there; on a crash the log tail is kept instead
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def render_job(job: Mapping[str, Any], index: int, config: Config) -> dict[str, Any]:
+    spec, policy = job["spec"], job["spec"]["runPolicy"]
+    step = contract.steps_of(job)[index]
+    volumes, mounts = _volumes(job)
+
+    main = _container(CONTAINER, contract.step_argv(job, index), job, index, config, mounts)
+    main["resources"] = _resources(job, index, config)
+    main["ports"] = [{"name": "metrics", "containerPort": config.runtime_metrics_port, "protocol": "TCP"}]
+    if is_multinode(job, index):
+        main["ports"].append({"name": "rendezvous", "containerPort": contract.MASTER_PORT, "protocol": "TCP"})
+
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": config.run_as_user,
+            "runAsGroup": config.run_as_user,
+            "fsGroup": config.run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [main],
+        "volumes": volumes,
+    }
+    init = contract.init_argv(job, index)
+    if init is not None:
+        pod["initContainers"] = [_container("mmar-init", init, job, index, config, mounts)]
+    if is_multinode(job, index):
+        pod["subdomain"] = child_name(job, index)
+    for key in ("serviceAccountName", "nodeSelector", "tolerations", "imagePullSecrets"):
+        if key in spec:
+            pod[key] = spec[key]
+
+    job_spec: dict[str, Any] = {
+        "backoffLimit": policy["backoffLimit"],
+        # Kueue admits a suspended Job; the operator also holds it while the MMARJob is suspended
+        "suspend": bool(policy["suspend"] or passthrough_labels(job).get(f"{KUEUE_PREFIX}queue-name")),
+        # a preempted or evicted pod is not the step's fault: it does not count against backoffLimit
+        "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]},
+        "template": {"metadata": {"labels": _metadata(job, index)["labels"]}, "spec": pod},
+    }
+    for key in ("activeDeadlineSeconds", "ttlSecondsAfterFinished"):
+        if key in policy:
+            job_spec[key] = policy[key]
+    if step["nodes"] > 1:
+        job_spec.update(completionMode="Indexed", completions=step["nodes"], parallelism=step["nodes"])
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(job, index), "spec": job_spec}

@@ -1,0 +1,31 @@
+"""`mmar run JOB.yaml --volume CLAIM=/local/path ...`: run an MMARJob manifest's steps on this machine."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mmar import job as contract
+from mmar import local_run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmar run",
+        description="Run the steps of an MMARJob manifest here, in order, with the same commands the operator runs "
+        "in its pods. Each PersistentVolumeClaim the manifest names is mapped to a local folder.",
+    )
+    parser.add_argument("manifest", type=Path, help="the MMARJob YAML")
+    parser.add_argument("-v", "--volume", action="append", default=[], metavar="CLAIM=PATH",
+                        help="map a claim to a local folder (repeatable; one per claim the manifest uses)")
+    parser.add_argument("--status", type=Path, default=None,
+                        help="where to write the status summary (default: <workspace folder>/<job name>.status.json)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    job = contract.parse(args.manifest)
+    volumes = local_run.parse_volumes(args.volume)
+    return local_run.run(job, volumes, status_path=args.status, dry_run=args.dry_run)

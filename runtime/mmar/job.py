@@ -1,0 +1,489 @@
+"""The MMARJob manifest: the one contract between the operator and the runtime.
+
+`parse()` reads a manifest (YAML text, a file or a dict), applies the defaults and validates it with
+errors naming the field (`spec.steps[1].nodes: ...`). `step_argv()` turns one step into the runtime's
+argv. The operator puts that argv into a pod; `mmar run JOB.yaml` runs it in a subprocess: one function,
+two callers, so a step means the same thing on a cluster and on a laptop.
+
+Imports nothing heavy (no torch, no kubernetes): the operator image installs this without the runtime.
+
+The defaults and rules here mirror the CRD's openAPIV3Schema and CEL rules in crds/ (the API server
+applies those on a cluster; `mmar run` has no API server, so it applies these). tests/operator checks the
+two agree.
+
+Inside a pod the MMAR claim is mounted at WORKSPACE_ROOT and the data claim at DATA_ROOT; every path in a
+step's argv is under one of the two, so `mmar run` maps each claim to a local folder by swapping prefixes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping
+
+from mmar.errors import MMARError
+
+API_VERSION = "mmar.dev/v1alpha1"
+KIND = "MMARJob"
+
+WORKSPACE_ROOT = "/workspace"  # the MMAR claim, mounted whole
+DATA_ROOT = "/data"  # the data claim, mounted whole
+MASTER_PORT = 29500  # torchrun's static rendezvous port (the PyTorch default)
+
+STEP_TYPES = ("convert", "train", "finetune", "validate", "infer", "export")
+TRAINING_TYPES = ("train", "finetune")  # the only steps that may span several nodes
+MMAR_TYPES = ("train", "finetune", "validate", "infer", "export")  # steps that read/write the MMAR
+SET_TYPES = ("train", "finetune", "validate", "infer")  # steps taking `--set KEY=VALUE`
+TASKS = ("segmentation", "classification")
+MODEL_KINDS = ("ckpt", "ts", "onnx", "trt")
+EXPORT_FORMATS = ("torchscript", "onnx", "tensorrt")
+PRECISIONS = ("fp32", "fp16")
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+
+# Which optional fields each step type accepts (anything else is an error naming the field).
+STEP_FIELDS: dict[str, set[str]] = {
+    "convert": {"input", "output", "resolution", "inputExt", "outputExt", "force", "labels"},
+    "train": {"set", "ckpt"},
+    "finetune": {"set", "ckpt"},
+    "validate": {"set", "ckpt", "model"},
+    "infer": {"set", "ckpt", "model", "key"},
+    "export": {"ckpt", "formats", "precision", "inputShape"},
+}
+COMMON_STEP_FIELDS = {"name", "type", "nodes", "gpusPerNode", "resources"}
+
+NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # a DNS-1035 label (Service names need one)
+CLAIM_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")  # a DNS-1123 subdomain
+STEP_NAME_MAX = 20
+JOB_NAME_MAX = 36  # child "<job>-<index>-<step>" plus an indexed pod's "-<rank>" stays a 63-character DNS label
+QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
+EXT_RE = re.compile(r"^\.[A-Za-z0-9.]+$")
+
+DEFAULTS: dict[str, Any] = {
+    "imagePullPolicy": "IfNotPresent",
+    "gpusPerNode": 1,
+    "shmSize": "2Gi",
+    "runPolicy": {"backoffLimit": 0, "suspend": False},
+}
+MMAR_DEFAULTS = {"path": "mmar"}
+DATA_DEFAULTS = {"path": "", "datalist": "datalist.json", "readOnly": False}
+STEP_DEFAULTS = {"nodes": 1}
+
+
+def load(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """A manifest as a dict: from a dict, a path to a YAML/JSON file, or YAML text."""
+    if isinstance(source, Mapping):
+        return copy.deepcopy(dict(source))
+    import yaml  # pyyaml is a base dependency; imported here to keep `import mmar.job` instant
+
+    where = "manifest"
+    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml", ".json"))):
+        path = Path(source)
+        where = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as error:
+            raise MMARError(f"{path}: cannot read the MMARJob manifest ({error.strerror or error})") from None
+    else:
+        text = str(source)
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as error:
+        raise MMARError(f"{where}: not valid YAML ({error})") from None
+    jobs = [d for d in documents if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(jobs) != 1:
+        found = ", ".join(str(d.get("kind")) for d in documents if isinstance(d, dict)) or "nothing"
+        raise MMARError(f"{where}: expected exactly one document of kind {KIND}, found {found}")
+    return jobs[0]
+
+
+def parse(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """Load, default and validate a manifest; returns a new dict (the input is never modified)."""
+    job = load(source)
+    apply_defaults(job)
+    validate(job)
+    return job
+
+
+def apply_defaults(job: dict[str, Any]) -> dict[str, Any]:
+    """Fill in the schema's defaults in place (what the API server does from the CRD on a cluster)."""
+    spec = job.get("spec")
+    if not isinstance(spec, dict):
+        return job  # validate() names the problem
+    for key, value in DEFAULTS.items():
+        if isinstance(value, dict):
+            target = spec.setdefault(key, {})
+            if isinstance(target, dict):
+                for sub, default in value.items():
+                    target.setdefault(sub, default)
+        else:
+            spec.setdefault(key, value)
+    for key, defaults in (("mmar", MMAR_DEFAULTS), ("data", DATA_DEFAULTS)):
+        if isinstance(spec.get(key), dict):
+            for sub, default in defaults.items():
+                spec[key].setdefault(sub, default)
+    for step in spec.get("steps") or []:
+        if isinstance(step, dict):
+            for sub, default in STEP_DEFAULTS.items():
+                step.setdefault(sub, default)
+            if isinstance(step.get("type"), str):
+                step.setdefault("name", step["type"])
+    return job
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _fail(field: str, message: str) -> None:
+    raise MMARError(f"{field}: {message}")
+
+
+def _check_int(value: Any, field: str, minimum: int | None = None, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(field, f"must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        _fail(field, f"must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        _fail(field, f"must be <= {maximum}, got {value}")
+
+
+def _check_str(value: Any, field: str, choices: tuple[str, ...] | None = None) -> None:
+    if not isinstance(value, str) or not value:
+        _fail(field, f"must be a non-empty string, got {value!r}")
+    if choices is not None and value not in choices:
+        _fail(field, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_relative(value: Any, field: str, allow_empty: bool = False) -> None:
+    """A path relative to a claim's root that cannot escape it (no absolute path, no `..`)."""
+    if not isinstance(value, str) or (not value and not allow_empty):
+        _fail(field, f"must be a relative path, got {value!r}")
+    if value.startswith("/") or ".." in PurePosixPath(value).parts or "\\" in value:
+        _fail(field, f"must be a path relative to the claim's root without '..', got {value!r}")
+
+
+def _check_quantity(value: Any, field: str) -> None:
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and QUANTITY_RE.match(value))):
+        _fail(field, f"must be a Kubernetes quantity such as 2Gi or 500m, got {value!r}")
+
+
+def _check_resources(value: Any, field: str) -> None:
+    if not isinstance(value, dict):
+        _fail(field, "must be a mapping with `requests` and/or `limits`")
+    for key, amounts in value.items():
+        if key not in ("requests", "limits"):
+            _fail(f"{field}.{key}", "unknown field (expected requests or limits)")
+        if not isinstance(amounts, dict):
+            _fail(f"{field}.{key}", "must be a mapping of resource name to quantity")
+        for name, amount in amounts.items():
+            _check_quantity(amount, f"{field}.{key}.{name}")
+
+
+def _check_claim(value: Any, field: str, defaults: dict[str, Any]) -> None:
+    if not isinstance(value, dict):
+        _fail(field, "is required: a mapping with claimName (a PersistentVolumeClaim) and path")
+    known = {"claimName", *defaults}
+    for key in value:
+        if key not in known:
+            _fail(f"{field}.{key}", f"unknown field (expected one of {', '.join(sorted(known))})")
+    _check_str(value.get("claimName"), f"{field}.claimName")
+    if not CLAIM_RE.match(value["claimName"]) or len(value["claimName"]) > 253:
+        _fail(f"{field}.claimName", f"must be a valid PersistentVolumeClaim name, got {value['claimName']!r}")
+
+
+def validate(job: dict[str, Any]) -> None:
+    """Raise MMARError naming the first field at fault; `job` must have had its defaults applied."""
+    if not isinstance(job, dict):
+        _fail("manifest", "must be a mapping")
+    if job.get("apiVersion") != API_VERSION:
+        _fail("apiVersion", f"must be {API_VERSION}, got {job.get('apiVersion')!r}")
+    if job.get("kind") != KIND:
+        _fail("kind", f"must be {KIND}, got {job.get('kind')!r}")
+    meta = job.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        _fail("metadata.name", "is required")
+    if not NAME_RE.match(meta["name"]) or len(meta["name"]) > JOB_NAME_MAX:
+        _fail("metadata.name", f"must be a lower-case DNS label starting with a letter, at most {JOB_NAME_MAX} characters; got {meta['name']!r}")
+    spec = job.get("spec")
+    if not isinstance(spec, dict):
+        _fail("spec", "is required")
+
+    known = {"image", "imagePullPolicy", "imagePullSecrets", "serviceAccountName", "task", "mmar", "data",
+             "gpusPerNode", "resources", "shmSize", "nodeSelector", "tolerations", "steps", "runPolicy"}
+    for key in spec:
+        if key not in known:
+            _fail(f"spec.{key}", "unknown field")
+    if "image" in spec:
+        _check_str(spec["image"], "spec.image")
+    _check_str(spec["imagePullPolicy"], "spec.imagePullPolicy", PULL_POLICIES)
+    if "task" in spec:
+        _check_str(spec["task"], "spec.task", TASKS)
+    _check_claim(spec.get("mmar"), "spec.mmar", MMAR_DEFAULTS)
+    _check_relative(spec["mmar"]["path"], "spec.mmar.path")
+    _check_claim(spec.get("data"), "spec.data", DATA_DEFAULTS)
+    _check_relative(spec["data"]["path"], "spec.data.path", allow_empty=True)
+    _check_relative(spec["data"]["datalist"], "spec.data.datalist")
+    if not isinstance(spec["data"]["readOnly"], bool):
+        _fail("spec.data.readOnly", "must be true or false")
+    _check_int(spec["gpusPerNode"], "spec.gpusPerNode", 0, 16)
+    _check_quantity(spec["shmSize"], "spec.shmSize")
+    if "resources" in spec:
+        _check_resources(spec["resources"], "spec.resources")
+    if "nodeSelector" in spec and not (isinstance(spec["nodeSelector"], dict) and all(isinstance(v, str) for v in spec["nodeSelector"].values())):
+        _fail("spec.nodeSelector", "must be a mapping of label to string value")
+    for key in ("tolerations", "imagePullSecrets"):
+        if key in spec and not (isinstance(spec[key], list) and all(isinstance(t, dict) for t in spec[key])):
+            _fail(f"spec.{key}", "must be a list of mappings")
+
+    policy = spec["runPolicy"]
+    if not isinstance(policy, dict):
+        _fail("spec.runPolicy", "must be a mapping")
+    for key in policy:
+        if key not in ("backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "suspend"):
+            _fail(f"spec.runPolicy.{key}", "unknown field")
+    _check_int(policy["backoffLimit"], "spec.runPolicy.backoffLimit", 0, 100)
+    if "activeDeadlineSeconds" in policy:
+        _check_int(policy["activeDeadlineSeconds"], "spec.runPolicy.activeDeadlineSeconds", 1)
+    if "ttlSecondsAfterFinished" in policy:
+        _check_int(policy["ttlSecondsAfterFinished"], "spec.runPolicy.ttlSecondsAfterFinished", 0)
+    if not isinstance(policy["suspend"], bool):
+        _fail("spec.runPolicy.suspend", "must be true or false")
+
+    steps = spec.get("steps")
+    if not isinstance(steps, list) or not steps:
+        _fail("spec.steps", f"must list at least one step ({', '.join(STEP_TYPES)})")
+    if len(steps) > 16:
+        _fail("spec.steps", "at most 16 steps")
+    seen: set[str] = set()
+    for index, step in enumerate(steps):
+        _validate_step(step, f"spec.steps[{index}]")
+        if step["name"] in seen:
+            _fail(f"spec.steps[{index}].name", f"{step['name']!r} is used by an earlier step; step names must be unique")
+        seen.add(step["name"])
+    if spec["data"]["readOnly"] and any(s["type"] == "convert" for s in steps):
+        _fail("spec.data.readOnly", "a convert step writes into the data claim; it cannot be mounted read-only")
+
+
+def _validate_step(step: Any, field: str) -> None:
+    if not isinstance(step, dict):
+        _fail(field, "must be a mapping")
+    _check_str(step.get("type"), f"{field}.type", STEP_TYPES)
+    kind = step["type"]
+    allowed = COMMON_STEP_FIELDS | STEP_FIELDS[kind]
+    for key in step:
+        if key not in allowed:
+            owners = [t for t, fields in STEP_FIELDS.items() if key in fields]
+            hint = f"only for {', '.join(owners)} steps" if owners else "unknown field"
+            _fail(f"{field}.{key}", f"not allowed in a {kind} step ({hint})")
+    name = step["name"]
+    if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > STEP_NAME_MAX:
+        _fail(f"{field}.name", f"must be a lower-case DNS label starting with a letter, at most {STEP_NAME_MAX} characters; got {name!r}")
+    _check_int(step["nodes"], f"{field}.nodes", 1, 64)
+    if step["nodes"] > 1 and kind not in TRAINING_TYPES:
+        _fail(f"{field}.nodes", f"only train and finetune steps may run on several nodes, not {kind}")
+    if "gpusPerNode" in step:
+        _check_int(step["gpusPerNode"], f"{field}.gpusPerNode", 0, 16)
+    if "resources" in step:
+        _check_resources(step["resources"], f"{field}.resources")
+    if kind == "convert":
+        for key in ("input", "output"):
+            if key not in step:
+                _fail(f"{field}.{key}", "is required for a convert step (a folder relative to the data path)")
+            _check_relative(step[key], f"{field}.{key}")
+        if "resolution" in step:
+            res = step["resolution"]
+            if not (isinstance(res, list) and len(res) in (1, 3) and all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in res)):
+                _fail(f"{field}.resolution", f"must be a list of 1 or 3 positive numbers (mm), got {res!r}")
+        for key in ("inputExt", "outputExt"):
+            if key in step and not (isinstance(step[key], str) and EXT_RE.match(step[key])):
+                _fail(f"{field}.{key}", f"must be a file extension such as .dcm or .nii.gz, got {step[key]!r}")
+        for key in ("force", "labels"):
+            if key in step and not isinstance(step[key], bool):
+                _fail(f"{field}.{key}", "must be true or false")
+    if "set" in step:
+        overrides = step["set"]
+        if not isinstance(overrides, dict) or not all(isinstance(k, str) and k and "=" not in k for k in overrides):
+            _fail(f"{field}.set", "must be a mapping of config or environment key to value, e.g. {epochs: 5}")
+    if "ckpt" in step:
+        _check_relative(step["ckpt"], f"{field}.ckpt")
+    if "model" in step:
+        _check_str(step["model"], f"{field}.model", MODEL_KINDS)
+    if "key" in step:
+        _check_str(step["key"], f"{field}.key")
+    if "formats" in step:
+        formats = step["formats"]
+        if not isinstance(formats, list) or not formats or any(f not in EXPORT_FORMATS for f in formats) or len(set(formats)) != len(formats):
+            _fail(f"{field}.formats", f"must be a non-empty list without repeats drawn from {', '.join(EXPORT_FORMATS)}; got {formats!r}")
+    if "precision" in step:
+        _check_str(step["precision"], f"{field}.precision", PRECISIONS)
+    if "inputShape" in step:
+        shape = step["inputShape"]
+        if not (isinstance(shape, list) and 3 <= len(shape) <= 5 and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+            _fail(f"{field}.inputShape", f"must be 3 to 5 positive integers such as [1, 1, 96, 96, 96], got {shape!r}")
+
+
+# ------------------------------------------------------------------------------------------ accessors
+
+
+def name_of(job: Mapping[str, Any]) -> str:
+    return job["metadata"]["name"]
+
+
+def steps_of(job: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return job["spec"]["steps"]
+
+
+def mmar_dir(job: Mapping[str, Any]) -> str:
+    """The MMAR folder as the pod sees it."""
+    return _join(WORKSPACE_ROOT, job["spec"]["mmar"]["path"])
+
+
+def data_dir(job: Mapping[str, Any]) -> str:
+    """The data root (datalist paths and convert folders are relative to it) as the pod sees it."""
+    return _join(DATA_ROOT, job["spec"]["data"]["path"])
+
+
+def datalist_path(job: Mapping[str, Any]) -> str:
+    return _join(data_dir(job), job["spec"]["data"]["datalist"])
+
+
+def gpus_of(job: Mapping[str, Any], index: int) -> int:
+    """GPUs per node for a step: its own value, else the job's; convert never asks for a GPU by default."""
+    step = steps_of(job)[index]
+    if "gpusPerNode" in step:
+        return step["gpusPerNode"]
+    return 0 if step["type"] == "convert" else job["spec"]["gpusPerNode"]
+
+
+def resources_of(job: Mapping[str, Any], index: int) -> dict[str, Any]:
+    step = steps_of(job)[index]
+    return copy.deepcopy(step.get("resources", job["spec"].get("resources", {})))
+
+
+def uses_mmar(step: Mapping[str, Any]) -> bool:
+    return step["type"] in MMAR_TYPES
+
+
+def _join(root: str, relative: str) -> str:
+    return str(PurePosixPath(root) / relative) if relative else root
+
+
+def _value(value: Any) -> str:
+    """A `--set` value as text: strings as they are, everything else as JSON (true, 0.001, [96, 96, 96])."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+# ------------------------------------------------------------------------------------------------ argv
+
+
+def init_argv(job: Mapping[str, Any], index: int) -> list[str] | None:
+    """`mmar init ... --exist-ok` to run before step `index`, or None.
+
+    Only when `spec.task` asks for scaffolding, and only before the first step that uses the MMAR: an
+    existing MMAR is left untouched, so re-running a job never overwrites a tuned config.
+    """
+    task = job["spec"].get("task")
+    steps = steps_of(job)
+    first = next((i for i, s in enumerate(steps) if uses_mmar(s)), None)
+    if task is None or first != index:
+        return None
+    return ["mmar", "init", mmar_dir(job), "--task", task, "--datalist", datalist_path(job), "--exist-ok"]
+
+
+def step_argv(job: Mapping[str, Any], index: int) -> list[str]:
+    """The runtime argv of step `index` (paths as the pod sees them).
+
+    Training on several GPUs or nodes is wrapped in torchrun; on several nodes the node rank and master
+    address are Kubernetes `$(VAR)` references to the PET_* variables the operator sets in each pod (the
+    convention of Kubeflow's PyTorchJob/TrainJob), expanded by the kubelet.
+    """
+    step = steps_of(job)[index]
+    kind = step["type"]
+    root = mmar_dir(job)
+    if kind == "convert":
+        argv = ["mmar", "convert", "-d", _join(data_dir(job), step["input"]), "-o", _join(data_dir(job), step["output"])]
+        if "resolution" in step:
+            argv += ["-r", *(_value(r) for r in step["resolution"])]
+        if "inputExt" in step:
+            argv += ["-s", step["inputExt"]]
+        if "outputExt" in step:
+            argv += ["-e", step["outputExt"]]
+        if step.get("force"):
+            argv.append("-f")
+        if step.get("labels"):
+            argv.append("-l")
+        return argv
+    if kind == "export":
+        argv = ["mmar", "export", root]
+        if "ckpt" in step:
+            argv += ["--ckpt", _join(root, step["ckpt"])]
+        if "formats" in step:
+            argv += ["--formats", ",".join(step["formats"])]
+        if "precision" in step:
+            argv += ["--precision", step["precision"]]
+        if "inputShape" in step:
+            argv += ["--input-shape", ",".join(str(s) for s in step["inputShape"])]
+        return argv
+
+    command = "train" if kind in TRAINING_TYPES else kind
+    argv = [command, root]
+    if kind == "finetune":
+        argv.append("--finetune")
+    if "ckpt" in step:
+        argv += ["--ckpt", _join(root, step["ckpt"])]
+    if "model" in step:
+        argv += ["--model", step["model"]]
+    if "key" in step:
+        argv += ["--key", step["key"]]
+    # The manifest says where the data is, whatever the MMAR's environment.json was scaffolded with;
+    # the step's own overrides come after so they win.
+    overrides = {"DATASET_JSON": datalist_path(job), **step.get("set", {})}
+    argv += ["--set", *(f"{k}={_value(v)}" for k, v in overrides.items())]
+    argv += ["--file_root", data_dir(job)]
+
+    nodes, gpus = step["nodes"], gpus_of(job, index)
+    if kind in TRAINING_TYPES and nodes > 1:
+        return ["torchrun", f"--nnodes={nodes}", f"--nproc_per_node={max(gpus, 1)}",
+                "--node_rank=$(PET_NODE_RANK)", "--master_addr=$(PET_MASTER_ADDR)",
+                "--master_port=$(PET_MASTER_PORT)", "-m", "mmar", *argv]
+    if kind in TRAINING_TYPES and gpus > 1:
+        return ["torchrun", "--standalone", "--nnodes=1", f"--nproc_per_node={gpus}", "-m", "mmar", *argv]
+    return ["mmar", *argv]
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def parse_result(message: str | None) -> dict[str, Any] | None:
+    """The runtime's termination message (small JSON) as a dict, or None if there is none or it is not JSON
+    (with terminationMessagePolicy FallbackToLogsOnError a crash leaves the log tail there instead)."""
+    if not message:
+        return None
+    try:
+        value = json.loads(message)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def merge_results(results: Mapping[str, Any], step_type: str, result: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Fold one step's result into the job's summary (epochs done, best key metric, exported files)."""
+    merged = dict(results)
+    if not result:
+        return merged
+    if step_type in TRAINING_TYPES:
+        for source, target in (("epochs", "epochs"), ("key_metric", "keyMetric"), ("best_metric", "bestMetric"), ("best_epoch", "bestEpoch")):
+            if result.get(source) is not None:
+                merged[target] = result[source]
+    elif step_type == "validate":
+        metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if isinstance(result.get("key_metric"), str) and "metric" in metrics:  # {"key_metric": "val_mean_dice", "metric": 0.9}
+            metrics[result["key_metric"]] = metrics.pop("metric")
+        if metrics:
+            merged["validation"] = metrics
+    elif step_type == "export" and isinstance(result.get("exported"), list):
+        merged["exported"] = [str(x) for x in result["exported"]]
+    elif step_type == "infer" and result.get("predictions") is not None:
+        merged["predictions"] = result["predictions"]
+    return merged
