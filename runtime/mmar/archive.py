@@ -45,7 +45,7 @@ ENV_KEYS = {
 TOP_LEVEL_KEYS = {
     "epochs", "learning_rate", "num_training_epoch_per_valid", "num_interval_per_valid", "amp",
     "determinism", "task", "num_classes", "image_key", "label_key", "image_base_dir", "spatial_size",
-    "network", "train", "validate", "infer", "multi_gpu", "definitions", "label_format",
+    "network", "train", "validate", "infer", "multi_gpu", "definitions", "label_format", "label_names",
 }
 SECTION_KEYS = {
     "determinism": {"random_seed", "deterministic"},
@@ -222,9 +222,9 @@ def set_by_path(config: dict[str, Any], key: str, value: Any) -> None:
             node = node[_list_index(node, part, key)]
             continue
         if part not in node:
-            if index == 0:
+            if index == 0 and part not in SECTION_KEYS:
                 raise MMARError(f"--set {key}: unknown config key {_with_hint(part, TOP_LEVEL_KEYS | set(ENV_KEYS))}")
-            node[part] = {}
+            node[part] = {}  # a known section the recipe leaves out (e.g. multi_gpu), or a component's argument
         node = node[part]
         if not isinstance(node, (dict, list)):
             raise MMARError(f"--set {key}: '{part}' is a value, not a section")

@@ -51,3 +51,69 @@ def write_segmentation_dataset(out: str | Path, *, cases: int = 24, size: int = 
     path = out / "datalist.json"
     path.write_text(json.dumps(datalist, indent=2))
     return path
+
+
+# ---- 2D classification ----------------------------------------------------------------------------
+
+CLASSIFICATION_FORMAT = [1, 1, 3]
+CLASSIFICATION_NAMES = ["disk", "bar", "square_position"]
+PNG_KINDS = ("8-bit", "16-bit", "RGBA")  # cycled over the cases, so every dataset mixes all three
+
+
+def classification_case(size: int, labels: list[int], rng: np.random.Generator) -> np.ndarray:
+    """A noisy image in [0, 1]: a bright disk (label 0), a horizontal bar (label 1), and a small square in the
+    left, middle or right third (label 2, categorical). Positions and sizes vary, so it has to be learnt."""
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    image = rng.normal(0.2, 0.05, (size, size)).astype(np.float32)
+    if labels[0]:
+        cy, cx, r = rng.uniform(size * 0.25, size * 0.75, 2).tolist() + [size * rng.uniform(0.12, 0.2)]
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] += 0.5
+    if labels[1]:
+        row, thickness = int(rng.integers(size // 8, size - size // 4)), max(2, size // 10)
+        image[row:row + thickness, size // 8: size - size // 8] += 0.35
+    third = size // 3
+    side = max(3, size // 6)
+    top = int(rng.integers(0, size - side))
+    left = labels[2] * third + int(rng.integers(0, max(1, third - side)))
+    image[top:top + side, left:left + side] += 0.6
+    return np.clip(image, 0, 1)
+
+
+def save_png(image: np.ndarray, path: Path, kind: str) -> None:
+    """Write a [0, 1] image as 8-bit grayscale, 16-bit grayscale or RGBA (gray in R = G = B, opaque alpha)."""
+    from PIL import Image
+
+    if kind == "16-bit":
+        Image.fromarray(np.round(image * 40000).astype(np.uint16)).save(path)
+        return
+    gray = np.round(image * 255).astype(np.uint8)
+    if kind == "RGBA":
+        Image.fromarray(np.stack([gray, gray, gray, np.full_like(gray, 255)], axis=-1), mode="RGBA").save(path)
+    else:
+        Image.fromarray(gray).save(path)
+
+
+def write_classification_dataset(out: str | Path, *, cases: int = 24, size: int = 32, seed: int = 0,
+                                 validation_fraction: float = 0.25) -> Path:
+    """PNG images with two binary labels and one 3-class label (label_format [1, 1, 3]) and their datalist.
+
+    Labels are laid out so that any 6 consecutive cases hold both values of each binary label and all three
+    classes, hence the validation list (the first cases) has a defined AUC for every label.
+    """
+    out = Path(out)
+    (out / "png").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    items = []
+    for index in range(cases):
+        labels = [(index // 3) % 2, (index // 2) % 2, index % 3]
+        kind = PNG_KINDS[index % len(PNG_KINDS)]
+        name = f"png/case_{index:03d}.png"
+        save_png(classification_case(size, labels, rng), out / name, kind)
+        items.append({"image": name, "label": labels})
+    split = max(1, int(round(cases * validation_fraction)))
+    datalist = {"description": "mmar synthetic multi-label classification demo",
+                "label_format": CLASSIFICATION_FORMAT, "label_names": CLASSIFICATION_NAMES,
+                "training": items[split:], "validation": items[:split]}
+    path = out / "datalist.json"
+    path.write_text(json.dumps(datalist, indent=2))
+    return path

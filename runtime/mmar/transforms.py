@@ -20,6 +20,14 @@ def _describe(value: Any) -> str:
     return str(value)
 
 
+def _one_line(error: BaseException) -> str:
+    """A reader's error in one line: MONAI's 'no suitable reader' message carries every reader's traceback."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) <= 2:
+        return " ".join(lines)
+    return f"{lines[0]} ... {lines[-1]}"
+
+
 def source_file(tensor: Any, fallback: str = "?") -> str:
     meta = getattr(tensor, "meta", None) or {}
     name = meta.get("filename_or_obj", fallback)
@@ -48,7 +56,7 @@ class LoadCased(MapTransform):
                 root = error
                 while root.__cause__ is not None:
                     root = root.__cause__
-                raise MMARError(f"cannot read {key} {_describe(data[key])}: {root}") from None
+                raise MMARError(f"cannot read {key} {_describe(data[key])}: {_one_line(root)}") from None
         return d
 
 

@@ -3,7 +3,8 @@
 Deterministic preprocessing is cached in memory (MONAI `CacheDataset`) and random augmentation runs on
 the cached tensors, so a volume is decoded once per run, not once per epoch. The cache is bounded by a
 share of the available RAM (`train#cache#max_ram_fraction`): when the data does not fit, only the share
-that fits is cached, with a message, instead of the kernel killing the run.
+that fits is cached, with a message, instead of the kernel killing the run. In a multi-process run each
+process on a node caches its own copy (the shards change every epoch), so the share is split between them.
 """
 
 from __future__ import annotations
@@ -41,13 +42,15 @@ def cache_rate_that_fits(
     per_case = max(1, sum(nbytes_estimate(item, keys) for item in sample) // len(sample))
     # decoded volumes plus the working copies of the transforms: count 1.5x
     need = per_case * 1.5 * len(items) * requested
-    budget = available_ram_bytes() * ram_fraction
+    # torchrun's LOCAL_WORLD_SIZE processes on this node each hold a cache
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    budget = available_ram_bytes() * ram_fraction / processes
     if need <= budget:
         return requested
     rate = max(0.0, requested * budget / need)
     log(
         f"cache: {len(items)} cases need about {need / 2**30:.1f} GiB, more than {ram_fraction:.0%} of the "
-        f"available RAM ({budget / 2**30:.1f} GiB); caching {rate:.0%} of them, the rest is read each epoch "
+        f"available RAM ({budget / 2**30:.1f} GiB{f' for each of {processes} processes' if processes > 1 else ''}); caching {rate:.0%} of them, the rest is read each epoch "
         "(raise train#cache#max_ram_fraction or add RAM to cache all)"
     )
     return rate

@@ -42,7 +42,7 @@ def validate(archive: Archive, *, ckpt: str | None = None, model: str = "ckpt", 
         **summary,
         "num_cases": len(items),
         "model": model,
-        "checkpoint": str(ckpt or default_checkpoint(archive)),
+        "checkpoint": str(ckpt or default_checkpoint(archive, model)),
         "seconds": round(seconds, 2),
     }
     eval_dir = archive.eval_dir

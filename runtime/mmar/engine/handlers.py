@@ -3,6 +3,9 @@
 Written here rather than taken from MONAI's `CheckpointSaver` because Clara's contract is specific:
 fixed names (`model.ckpt` only when the key metric improves, from a best that starts at -inf and survives
 a resume; `model_final.ckpt` at the end), every write atomic, and one resumable state file per epoch.
+
+In a multi-process run every rank runs every handler (the bookkeeping must agree and the epoch summary
+gathers numbers from all ranks), but only the writing rank (`write=True`, rank 0) touches files.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, Callable
 import torch
 from ignite.engine import Engine, Events
 
+from mmar import distributed
 from mmar.engine import checkpoint
 from mmar.io import atomic_write
 
@@ -55,10 +59,11 @@ class EpochValidation:
 class BestModelSaver:
     """`model.ckpt` whenever the key metric beats the best so far; the best starts at -inf."""
 
-    def __init__(self, progress: Progress, evaluator: Engine | None, network, models_dir: Path, meta: dict, log=print):
+    def __init__(self, progress: Progress, evaluator: Engine | None, network, models_dir: Path, meta: dict, log=print,
+                 *, write: bool = True):
         self.progress, self.evaluator, self.network = progress, evaluator, network
         self.path = Path(models_dir) / checkpoint.MODEL_FILE
-        self.meta, self.log = meta, log
+        self.meta, self.log, self.write = meta, log, write
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -66,13 +71,16 @@ class BestModelSaver:
     def __call__(self, trainer: Engine) -> None:
         epoch = trainer.state.epoch
         if self.evaluator is None:  # no validation list: the latest model is the one to use
-            checkpoint.save_model(self.path, self.network, epoch=epoch, **self.meta)
+            if self.write:
+                checkpoint.save_model(self.path, self.network, epoch=epoch, **self.meta)
             return
         if self.evaluator.state.epoch != epoch or not self.evaluator.state.metrics:
             return  # no validation this epoch
         value = float(self.evaluator.state.metrics[self.progress.key_metric])
         if value > self.progress.best_metric:
             self.progress.best_metric, self.progress.best_epoch = value, epoch
+            if not self.write:
+                return
             checkpoint.save_model(
                 self.path, self.network, epoch=epoch, key_metric=self.progress.key_metric, metric=value, **self.meta
             )
@@ -80,12 +88,18 @@ class BestModelSaver:
 
 
 class EpochSummary:
-    """One line per epoch on the terminal, TensorBoard scalars, `training_curves.png`, and the history."""
+    """One line per epoch on the terminal, TensorBoard scalars, `training_curves.png`, and the history.
+
+    With several processes the loss is the mean over every rank's iterations and the throughput counts
+    every rank's samples (summed across ranks), so the history reads like a single-process run's.
+    """
 
     def __init__(self, progress: Progress, optimizer, evaluator: Engine | None, models_dir: Path,
-                 writer=None, extra_scalars: Callable[[Engine], dict[str, float]] | None = None, log=print):
+                 writer=None, extra_scalars: Callable[[Engine], dict[str, float]] | None = None, log=print,
+                 *, ctx: distributed.Context = distributed.SINGLE):
         self.progress, self.optimizer, self.evaluator = progress, optimizer, evaluator
         self.models_dir, self.writer, self.extra_scalars, self.log = Path(models_dir), writer, extra_scalars, log
+        self.ctx = ctx
         self._losses: list[float] = []
         self._samples = 0
         self._started = 0.0
@@ -116,12 +130,15 @@ class EpochSummary:
     def _epoch_completed(self, trainer: Engine) -> None:
         epoch = trainer.state.epoch
         seconds = time.perf_counter() - self._started
+        loss_sum, iterations, samples = distributed.sum_across([sum(self._losses), len(self._losses), self._samples],
+                                                               self.ctx)
+        seconds = distributed.max_across(seconds, self.ctx)  # the epoch lasts as long as its slowest rank
         record: dict[str, Any] = {
             "epoch": epoch,
-            "loss": sum(self._losses) / max(1, len(self._losses)),
+            "loss": loss_sum / max(1, iterations),
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "seconds": seconds,
-            "samples_per_second": self._samples / max(seconds, 1e-9),
+            "samples_per_second": samples / max(seconds, 1e-9),
             "data_wait_fraction": self._data_wait / max(seconds, 1e-9),
         }
         validated = self.evaluator is not None and self.evaluator.state.epoch == epoch and self.evaluator.state.metrics
@@ -130,6 +147,8 @@ class EpochSummary:
             if self.extra_scalars:
                 record.update(self.extra_scalars(self.evaluator))
         self.progress.history.append(record)
+        if not self.ctx.is_main:
+            return
         line = f"epoch {epoch}/{trainer.state.max_epochs} loss {record['loss']:.4f} lr {record['lr']:.2e}"
         if validated and self.progress.key_metric:
             line += f" {self.progress.key_metric} {record[self.progress.key_metric]:.4f}"
@@ -147,13 +166,16 @@ class EpochSummary:
 class StateSaver:
     """Everything needed to resume, written atomically after every epoch (after validation)."""
 
-    def __init__(self, path: Path, objects: dict[str, Any], progress: Progress, mode: str):
+    def __init__(self, path: Path, objects: dict[str, Any], progress: Progress, mode: str, *, write: bool = True):
         self.path, self.objects, self.progress, self.mode = Path(path), objects, progress, mode
+        self.write = write
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, trainer: Engine) -> None:
+        if not self.write:
+            return
         state = {name: obj.state_dict() for name, obj in self.objects.items() if obj is not None}
         state["model"] = checkpoint.unwrap(self.objects["model"]).state_dict()
         state["trainer"] = {

@@ -3,6 +3,12 @@
 Batches, an optimizer minimizing the loss, validation every `num_training_epoch_per_valid` epochs over the
 whole validation list, `model.ckpt` when the key metric improves, `model_final.ckpt` at the end, training
 state every epoch so that re-running resumes after a crash or a kill.
+
+Under torchrun (several processes, see `mmar.distributed`) the same loop runs data-parallel: the network
+is wrapped in DistributedDataParallel, each rank trains on its shard of every epoch's permutation and
+validates its share of the validation list (MONAI's metrics gather the per-case values), the learning rate
+is scaled with the number of processes, and only rank 0 writes. The resume state is read by rank 0 and
+broadcast, so only rank 0 needs to see `models/`.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from monai.handlers import LrScheduleHandler
 from monai.inferers import SimpleInferer
 from monai.utils import set_determinism
 
+from mmar import distributed
 from mmar.archive import Archive, num_training_epoch_per_valid
 from mmar.engine import checkpoint
 from mmar.engine.data import make_loader
@@ -37,11 +44,27 @@ def train(archive: Archive, *, finetune: bool = False, ckpt: str | None = None, 
     if epochs < 1:
         raise MMARError(f"config: epochs must be >= 1, got {epochs}")
     interval = num_training_epoch_per_valid(config)
+    opts = distributed.options(config)
+    ctx = distributed.setup(config)
+    result = _train(archive, config, task, epochs, interval, opts, ctx, finetune=finetune, ckpt=ckpt,
+                    log=log if ctx.is_main else _silent)
+    # only after success: on an error this process exits and torchrun stops the others
+    distributed.cleanup(ctx)
+    return result
+
+
+def _silent(*_args, **_kwargs) -> None:
+    """The log of ranks other than 0: one copy of every line is enough (errors are raised, not logged)."""
+
+
+def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx: distributed.Context, *,
+           finetune: bool, ckpt: str | None, log) -> dict[str, Any]:
     seed = config.get("determinism", {}).get("random_seed")
     if seed is not None:
         set_determinism(seed=int(seed))
     models_dir = archive.models_dir
-    models_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        models_dir.mkdir(parents=True, exist_ok=True)
     image_key, label_key = keys_of(config)
     keys = [image_key, label_key]
 
@@ -51,6 +74,8 @@ def train(archive: Archive, *, finetune: bool = False, ckpt: str | None = None, 
     val_items = section_items(archive, "validate") if has_list(archive, val_key) else None
     if val_items is None:
         log(f"no '{val_key}' list in the datalist: no validation; model.ckpt is the latest epoch's model")
+    else:
+        val_items = distributed.shard(val_items, ctx)
 
     # --- components, from the config
     parser = archive.parser()
@@ -58,24 +83,32 @@ def train(archive: Archive, *, finetune: bool = False, ckpt: str | None = None, 
     network = parser.get_parsed_content("network").to(device)
     loss = parser.get_parsed_content("train#loss")
     optimizer = parser.get_parsed_content("train#optimizer")
+    factor = distributed.lr_factor(opts, ctx)
+    distributed.scale_lr(optimizer, factor)  # before the scheduler reads the rates
     scheduler = parser.get_parsed_content("train#lr_scheduler") if config["train"].get("lr_scheduler") else None
     amp = bool(config.get("amp", False)) and device.type == "cuda"
 
     state_path = models_dir / checkpoint.STATE_FILE
     mode = "finetune" if finetune else "train"
-    resume = _resumable_state(state_path, mode, log)
-    if finetune and resume is None:
+    # rank 0 decides and reads; the others get its copy (their weights also come from rank 0, via DDP)
+    resume = distributed.broadcast_object(_resumable_state(state_path, mode, log) if ctx.is_main else None, ctx)
+    if ctx.is_main and finetune and resume is None:
         start = Path(ckpt) if ckpt else Path(archive.env.get("PRETRAIN_WEIGHTS_FILE") or models_dir / checkpoint.MODEL_FILE)
         checkpoint.load_weights(network, start)
         log(f"fine-tuning from {start}")
-    elif ckpt and resume is None:
+    elif ctx.is_main and ckpt and resume is None:
         checkpoint.load_weights(network, ckpt)
         log(f"initial weights from {ckpt}")
+    train_network = distributed.wrap(network, ctx, device)
 
     train_dataset = build_dataset(parser, "train", train_items, keys=keys, with_augmentation=True, log=log)
     section = config["train"]
-    train_loader = make_loader(train_dataset, batch_size=int(section.get("batch_size", 2)), shuffle=True,
-                               num_workers=int(section.get("num_workers", 0)))
+    batch_size = int(section.get("batch_size", 2))
+    sampler = distributed.train_sampler(train_dataset, ctx, distributed.shared_seed(seed, ctx))
+    train_loader = make_loader(train_dataset, batch_size=batch_size, shuffle=False,  # the sampler shuffles
+                               num_workers=int(section.get("num_workers", 0)), sampler=sampler)
+    if ctx.enabled:
+        log(_parallel_summary(ctx, batch_size, factor, opts["warmup_epochs"]))
 
     evaluator = None
     if val_items is not None:
@@ -86,7 +119,7 @@ def train(archive: Archive, *, finetune: bool = False, ckpt: str | None = None, 
         device=device,
         max_epochs=epochs,
         train_data_loader=train_loader,
-        network=network,
+        network=train_network,
         optimizer=optimizer,
         loss_function=loss,
         inferer=SimpleInferer(),
@@ -98,20 +131,23 @@ def train(archive: Archive, *, finetune: bool = False, ckpt: str | None = None, 
 
     # --- handlers, in the order they must run at the end of an epoch
     if seed is not None:
-        trainer.add_event_handler(Events.EPOCH_STARTED, _reseed(int(seed), train_dataset))
+        trainer.add_event_handler(Events.EPOCH_STARTED, _reseed(int(seed), train_dataset, ctx.rank))
+    if factor > 1:
+        distributed.LinearWarmUp(optimizer, factor, opts["warmup_epochs"] * len(train_loader)).attach(trainer)
     if evaluator is not None:
         EpochValidation(evaluator, interval).attach(trainer)
     meta = {"task": archive.task, "network_config": config.get("network")}
-    BestModelSaver(progress, evaluator, network, models_dir, meta, log).attach(trainer)
-    writer = _tensorboard(models_dir)
+    BestModelSaver(progress, evaluator, network, models_dir, meta, log, write=ctx.is_main).attach(trainer)
+    writer = _tensorboard(models_dir) if ctx.is_main else None
     extra = getattr(task, "extra_scalars", None)
-    EpochSummary(progress, optimizer, evaluator, models_dir, writer, extra, log).attach(trainer)
+    EpochSummary(progress, optimizer, evaluator, models_dir, writer, extra, log, ctx=ctx).attach(trainer)
     if scheduler is not None:
         LrScheduleHandler(scheduler, print_lr=False).attach(trainer)
     objects = {"model": network, "optimizer": optimizer, "lr_scheduler": scheduler,
                "scaler": getattr(trainer, "scaler", None)}
-    StateSaver(state_path, objects, progress, mode).attach(trainer)
-    _progress_bar(trainer)
+    StateSaver(state_path, objects, progress, mode, write=ctx.is_main).attach(trainer)
+    if ctx.is_main:
+        _progress_bar(trainer)
     _attach_metrics(trainer, evaluator)
 
     if resume is not None:
@@ -119,8 +155,10 @@ def train(archive: Archive, *, finetune: bool = False, ckpt: str | None = None, 
         log(f"resuming {mode} from {state_path} after epoch {trainer.state.epoch}")
 
     started = time.perf_counter()
-    trainer.run()
-    checkpoint.save_model(models_dir / checkpoint.FINAL_FILE, network, epoch=trainer.state.epoch, **meta)
+    with distributed.explain_timeouts(ctx):
+        trainer.run()
+    if ctx.is_main:
+        checkpoint.save_model(models_dir / checkpoint.FINAL_FILE, network, epoch=trainer.state.epoch, **meta)
     if writer is not None:
         writer.close()
     minutes = (time.perf_counter() - started) / 60
@@ -133,9 +171,20 @@ def train(archive: Archive, *, finetune: bool = False, ckpt: str | None = None, 
         "minutes": round(minutes, 2),
         "models_dir": str(models_dir),
     }
+    if ctx.enabled:
+        result["processes"] = ctx.world_size
     log(f"done: {trainer.state.epoch} epochs in {minutes:.1f} min; best {progress.key_metric} "
         f"{result['best_metric']} at epoch {progress.best_epoch}; models in {models_dir}")
     return result
+
+
+def _parallel_summary(ctx: distributed.Context, batch_size: int, factor: int, warmup_epochs: int) -> str:
+    line = (f"data-parallel: {ctx.world_size} processes ({ctx.backend}), batch {batch_size} per process, "
+            f"{batch_size * ctx.world_size} in all; ")
+    if factor == 1:
+        return line + "learning rate as configured (multi_gpu#lr_scaling is off)"
+    line += f"learning rate x{factor} (linear scaling, arXiv 1706.02677)"
+    return line + (f", reached after a {warmup_epochs}-epoch warm-up" if warmup_epochs else ", no warm-up")
 
 
 def _resumable_state(path: Path, mode: str, log) -> dict[str, Any] | None:
@@ -161,14 +210,21 @@ def _restore(state, objects, progress: Progress, trainer, epochs: int) -> None:
     trainer.state.iteration = saved["iteration"]
 
 
-def _reseed(seed: int, dataset):
-    """Seed each epoch from (seed, epoch): a resumed run draws the same augmentations as an unbroken one."""
+RANK_SEED_STRIDE = 1_000_003  # a prime: rank r's seeds never meet rank 0's for any sane number of epochs
+
+
+def _reseed(seed: int, dataset, rank: int = 0):
+    """Seed each epoch from (seed, epoch): a resumed run draws the same augmentations as an unbroken one.
+
+    Every rank draws its own augmentations (offset by its rank); rank 0 draws what a single process would.
+    """
 
     def handler(engine):
-        set_determinism(seed=seed + engine.state.epoch)
+        epoch_seed = seed + engine.state.epoch + RANK_SEED_STRIDE * rank
+        set_determinism(seed=epoch_seed)
         transform = getattr(dataset, "transform", None)
         if hasattr(transform, "set_random_state"):
-            transform.set_random_state(seed=seed + engine.state.epoch)
+            transform.set_random_state(seed=epoch_seed)
 
     return handler
 

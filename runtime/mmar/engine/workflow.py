@@ -14,6 +14,7 @@ from mmar.archive import Archive
 from mmar.datalist import check_channels_aligned, load_items, load_json
 from mmar.engine.data import make_dataset, make_loader
 from mmar.errors import MMARError
+from mmar.tasks import get_task
 
 
 def device_for(archive: Archive) -> torch.device:
@@ -53,6 +54,9 @@ def section_items(archive: Archive, section: str, *, list_key: str | None = None
     )
     for index, item in enumerate(items):
         check_channels_aligned(item, image_key, f"{_datalist_path(archive)}: {key}[{index}].{image_key}")
+    check_items = getattr(get_task(archive.task), "check_items", None)
+    if require_label and check_items is not None:  # task-specific label checks, before any image is decoded
+        check_items(_datalist_path(archive), key, items, config)
     return items
 
 

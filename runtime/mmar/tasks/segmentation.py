@@ -24,6 +24,10 @@ def _keys(with_label: bool = True) -> list[str]:
 
 
 def preprocessing(with_label: bool = True, pad: bool = False) -> list[dict[str, Any]]:
+    """Deterministic steps (cached by the engine). `pad=True` is the training flavour: patches of
+    `spatial_size` fit, the foreground/background voxel indices the patch sampler needs are computed once
+    here instead of for every draw, and MONAI's metadata tracking is off (training needs no inverse or file
+    names; plain tensors make every random transform after the cache cheaper)."""
     keys = _keys(with_label)
     steps: list[dict[str, Any]] = [
         # labels may be absent (inference reads the same recipe without ground truth)
@@ -38,12 +42,19 @@ def preprocessing(with_label: bool = True, pad: bool = False) -> list[dict[str, 
         {"_target_": "NormalizeIntensityd", "keys": "@image_key", "nonzero": True, "channel_wise": True},
     ]
     if pad:
-        steps.append({"_target_": "SpatialPadd", "keys": keys, "spatial_size": "@spatial_size", "allow_missing_keys": True})
-    steps.append({"_target_": "EnsureTyped", "keys": keys, "track_meta": True, "allow_missing_keys": True})
+        steps += [
+            {"_target_": "SpatialPadd", "keys": keys, "spatial_size": "@spatial_size", "allow_missing_keys": True},
+            {"_target_": "FgBgToIndicesd", "keys": "@label_key", "fg_postfix": "_fg", "bg_postfix": "_bg"},
+            {"_target_": "EnsureTyped", "keys": keys, "track_meta": False},
+        ]
+    else:
+        steps.append({"_target_": "EnsureTyped", "keys": keys, "track_meta": True, "allow_missing_keys": True})
     return steps
 
 
 def augmentation() -> list[dict[str, Any]]:
+    """Random steps on the cached tensors: foreground-oversampled patches (2 of 3 centred on a label voxel;
+    nnU-Net forces 1 of 3), flips on every axis, intensity jitter."""
     keys = _keys()
     return [
         {
@@ -54,6 +65,9 @@ def augmentation() -> list[dict[str, Any]]:
             "pos": 2,
             "neg": 1,
             "num_samples": "@train#samples_per_volume",
+            # computed once in the cached preprocessing; the sampler pops them, so they never reach a batch
+            "fg_indices_key": "$@label_key + '_fg'",
+            "bg_indices_key": "$@label_key + '_bg'",
         },
         {"_target_": "RandFlipd", "keys": keys, "prob": 0.5, "spatial_axis": 0},
         {"_target_": "RandFlipd", "keys": keys, "prob": 0.5, "spatial_axis": 1},
@@ -105,10 +119,33 @@ def validate_section() -> dict[str, Any]:
     }
 
 
+# The default run is a fixed number of optimizer steps rather than of epochs, so that a small dataset
+# is not under-trained and a large one does not run for days. 3500 steps of 4 patches: for hippocampus
+# (167 cases, 84 steps an epoch) 42 epochs, so that the cosine schedule has annealed by about the half
+# hour the speed issue allows on a 2-core CPU (an estimate from the per-epoch cost, docs/speed.md).
+TRAINING_STEPS = 3500
+BATCH_SIZE = 2
+SAMPLES_PER_VOLUME = 2
+
+
+def default_epochs(num_training: int, steps: int = TRAINING_STEPS, batch_size: int = BATCH_SIZE) -> int:
+    steps_per_epoch = max(1, -(-int(num_training) // batch_size))
+    return int(min(300, max(10, round(steps / steps_per_epoch))))
+
+
 def default_configs(
-    *, num_classes: int, in_channels: int, spatial_size: Sequence[int], epochs: int = 100
+    *, num_classes: int, in_channels: int, spatial_size: Sequence[int], epochs: int | None = None,
+    num_training: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """config_train.json and config_validation.json for a new segmentation MMAR."""
+    """config_train.json and config_validation.json for a new segmentation MMAR.
+
+    The recipe is chosen for time to a good model (measured in bench/train.py, docs/speed.md):
+    foreground-oversampled patches of about the median volume, 4 per step; a 3-level UNet (a 4th level
+    of 256 channels works on 2-5 voxel wide maps at these patch sizes, slow on a CPU); AdamW with a cosine
+    schedule that anneals within the run; validation in one window per small volume.
+    """
+    if epochs is None:
+        epochs = default_epochs(num_training) if num_training else 100
     train = {
         "task": NAME,
         "epochs": epochs,
@@ -125,16 +162,18 @@ def default_configs(
             "spatial_dims": 3,
             "in_channels": in_channels,
             "out_channels": "@num_classes",
-            "channels": [16, 32, 64, 128, 256],
-            "strides": [2, 2, 2, 2],
+            "channels": [16, 32, 64, 128],
+            "strides": [2, 2, 2],
             "num_res_units": 2,
             "norm": "INSTANCE",
         },
         "train": {
             "datalist_key": "training",
-            "batch_size": 2,
-            "samples_per_volume": 2,
-            "num_workers": 0,
+            "batch_size": BATCH_SIZE,
+            "samples_per_volume": SAMPLES_PER_VOLUME,
+            # random patches are drawn in 2 worker processes while the network computes (on a GPU the
+            # step is shorter than the augmentation of its batch); the cache is shared with them
+            "num_workers": 2,
             "cache": {"rate": 1.0, "max_ram_fraction": 0.5},
             "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
             "optimizer": {
@@ -354,10 +393,13 @@ class PredictionWriter:
 # ---- init: fit the recipe to the data ----------------------------------------------------------
 
 
-def patch_size(shapes: list[tuple[int, ...]], cap: int = 96, multiple: int = 16) -> list[int]:
-    """The median shape rounded up to a multiple of 16 (the UNet's 4 poolings), at most `cap` per axis.
+def patch_size(shapes: list[tuple[int, ...]], cap: int = 96, multiple: int = 8) -> list[int]:
+    """The median shape rounded up to a multiple of 8 (the default UNet's 3 poolings), at most `cap` per axis.
 
-    Small volumes (hippocampus) are then trained whole; large ones (CT) as 96^3 patches.
+    Small volumes are then trained nearly whole with little padding (hippocampus, median 35x50x36:
+    40x56x40, nnU-Net's own patch for it, where rounding up to 16 gave 48x64x48, 57 % of it zero
+    padding); large ones (CT) as 96^3 patches. Validation windows are the same size, so
+    a small volume is validated in one window.
     """
     median = np.median(np.asarray(shapes), axis=0)
     return [int(min(cap, max(multiple, -(-int(m) // multiple) * multiple))) for m in median]
@@ -392,4 +434,5 @@ def inspect_datalist(datalist: Path, sample: int = 12) -> dict[str, Any]:
             num_classes = max(num_classes, channels if np.all(label.sum(axis=3) >= 1) else channels + 1)
         else:
             num_classes = max(num_classes, int(label.max()) + 1)
-    return {"num_classes": num_classes, "in_channels": in_channels, "spatial_size": patch_size(shapes)}
+    return {"num_classes": num_classes, "in_channels": in_channels, "spatial_size": patch_size(shapes),
+            "num_training": len(items)}

@@ -1,0 +1,49 @@
+"""Losses MONAI does not have: binary and categorical labels mixed in one output vector."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.nn import functional as F
+
+from mmar.label_format import LabelFormat, as_list
+
+
+class MultiLabelLoss(torch.nn.Module):
+    """BCE-with-logits on the binary labels' outputs, cross-entropy on each categorical label's segment.
+
+    `label_format` as in the datalist (1 = binary, k = k classes). Input: logits [B, sum(label_format)];
+    target: [B, len(label_format)] (a binary label's 0/1, a categorical label's class index). The result is
+    the mean of the per-label losses, so its scale does not grow with the number of labels.
+    """
+
+    def __init__(self, label_format: Sequence[int] | LabelFormat, pos_weight: Sequence[float] | None = None):
+        super().__init__()
+        self.sizes = as_list(label_format)
+        self.binary = [i for i, size in enumerate(self.sizes) if size == 1]
+        starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.binary_columns = [starts[i] for i in self.binary]
+        self.categorical = [(i, starts[i], starts[i] + size) for i, size in enumerate(self.sizes) if size > 1]
+        weight = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
+        if weight is not None and weight.numel() != len(self.binary):
+            raise ValueError(f"pos_weight has {weight.numel()} values for {len(self.binary)} binary labels")
+        self.register_buffer("pos_weight", weight, persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        expected = sum(self.sizes)
+        if logits.ndim != 2 or logits.shape[1] != expected:
+            raise ValueError(f"logits shape {tuple(logits.shape)}: expected [batch, {expected}] for label_format {self.sizes}")
+        target = torch.as_tensor(target, device=logits.device).reshape(logits.shape[0], -1)
+        if target.shape[1] != len(self.sizes):
+            raise ValueError(f"target shape {tuple(target.shape)}: expected [batch, {len(self.sizes)}] for label_format {self.sizes}")
+        total = logits.new_zeros(())
+        if self.binary:
+            bce = F.binary_cross_entropy_with_logits(
+                logits[:, self.binary_columns], target[:, self.binary].to(logits.dtype),
+                pos_weight=self.pos_weight, reduction="none",
+            )
+            total = total + bce.mean(dim=0).sum()  # mean over the batch, summed over labels
+        for index, start, stop in self.categorical:
+            total = total + F.cross_entropy(logits[:, start:stop], target[:, index].long())
+        return total / len(self.sizes)
