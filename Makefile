@@ -26,7 +26,7 @@ install: $(STAMP)
 
 demo: install
 	rm -rf $(DEMO)
-	$(MMAR) demo-data $(DEMO)/data --task segmentation --cases 24 --size 32
+	$(MMAR) demo-data $(DEMO)/data --task segmentation --cases 24 --size 32 --raw
 	# the same MMARJob manifest the operator runs on a cluster, run here: claims map to local folders
 	$(MMAR) run examples/demo-job.yaml --volume demo-data=$(DEMO)/data --volume demo-workspace=$(DEMO)/workspace
 	@echo
@@ -35,6 +35,7 @@ demo: install
 	@echo "  training curves   $(DEMO)/workspace/seg-demo/models/training_curves.png (TensorBoard: $(PY) -m tensorboard.main --logdir $(DEMO)/workspace/seg-demo/models)"
 	@echo "  metrics           $(DEMO)/workspace/seg-demo/eval/metrics.json, per case: eval/cases.csv, overlays: eval/overlays/"
 	@echo "  predicted masks   $(DEMO)/workspace/seg-demo/eval/*_seg.nii.gz"
+	@echo "  exported models   $(DEMO)/workspace/seg-demo/models/model.ts, model.onnx (export.json: parity vs PyTorch)"
 	@echo "  job status        $(DEMO)/workspace/demo.status.json"
 
 test: install

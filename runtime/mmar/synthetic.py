@@ -30,20 +30,29 @@ def segmentation_case(size: int, rng: np.random.Generator) -> tuple[np.ndarray, 
 
 
 def write_segmentation_dataset(out: str | Path, *, cases: int = 24, size: int = 32, seed: int = 0,
-                               validation_fraction: float = 0.25) -> Path:
+                               validation_fraction: float = 0.25, raw: bool = False) -> Path:
+    """Volumes, masks and `datalist.json` under `out`.
+
+    `raw=True` writes the volumes as a scanner would hand them over, at anisotropic spacing, under
+    `out/raw/imagesTr` and `out/raw/labelsTr`; the datalist then names the 1 mm isotropic files that
+    `mmar convert -r 1` makes from them in `out/imagesTr` and `out/labelsTr` (the demo's first steps).
+    """
     import nibabel as nib
 
     out = Path(out)
-    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    target = out / "raw" if raw else out
+    (target / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (target / "labelsTr").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     items = []
     for index in range(cases):
         image, label = segmentation_case(size, rng)
         affine = random_affine(rng)
+        if raw:  # thick slices along the last axis, as in a clinical MR or CT series
+            affine[:3, 2] *= 2.0
         name = f"case_{index:03d}.nii.gz"
-        nib.save(nib.Nifti1Image(image, affine), str(out / "imagesTr" / name))
-        nib.save(nib.Nifti1Image(label, affine), str(out / "labelsTr" / name))
+        nib.save(nib.Nifti1Image(image, affine), str(target / "imagesTr" / name))
+        nib.save(nib.Nifti1Image(label, affine), str(target / "labelsTr" / name))
         items.append({"image": f"imagesTr/{name}", "label": f"labelsTr/{name}"})
     split = max(1, int(round(cases * validation_fraction)))
     datalist = {"description": "mmar synthetic segmentation demo", "labels": {"0": "background", "1": "dim", "2": "bright"},

@@ -29,7 +29,7 @@ def test_render_cli(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mmar_operator", "--render", str(ROOT / "examples" / "demo-job.yaml")],
                           capture_output=True, text=True, check=True)
     jobs = list(yaml.safe_load_all(proc.stdout))
-    assert [j["metadata"]["name"] for j in jobs] == ["demo-0-train", "demo-1-validate", "demo-2-infer", "demo-3-export"]
+    assert [j["metadata"]["name"] for j in jobs] == ["demo-0-convert-images", "demo-1-convert-labels", "demo-2-train", "demo-3-validate", "demo-4-infer", "demo-5-export"]
     bad = subprocess.run([sys.executable, "-m", "mmar_operator", "--render", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert bad.returncode == 1 and "missing.yaml: cannot read" in bad.stderr
 
