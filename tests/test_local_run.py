@@ -158,7 +158,7 @@ def test_multi_node_steps_are_refused_locally(tmp_path):
 
 
 def test_multi_gpu_runs_torchrun_module(tmp_path):
-    body = yaml.safe_load((ROOT / "examples" / "demo-job.yaml").read_text())
+    body = demo_body()
     body["spec"]["gpusPerNode"] = 2
     mounts = local_run.mount_map(contract.parse(body), volumes(tmp_path))
     argvs = local_run.plan(contract.parse(body), mounts)
