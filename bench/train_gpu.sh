@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# bench/train.py's short GPU version (< 4 min): the standard MONAI recipe, then `mmar init` + `mmar train`,
+# each for BUDGET_MIN minutes (default 1.5) on the GPU, one after the other; prints minutes to Dice
+# 0.80/0.85/0.88, data-wait share and the ratios mmar/baseline.
+#
+#   bench/train_gpu.sh [DATA_DIR] [BUDGET_MIN]
+#
+# DATA_DIR defaults to ../shared/data/hippocampus, else build/bench9/data/hippocampus (a copy carried to a
+# device machine). Python: .venv/bin/python if there, else python3. Where monai / ignite / nibabel are
+# missing (a bare GPU image), wheels in build/bench9/whl are installed into /tmp/site first:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#       -d build/bench9/whl monai==1.6.1 pytorch-ignite==0.5.5 nibabel==5.4.2
+# Results: a /tmp/bench-train.* folder (results.json, bench.log, the MMAR), copied to $OUT when set.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+DATA="${1:-}"
+if [[ -z "$DATA" ]]; then
+  for candidate in ../shared/data/hippocampus build/bench9/data/hippocampus; do
+    [[ -f "$candidate/datalist.json" ]] && DATA="$candidate" && break
+  done
+fi
+[[ -n "$DATA" ]] || { echo "no hippocampus datalist found; pass DATA_DIR" >&2; exit 2; }
+BUDGET="${2:-1.5}"
+PYTHON=python3
+[[ -x .venv/bin/python ]] && PYTHON=.venv/bin/python
+
+if ! "$PYTHON" -c "import monai, ignite, nibabel" 2>/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    build/bench9/whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/runtime${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+"$PYTHON" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+
+WORK="$(mktemp -d /tmp/bench-train.XXXXXX)"
+status=0
+# BENCH_ARGS: extra bench/train.py arguments, e.g. BENCH_ARGS="--mmar-set train#num_workers=4" (experiments)
+# shellcheck disable=SC2086
+"$PYTHON" bench/train.py --device cuda --budget-min "$BUDGET" --data "$DATA" --out "$WORK" ${BENCH_ARGS:-} || status=$?
+if [[ -n "${OUT:-}" ]]; then  # a device machine's result folder: the two result files only
+  cp "$WORK/results.json" "$WORK/bench.log" "$OUT/" 2>/dev/null || true
+fi
+exit "$status"
