@@ -174,7 +174,12 @@ def render_job(job: Mapping[str, Any], index: int, config: Config) -> dict[str, 
 
     main = _container(CONTAINER, contract.step_argv(job, index), job, index, config, mounts)
     main["resources"] = _resources(job, index, config)
-    main["ports"] = [{"name": "metrics", "containerPort": config.runtime_metrics_port, "protocol": "TCP"}]
+    # one metrics port per local rank (the runtime serves on base + LOCAL_RANK), so that the PodMonitor
+    # (ports `metrics` and `metrics-<n>`) scrapes every GPU's process, not only local rank 0
+    local_ranks = max(1, contract.gpus_of(job, index)) if step["type"] in ("train", "finetune") else 1
+    main["ports"] = [{"name": "metrics" if rank == 0 else f"metrics-{rank}",
+                      "containerPort": config.runtime_metrics_port + rank, "protocol": "TCP"}
+                     for rank in range(local_ranks)]
     if is_multinode(job, index):
         main["ports"].append({"name": "rendezvous", "containerPort": contract.MASTER_PORT, "protocol": "TCP"})
 

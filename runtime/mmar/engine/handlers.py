@@ -100,7 +100,7 @@ class EpochSummary:
         self.progress, self.optimizer, self.evaluator = progress, optimizer, evaluator
         self.models_dir, self.writer, self.extra_scalars, self.log = Path(models_dir), writer, extra_scalars, log
         self.ctx = ctx
-        self._losses: list[float] = []
+        self._losses: list[torch.Tensor] = []
         self._samples = 0
         self._started = 0.0
         self._data_wait = 0.0
@@ -124,13 +124,15 @@ class EpochSummary:
         self._data_wait += time.perf_counter() - self._fetch_started
 
     def _iteration(self, trainer: Engine) -> None:
-        self._losses.append(float(loss_of(trainer.state.output)))
+        # kept as a (device) tensor: reading it with .item() here would stall the GPU queue every step
+        self._losses.append(loss_tensor(trainer.state.output))
         self._samples += batch_size_of(trainer.state.batch)
 
     def _epoch_completed(self, trainer: Engine) -> None:
         epoch = trainer.state.epoch
         seconds = time.perf_counter() - self._started
-        loss_sum, iterations, samples = distributed.sum_across([sum(self._losses), len(self._losses), self._samples],
+        epoch_loss = float(torch.stack(self._losses).sum()) if self._losses else 0.0  # one sync per epoch
+        loss_sum, iterations, samples = distributed.sum_across([epoch_loss, len(self._losses), self._samples],
                                                                self.ctx)
         seconds = distributed.max_across(seconds, self.ctx)  # the epoch lasts as long as its slowest rank
         record: dict[str, Any] = {
@@ -188,6 +190,14 @@ class StateSaver:
         state["mode"] = self.mode
         state["complete"] = trainer.state.epoch >= trainer.state.max_epochs
         checkpoint.save_state(self.path, state)
+
+
+def loss_tensor(output: Any) -> torch.Tensor:
+    """The step's loss as a detached 0-d tensor, where it was computed (no device sync)."""
+    if isinstance(output, list):
+        output = output[0]
+    value = output["loss"] if isinstance(output, dict) else output
+    return value.detach().reshape(()).float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
 
 
 def loss_of(output: Any) -> float:

@@ -1,0 +1,28 @@
+"""The default segmentation recipe's data-fitted values (pure functions of the data's shapes and size)."""
+
+from monai.bundle import ConfigParser
+
+from mmar.tasks.segmentation import default_configs, default_epochs, patch_size
+
+
+def test_patch_size_is_the_median_shape_rounded_up_to_the_poolings():
+    # hippocampus: median 35x50x36 -> nnU-Net's own 40x56x40, not 48x64x48 (mostly padding)
+    assert patch_size([(35, 50, 36), (34, 49, 35), (36, 51, 37)]) == [40, 56, 40]
+    assert patch_size([(512, 512, 120)] * 3) == [96, 96, 96]  # CT: capped patches
+    assert patch_size([(3, 4, 5)]) == [8, 8, 8]  # never below one pooling step
+
+
+def test_default_epochs_is_a_step_budget_within_bounds():
+    assert default_epochs(167) == 42  # hippocampus: 84 steps an epoch
+    assert default_epochs(4) == 300  # tiny data: capped
+    assert default_epochs(100_000) == 10  # huge data: at least 10 epochs
+
+
+def test_default_recipe_builds_with_monai():
+    train, validation = default_configs(num_classes=3, in_channels=2, spatial_size=[40, 56, 40], num_training=167)
+    assert train["epochs"] == 42
+    parser = ConfigParser(train)
+    network = parser.get_parsed_content("network")
+    assert network.in_channels == 2 and network.out_channels == 3
+    assert parser.get_parsed_content("train#optimizer").param_groups[0]["lr"] == train["learning_rate"]
+    assert validation["validate"]["key_metric"] == train["validate"]["key_metric"] == "val_mean_dice"
