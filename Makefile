@@ -11,7 +11,7 @@ DEMO ?= demo
 DEMO_EPOCHS ?= 30
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-slow test-all clean
 
 $(STAMP): pyproject.toml docker/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -m "not slow and not e2e" $(PYTEST_ARGS) tests
+
+test-slow: install
+	$(PY) -m pytest -q -m "slow and not e2e" $(PYTEST_ARGS) tests
 
 test-all: install
 	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS) tests
