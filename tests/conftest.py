@@ -23,6 +23,15 @@ SMALL_SEGMENTATION = [
     "validate#inferer#sw_batch_size=2",
 ]
 
+# The classification workflow is under test, not DenseNet121: the same DenseNet family, a few layers.
+SMALL_CLASSIFICATION = [
+    "network#_target_=monai.networks.nets.DenseNet",
+    "network#init_features=8",
+    "network#growth_rate=8",
+    "network#block_config=[2,2,2]",
+    "train#batch_size=8",
+]
+
 
 def run_mmar(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess (exit codes and messages are part of the contract)."""

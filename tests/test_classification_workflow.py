@@ -9,16 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_mmar
+from conftest import SMALL_CLASSIFICATION, run_mmar
 
-# The workflow is under test, not DenseNet121: the same DenseNet family, a few layers.
-SMALL_CLASSIFICATION = [
-    "network#_target_=monai.networks.nets.DenseNet",
-    "network#init_features=8",
-    "network#growth_rate=8",
-    "network#block_config=[2,2,2]",
-    "train#batch_size=8",
-]
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_mmar
+from conftest import SMALL_CLASSIFICATION, run_mmar
 from mmar.predict import tensorrt_unavailable
 
 NO_TENSORRT = tensorrt_unavailable()
@@ -185,13 +185,6 @@ def test_fixed_batch_onnx_model_runs_any_batch(tmp_path):
 
 # ---- classification: the same export, a 2D network, batch axis dynamic only ------------------------
 
-SMALL_CLASSIFICATION = [
-    "network#_target_=monai.networks.nets.DenseNet",
-    "network#init_features=8",
-    "network#growth_rate=8",
-    "network#block_config=[2,2,2]",
-    "train#batch_size=8",
-]
 
 
 @pytest.fixture(scope="module")
