@@ -370,6 +370,24 @@ def summarize(results: dict[str, list[dict]]) -> dict:
     return summary
 
 
+def final_validation(mmar_dir: Path, env: dict) -> dict | None:
+    """`mmar validate` of the best model, as a user runs it after training (config_validation.json: the
+    mirrored sliding window), timed; None when training left no model."""
+    if not (mmar_dir / "models" / "model.ckpt").is_file():
+        return None
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "mmar", "validate", str(mmar_dir)], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "runtime"), **env})
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        print(f"final validation failed:\n{done.stderr[-2000:]}", flush=True)
+        return None
+    metrics = json.loads((mmar_dir / "eval" / "metrics.json").read_text())
+    return {"mean_dice": metrics["val_mean_dice"], "dice_per_class": list(metrics.get("dice_per_class", {}).values()),
+            "seconds": seconds, "inferer": json.loads((mmar_dir / "config" / "config_validation.json").read_text())
+            ["validate"]["inferer"]["_target_"]}
+
+
 def _median(values):
     values = sorted(v for v in values if v is not None)
     return values[len(values) // 2] if values else None
@@ -388,6 +406,10 @@ def print_summary(summary: dict) -> None:
               f"{100 * s['median_data_wait_fraction']:8.1f}%  {s['median_train_seconds']:13.1f}  "
               f"{s['median_val_seconds'] or 0:5.1f}  {s['peak_rss_gib']:6.2f} GiB  {s['best_mean_dice'] or 0:.4f} "
               f"({per_class}) at epoch {s['best_epoch']}, {s['best_minutes'] or 0:.1f} min")
+    final = summary.get("mmar", {}).get("final_validation")
+    if final:
+        print(f"\nmmar validate (best model, {final['inferer'].rsplit('.', 1)[-1]}): mean Dice {final['mean_dice']:.4f} ("
+              + " / ".join(f"{d:.4f}" for d in final["dice_per_class"]) + f") in {final['seconds']:.0f} s")
     print("\nminutes to validation mean Dice: wall clock (CPU time of the process tree) [epoch]")
     names = list(summary)
     both = {"baseline", "mmar"} <= set(summary)
@@ -427,11 +449,18 @@ def main(argv=None) -> int:
                         help="extra `--set` override for mmar train (experiments; the benchmark uses none)")
     parser.add_argument("--mmar-patch", action="append", default=[], choices=sorted(PATCHES),
                         help="monkeypatch a proposed engine change into the mmar process")
+    parser.add_argument("--no-final-validation", action="store_true",
+                        help="skip `mmar validate` of the best model after mmar's training")
     parser.add_argument("--summarize", metavar="RESULTS_JSON", help="print the summary of an earlier run's results.json")
     parser.add_argument("--worker", choices=["baseline", "mmar"], help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     if args.summarize:
-        print_summary(summarize(json.loads(Path(args.summarize).read_text())["epochs"]))
+        data = json.loads(Path(args.summarize).read_text())
+        summary = summarize(data["epochs"])
+        final = data.get("summary", {}).get("mmar", {}).get("final_validation")
+        if final and "mmar" in summary:
+            summary["mmar"]["final_validation"] = final
+        print_summary(summary)
         return 0
     if args.device == "auto":
         import torch
@@ -492,6 +521,10 @@ def main(argv=None) -> int:
             for name, job in jobs.items():
                 results[name] = run_worker(name, *job, env, log_file)
     summary = summarize(results)
+    if "mmar" in jobs and not args.no_final_validation:
+        final = final_validation(out / "mmar", env)
+        if final:
+            summary["mmar"]["final_validation"] = final
     print_summary(summary)
     with open(out / "results.json", "w", encoding="utf-8") as handle:
         json.dump({"args": vars(args), "budgets_min": budgets, "commands": commands, "summary": summary,

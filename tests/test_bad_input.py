@@ -108,6 +108,14 @@ def test_unknown_config_key_and_corrupt_checkpoint(mmar_copy, tmp_path):
                   match=["broken.ckpt", "unreadable"])
 
 
+def test_a_component_that_cannot_be_built_names_file_and_key(mmar_copy):
+    protected = _protected(mmar_copy)
+    _assert_fails(mmar_copy, protected, "validate", str(mmar_copy), "--set", "validate#inferer#sw_batch=2",
+                  match=["config_validation.json", "cannot build `validate#inferer`", "sw_batch"])
+    _assert_fails(mmar_copy, protected, "train", str(mmar_copy), "--set", "network#_target_=monai.networks.nets.NoSuchNet",
+                  match=["config_train.json", "cannot build `network`"])
+
+
 def test_one_hot_labels_train_like_index_labels(seg_data, tmp_path):
     """Clara's other label convention: a 4D one-hot NIfTI, one channel per class."""
     from conftest import make_seg_mmar

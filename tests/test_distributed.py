@@ -31,12 +31,17 @@ EPOCHS = 3
 CENTER_CROP = ('train#augmentation=[{"_target_": "CenterSpatialCropd", "keys": ["@image_key", "@label_key"], '
                '"roi_size": "@spatial_size"}, {"_target_": "DeleteItemsd", "keys": ["label_fg", "label_bg"]}]')
 NO_LR_SCALING = 'multi_gpu={"lr_scaling": false}'
+# Dice per sample: the default "batch Dice" pools a rank's own batch, so 2 ranks of 1 sample and 1 process of
+# 2 samples optimize different (both valid) losses; with per-sample Dice the gradients are the same
+PER_SAMPLE_DICE = "train#loss#batch=false"
 # relative tolerance of the epoch losses: float32 sums in another order, through 2 x 3 optimizer steps
 LOSS_RTOL = 1e-5
 # validation metrics: the same model on the same cases, only gathered in another order
 METRIC_ATOL = 1e-6
 # the CPU path (gloo) on any machine: `--gpus 2` on a machine with one GPU would rightly refuse to start
-CPU = {"CUDA_VISIBLE_DEVICES": ""}
+# float32 throughout: the equalities below (1 process vs 2, training-time vs `mmar validate`) are exact up
+# to summation order, which bf16 autocast (`amp` on a CPU that has bf16) would round away
+CPU = {"CUDA_VISIBLE_DEVICES": "", "MMAR_CPU_AMP": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +64,10 @@ def runs(tmp_path_factory, dist_data):
     single = make_seg_mmar(root / "single", dist_data, epochs=EPOCHS)
     double = make_seg_mmar(root / "double", dist_data, epochs=EPOCHS)
     # one thread, as torchrun gives each of the 2 processes: 2 busy cores are not oversubscribed
-    single_out = run_mmar("train", str(single), "--set", CENTER_CROP, "train#batch_size=2",
+    single_out = run_mmar("train", str(single), "--set", CENTER_CROP, PER_SAMPLE_DICE, "train#batch_size=2",
                           env={**CPU, "OMP_NUM_THREADS": "1"})
     term = root / "termination.json"
-    double_out = run_mmar("train", str(double), "--gpus", "2", "--set", CENTER_CROP, "train#batch_size=1",
+    double_out = run_mmar("train", str(double), "--gpus", "2", "--set", CENTER_CROP, PER_SAMPLE_DICE, "train#batch_size=1",
                           NO_LR_SCALING, env={**CPU, "MMAR_TERMINATION_LOG": str(term)})
     return {"single": single, "double": double, "single_out": single_out, "double_out": double_out, "term": term}
 
@@ -106,7 +111,7 @@ def test_gathered_validation_metric_equals_a_single_process_validation(runs, tmp
     sharded = history(double)[-1]["val_mean_dice"]
     out = tmp_path / "eval"
     run_mmar("validate", str(double), "--ckpt", str(double / "models" / "model_final.ckpt"),
-             "--set", f"MMAR_EVAL_OUTPUT_PATH={out}", env=CPU)
+             "--set", f"MMAR_EVAL_OUTPUT_PATH={out}", "validate#inferer#mirror_axes=[]", env=CPU)  # as in training
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_cases"] == 3
     # discriminating: per-case Dice differ by ~0.05 here, so validating a padded duplicate (4 cases) or

@@ -86,13 +86,40 @@ class Archive:
 
     def parser(self):
         """A MONAI ConfigParser over this configuration (components are instantiated from it)."""
-        from monai.bundle import ConfigParser
-
-        parser = ConfigParser(copy.deepcopy(self.config))
-        return parser
+        return _config_parser(copy.deepcopy(self.config), [str(p) for p in self.config_files] or [str(self.root)])
 
     def describe(self, key: str) -> str:
         return f"{self.config_files[-1] if self.config_files else self.root}: {key}"
+
+
+def _config_parser(config: dict[str, Any], sources: list[str]):
+    """A MONAI ConfigParser whose build errors name the config file(s) and the component's key.
+
+    A wrong argument, an unknown `_target_` or a bad expression otherwise surfaces as a MONAI traceback;
+    an MMARError raised while building (e.g. by a transform checking its input) passes through unchanged.
+    """
+    from monai.bundle import ConfigParser
+
+    class _Parser(ConfigParser):
+        def get_parsed_content(self, id: str = "", **kwargs: Any):
+            try:
+                return super().get_parsed_content(id, **kwargs)
+            except MMARError:
+                raise
+            except Exception as error:  # noqa: BLE001 - re-raised with the file and key named
+                cause = error
+                while cause.__cause__ is not None:
+                    if isinstance(cause, MMARError):
+                        raise cause from None
+                    cause = cause.__cause__
+                if isinstance(cause, MMARError):
+                    raise cause from None
+                message = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+                raise MMARError(
+                    f"{' + '.join(sources)}: cannot build `{id or 'config'}`: {type(cause).__name__}: {message}"
+                ) from error
+
+    return _Parser(config)
 
 
 def config_path(root: Path, name: str) -> Path:

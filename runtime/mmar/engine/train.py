@@ -27,7 +27,7 @@ from monai.utils import set_determinism
 
 from mmar import distributed
 from mmar.archive import Archive, num_training_epoch_per_valid
-from mmar.engine import checkpoint
+from mmar.engine import checkpoint, precision
 from mmar.engine.data import make_loader
 from mmar.engine.handlers import BestModelSaver, EpochSummary, EpochValidation, Progress, StateSaver
 from mmar.engine.workflow import (
@@ -86,7 +86,7 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     factor = distributed.lr_factor(opts, ctx)
     distributed.scale_lr(optimizer, factor)  # before the scheduler reads the rates
     scheduler = parser.get_parsed_content("train#lr_scheduler") if config["train"].get("lr_scheduler") else None
-    amp = bool(config.get("amp", False)) and device.type == "cuda"
+    wants_amp = bool(config.get("amp", False))
 
     state_path = models_dir / checkpoint.STATE_FILE
     mode = "finetune" if finetune else "train"
@@ -99,7 +99,9 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     elif ctx.is_main and ckpt and resume is None:
         checkpoint.load_weights(network, ckpt)
         log(f"initial weights from {ckpt}")
-    train_network = distributed.wrap(network, ctx, device)
+    train_network, amp, precision_name = precision.for_device(distributed.wrap(network, ctx, device), device, wants_amp)
+    if wants_amp:
+        log(f"precision: {precision_name}")
 
     train_dataset = build_dataset(parser, "train", train_items, keys=keys, with_augmentation=True, log=log)
     section = config["train"]
@@ -112,7 +114,8 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
 
     evaluator = None
     if val_items is not None:
-        evaluator = build_evaluator(parser, network, validation_loader(parser, val_items, keys=keys, log=log),
+        eval_network = precision.for_device(network, device, wants_amp)[0]
+        evaluator = build_evaluator(parser, eval_network, validation_loader(parser, val_items, keys=keys, log=log),
                                     device, amp=amp)
 
     trainer = SupervisedTrainer(
