@@ -26,3 +26,16 @@ def test_default_recipe_builds_with_monai():
     assert network.in_channels == 2 and network.out_channels == 3
     assert parser.get_parsed_content("train#optimizer").param_groups[0]["lr"] == train["learning_rate"]
     assert validation["validate"]["key_metric"] == train["validate"]["key_metric"] == "val_mean_dice"
+
+
+def test_per_class_dice_takes_tensors_as_the_evaluator_leaves_them():
+    import math
+
+    import torch
+
+    from mmar.tasks.segmentation import per_class_dice
+
+    # MeanDice's details: [cases, classes], a tensor on the evaluator's device (a GPU there: copied first)
+    details = torch.tensor([[0.8, float("nan")], [0.6, 0.5]], requires_grad=True)
+    anterior, posterior = per_class_dice(details)
+    assert math.isclose(anterior, 0.7) and math.isclose(posterior, 0.5)  # NaN (class absent) skipped
