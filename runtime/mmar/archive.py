@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from mmar.errors import MMARError
+from mmar.errors import MMARError, user_error
 
 CONFIG_DIR = "config"
 TRAIN_CONFIG = "config_train.json"
@@ -104,16 +104,12 @@ def _config_parser(config: dict[str, Any], sources: list[str]):
         def get_parsed_content(self, id: str = "", **kwargs: Any):
             try:
                 return super().get_parsed_content(id, **kwargs)
-            except MMARError:
-                raise
             except Exception as error:  # noqa: BLE001 - re-raised with the file and key named
+                if user_error(error) is not None:
+                    raise  # an MMARError inside (e.g. a transform checking its input): the CLI shows it
                 cause = error
                 while cause.__cause__ is not None:
-                    if isinstance(cause, MMARError):
-                        raise cause from None
                     cause = cause.__cause__
-                if isinstance(cause, MMARError):
-                    raise cause from None
                 message = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
                 raise MMARError(
                     f"{' + '.join(sources)}: cannot build `{id or 'config'}`: {type(cause).__name__}: {message}"

@@ -11,7 +11,7 @@ import os
 import sys
 
 from mmar import __version__
-from mmar.errors import MMARError
+from mmar.errors import user_error
 
 COMMANDS = {
     "init": "scaffold an MMAR folder (configs, commands/, models/, eval/)",
@@ -31,24 +31,6 @@ def usage() -> str:
     lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
     lines += ["", "`mmar COMMAND --help` describes a command."]
     return "\n".join(lines)
-
-
-def user_error(error: BaseException) -> str | None:
-    """The MMARError inside an exception chain, e.g. raised by a transform that MONAI wrapped.
-
-    DataLoader workers re-raise errors as text: the MMARError's message is then taken from that text.
-    """
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, MMARError):
-            return str(error)
-        text = str(error)
-        marker = "MMARError: "
-        if marker in text:
-            return text[text.rindex(marker) + len(marker):].strip().splitlines()[0]
-        error = error.__cause__ or error.__context__
-    return None
 
 
 def quiet_optional_backends() -> None:

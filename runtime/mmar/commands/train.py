@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from mmar.cli import user_error
 from mmar.commands._common import add_archive_arguments, open_archive
-from mmar.errors import MMARError
+from mmar.errors import MMARError, user_error
 from mmar.report import write_result
 
 
