@@ -289,7 +289,8 @@ def run_worker(name: str, command: list[str], budget_s: float, env: dict, log_fi
     timer.start()
     records = []
     for line in process.stdout:
-        log_file.write(f"[{name}] {line}")
+        # seconds since the worker started: where its start-up goes (imports, caching, CUDA) can be read off
+        log_file.write(f"[{name} {time.time() - float(env['BENCH_T0']):7.1f}s] {line}")
         log_file.flush()
         if not line.startswith(MARK):
             if "error" in line.lower() or "Traceback" in line:
@@ -377,7 +378,7 @@ def final_validation(mmar_dir: Path, env: dict) -> dict | None:
         return None
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "mmar", "validate", str(mmar_dir)], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "runtime"), **env})
+                          text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "runtime"), os.environ.get("PYTHONPATH")])), **env})
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         print(f"final validation failed:\n{done.stderr[-2000:]}", flush=True)

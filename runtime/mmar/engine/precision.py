@@ -1,18 +1,42 @@
-"""Mixed precision on CPUs: bfloat16 autocast where the CPU computes bfloat16 natively.
+"""What `amp: true` means on the device at hand.
 
-`amp: true` in a config means fp16 autocast + gradient scaling on a GPU (MONAI's engines do that, but only
-for "cuda"). On a CPU with AVX512-BF16 or AMX, bf16 autocast makes a training step of the default 3D UNet
-about 1.75x faster (bench/train.py, docs/speed.md); on a CPU without them bf16 is emulated and slower, so
-it is used only where oneDNN reports native support. bfloat16 has float32's range: no gradient scaler.
+- A GPU with native bfloat16 (compute capability 8.0 and up: A100, H100, L4, ...): bf16 autocast through
+  MONAI's engines (`amp_kwargs`), with NO gradient scaler. bfloat16 has float32's range, so scaling is not
+  needed, and `GradScaler.step` reads its inf check back to the host (`.item()`) every step: a sync that
+  stops the host from queueing the next step while the GPU still runs this one.
+- An older GPU (V100, T4): fp16 autocast + gradient scaling, MONAI's default.
+- A CPU with AVX512-BF16 or AMX: bf16 autocast around the network (MONAI's engines only autocast on
+  "cuda"); a training step of the default 3D UNet is about 1.75x faster (bench/train.py, docs/speed.md).
+  On a CPU without them bf16 is emulated and slower, so it is used only where oneDNN reports native
+  support.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any, NamedTuple
 
 import torch
 
 DISABLE_ENV = "MMAR_CPU_AMP"  # "0": keep float32 on the CPU even when the config asks for amp
+CUDA_DTYPE_ENV = "MMAR_CUDA_AMP_DTYPE"  # "float16": fp16 + gradient scaling even where bf16 is native
+
+
+class Precision(NamedTuple):
+    network: torch.nn.Module  # what the engine runs (the network, or a CPU autocast wrapper sharing its weights)
+    cuda_amp: bool  # MONAI engines' `amp` flag
+    amp_kwargs: dict[str, Any]  # MONAI engines' `amp_kwargs`: torch.autocast("cuda", **amp_kwargs)
+    grad_scaler: bool  # whether the trainer keeps MONAI's GradScaler (fp16 only)
+    name: str
+
+
+def cuda_bf16_supported(device: torch.device) -> bool:
+    if os.environ.get(CUDA_DTYPE_ENV, "") == "float16":
+        return False
+    try:
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    except (AssertionError, RuntimeError):  # no CUDA in this build / no such device
+        return False
 
 
 def cpu_bf16_supported() -> bool:
@@ -51,12 +75,22 @@ def _to_float(out):
     return out
 
 
-def for_device(network: torch.nn.Module, device: torch.device, amp: bool) -> tuple[torch.nn.Module, bool, str]:
-    """(network to run, whether MONAI's CUDA AMP is on, a description) for `amp` on `device`."""
+def for_device(network: torch.nn.Module, device: torch.device, amp: bool) -> Precision:
+    """How to run `network` on `device` when the config's `amp` is `amp`."""
     if not amp:
-        return network, False, "float32"
+        return Precision(network, False, {}, False, "float32")
     if device.type == "cuda":
-        return network, True, "fp16 autocast (CUDA)"
+        if cuda_bf16_supported(device):
+            return Precision(network, True, {"dtype": torch.bfloat16}, False, "bf16 autocast (CUDA)")
+        return Precision(network, True, {"dtype": torch.float16}, True, "fp16 autocast + gradient scaling (CUDA)")
     if device.type == "cpu" and cpu_bf16_supported():
-        return CPUAutocast(network), False, "bf16 autocast (CPU)"
-    return network, False, "float32 (this CPU has no native bfloat16)"
+        return Precision(CPUAutocast(network), False, {}, False, "bf16 autocast (CPU)")
+    return Precision(network, False, {}, False, "float32 (this CPU has no native bfloat16)")
+
+
+def without_grad_scaler(trainer) -> None:
+    """Replace the GradScaler MONAI's trainer creates for any `amp` by a disabled one (a pass-through).
+
+    MONAI's `SupervisedTrainer` autocasts only when it has a scaler, so the scaler cannot simply be removed.
+    """
+    trainer.scaler = torch.amp.GradScaler("cuda", enabled=False)

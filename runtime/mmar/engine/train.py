@@ -28,7 +28,7 @@ from monai.utils import set_determinism
 from mmar import distributed
 from mmar.archive import Archive, num_training_epoch_per_valid
 from mmar.engine import checkpoint, precision
-from mmar.engine.data import make_loader
+from mmar.engine.data import AUTO_WORKERS, loader_workers, make_loader
 from mmar.engine.handlers import BestModelSaver, EpochSummary, EpochValidation, Progress, StateSaver
 from mmar.engine.workflow import (
     KeyedBatch, build_dataset, build_evaluator, device_for, has_list, keys_of, section_items, validation_loader,
@@ -87,6 +87,10 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     distributed.scale_lr(optimizer, factor)  # before the scheduler reads the rates
     scheduler = parser.get_parsed_content("train#lr_scheduler") if config["train"].get("lr_scheduler") else None
     wants_amp = bool(config.get("amp", False))
+    section = config["train"]
+    workers = loader_workers(section.get("num_workers", 0), device.type, where="train#num_workers")
+    if section.get("num_workers") == AUTO_WORKERS:
+        log(f"loader: {workers} worker processes (train#num_workers {AUTO_WORKERS!r} on {device.type})")
 
     state_path = models_dir / checkpoint.STATE_FILE
     mode = "finetune" if finetune else "train"
@@ -99,37 +103,47 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     elif ctx.is_main and ckpt and resume is None:
         checkpoint.load_weights(network, ckpt)
         log(f"initial weights from {ckpt}")
-    train_network, amp, precision_name = precision.for_device(distributed.wrap(network, ctx, device), device, wants_amp)
+    train_precision = precision.for_device(distributed.wrap(network, ctx, device), device, wants_amp)
     if wants_amp:
-        log(f"precision: {precision_name}")
+        log(f"precision: {train_precision.name}")
 
+    started = time.perf_counter()
     train_dataset = build_dataset(parser, "train", train_items, keys=keys, with_augmentation=True, log=log)
-    section = config["train"]
+    _log_cached(log, "training", train_dataset, len(train_items), started)
     batch_size = int(section.get("batch_size", 2))
     sampler = distributed.train_sampler(train_dataset, ctx, distributed.shared_seed(seed, ctx))
     train_loader = make_loader(train_dataset, batch_size=batch_size, shuffle=False,  # the sampler shuffles
-                               num_workers=int(section.get("num_workers", 0)), sampler=sampler)
+                               num_workers=workers, sampler=sampler)
     if ctx.enabled:
         log(_parallel_summary(ctx, batch_size, factor, opts["warmup_epochs"]))
 
     evaluator = None
     if val_items is not None:
-        eval_network = precision.for_device(network, device, wants_amp)[0]
-        evaluator = build_evaluator(parser, eval_network, validation_loader(parser, val_items, keys=keys, log=log),
-                                    device, amp=amp)
+        eval_precision = precision.for_device(network, device, wants_amp)
+        started = time.perf_counter()
+        val_loader = validation_loader(parser, val_items, keys=keys, log=log)
+        _log_cached(log, "validation", val_loader.dataset, len(val_items), started)
+        evaluator = build_evaluator(parser, eval_precision.network, val_loader, device,
+                                    amp=eval_precision.cuda_amp, amp_kwargs=eval_precision.amp_kwargs)
 
     trainer = SupervisedTrainer(
         device=device,
         max_epochs=epochs,
         train_data_loader=train_loader,
-        network=train_network,
+        network=train_precision.network,
         optimizer=optimizer,
         loss_function=loss,
         inferer=SimpleInferer(),
         prepare_batch=KeyedBatch(image_key, label_key),
-        amp=amp,
+        # from pinned memory, asynchronously: a blocking copy waits for the GPU to finish the previous step,
+        # so the host could not queue step n+1 while the GPU runs step n
+        non_blocking=True,
+        amp=train_precision.cuda_amp,
+        amp_kwargs=train_precision.amp_kwargs,
         decollate=False,
     )
+    if train_precision.cuda_amp and not train_precision.grad_scaler:
+        precision.without_grad_scaler(trainer)
     progress = Progress(config.get("validate", {}).get("key_metric") if evaluator else None)
 
     # --- handlers, in the order they must run at the end of an epoch
@@ -181,6 +195,13 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     return result
 
 
+def _log_cached(log, what: str, dataset, total: int, started: float) -> None:
+    """How long preprocessing the cache took: most of the start-up of a run on a GPU."""
+    cached = getattr(dataset, "cache_num", 0)
+    if cached:
+        log(f"cache: {cached} of {total} {what} cases preprocessed in {time.perf_counter() - started:.1f} s")
+
+
 def _parallel_summary(ctx: distributed.Context, batch_size: int, factor: int, warmup_epochs: int) -> str:
     line = (f"data-parallel: {ctx.world_size} processes ({ctx.backend}), batch {batch_size} per process, "
             f"{batch_size * ctx.world_size} in all; ")
@@ -203,7 +224,8 @@ def _resumable_state(path: Path, mode: str, log) -> dict[str, Any] | None:
 def _restore(state, objects, progress: Progress, trainer, epochs: int) -> None:
     checkpoint.unwrap(objects["model"]).load_state_dict(state["model"])
     for name in ("optimizer", "lr_scheduler", "scaler"):
-        if objects.get(name) is not None and state.get(name) is not None:
+        # an empty scaler state comes from a disabled (bf16) scaler: nothing to restore into an fp16 one
+        if objects.get(name) is not None and state.get(name):
             objects[name].load_state_dict(state[name])
     progress.load_state_dict(state.get("progress", {}))
     saved = state["trainer"]

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 from monai.engines import SupervisedEvaluator
+from monai.transforms import EnsureTyped
 
 from mmar.archive import Archive
 from mmar.datalist import check_channels_aligned, load_items, load_json
-from mmar.engine.data import make_dataset, make_loader
+from mmar.engine.data import loader_workers, make_dataset, make_loader
 from mmar.errors import MMARError
 from mmar.tasks import get_task
 
@@ -64,6 +65,11 @@ def build_dataset(parser, section: str, items, *, keys, with_augmentation: bool,
     config = parser.config
     deterministic = parser.get_parsed_content(f"{section}#preprocessing", instantiate=True)
     random = parser.get_parsed_content(f"{section}#augmentation") if with_augmentation and config[section].get("augmentation") else []
+    if with_augmentation:
+        # training batches as plain tensors: a MetaTensor's metadata is pickled from the loader's workers
+        # and collated with every batch, and each op of the forward pass pays MetaTensor's
+        # __torch_function__; training reads neither. (2 workers yield a batch 1.3x faster on a 2-core CPU.)
+        random = [*random, EnsureTyped(keys=list(keys), data_type="tensor", track_meta=False, allow_missing_keys=True)]
     return make_dataset(items, deterministic, random, keys=keys, cache=config[section].get("cache"), log=log)
 
 
@@ -84,7 +90,7 @@ class KeyedBatch:
 
 
 def build_evaluator(parser, network, loader, device, *, with_metrics: bool = True, postprocessing=None,
-                    amp: bool = False, handlers=()) -> SupervisedEvaluator:
+                    amp: bool = False, amp_kwargs: dict[str, Any] | None = None, handlers=()) -> SupervisedEvaluator:
     config = parser.config
     image_key, label_key = keys_of(config)
     metrics: dict[str, Any] = {}
@@ -108,7 +114,9 @@ def build_evaluator(parser, network, loader, device, *, with_metrics: bool = Tru
         key_val_metric={key_metric: metrics.pop(key_metric)} if key_metric else None,
         additional_metrics=metrics or None,
         val_handlers=list(handlers) or None,
+        non_blocking=True,  # see the trainer in engine/train.py
         amp=amp,
+        amp_kwargs=amp_kwargs,
     )
 
 
@@ -116,4 +124,5 @@ def validation_loader(parser, items, *, keys, log=print):
     section = parser.config["validate"]
     dataset = build_dataset(parser, "validate", items, keys=keys, with_augmentation=False, log=log)
     return make_loader(dataset, batch_size=int(section.get("batch_size", 1)), shuffle=False,
-                       num_workers=int(section.get("num_workers", 0)))
+                       num_workers=loader_workers(section.get("num_workers", 0), "cuda" if torch.cuda.is_available() else "cpu",
+                                                  where="validate#num_workers"))
