@@ -2,8 +2,9 @@
 
 - A GPU with native bfloat16 (compute capability 8.0 and up: A100, H100, L4, ...): bf16 autocast through
   MONAI's engines (`amp_kwargs`), with NO gradient scaler. bfloat16 has float32's range, so scaling is not
-  needed, and `GradScaler.step` reads its inf check back to the host (`.item()`) every step: a sync that
-  stops the host from queueing the next step while the GPU still runs this one.
+  needed, nor `GradScaler.step`'s read of its inf check back to the host every step. (Not a speed choice:
+  on an H200 the default recipe's step costs the same in fp16 + scaler, bf16 and float32, about 15 ms,
+  `bench/train_step.py`; it is bound by issuing kernels.)
 - An older GPU (V100, T4): fp16 autocast + gradient scaling, MONAI's default.
 - A CPU with AVX512-BF16 or AMX: bf16 autocast around the network (MONAI's engines only autocast on
   "cuda"); a training step of the default 3D UNet is about 1.75x faster (bench/train.py, docs/speed.md).
@@ -31,7 +32,7 @@ class Precision(NamedTuple):
 
 
 def cuda_bf16_supported(device: torch.device) -> bool:
-    if os.environ.get(CUDA_DTYPE_ENV, "") == "float16":
+    if os.environ.get(CUDA_DTYPE_ENV, "").lower() in ("float16", "fp16", "half"):
         return False
     try:
         return torch.cuda.get_device_capability(device)[0] >= 8
