@@ -377,8 +377,10 @@ def final_validation(mmar_dir: Path, env: dict) -> dict | None:
     if not (mmar_dir / "models" / "model.ckpt").is_file():
         return None
     started = time.perf_counter()
+    # the runtime first, then whatever the caller had (a bare GPU image's extra site folder)
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT / "runtime"), os.environ.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-m", "mmar", "validate", str(mmar_dir)], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "runtime"), os.environ.get("PYTHONPATH")])), **env})
+                          text=True, env={**os.environ, "PYTHONPATH": pythonpath, **env})
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         print(f"final validation failed:\n{done.stderr[-2000:]}", flush=True)

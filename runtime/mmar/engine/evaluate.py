@@ -28,7 +28,7 @@ def validate(archive: Archive, *, ckpt: str | None = None, model: str = "ckpt", 
     predictor = load_predictor(archive, model, ckpt, device)
     parser = archive.parser()
     collector = task.CaseCollector(config)
-    loader = validation_loader(parser, items, keys=[image_key, label_key], log=log)
+    loader = validation_loader(parser, items, keys=[image_key, label_key], device=device, log=log)
     evaluator = build_evaluator(parser, predictor, loader, device)
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, collector.on_iteration)
     started = time.perf_counter()
@@ -65,7 +65,7 @@ def infer(archive: Archive, *, ckpt: str | None = None, model: str = "ckpt", lis
     device = device_for(archive)
     predictor = load_predictor(archive, model, ckpt, device)
     parser = archive.parser()
-    loader = validation_loader(parser, items, keys=[image_key], log=log)
+    loader = validation_loader(parser, items, keys=[image_key], device=device, log=log)
     writer = task.PredictionWriter(archive.eval_dir, config)
     evaluator = build_evaluator(parser, predictor, loader, device, with_metrics=False,
                                 postprocessing=task.inference_postprocessing(parser))

@@ -85,9 +85,9 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     optimizer = parser.get_parsed_content("train#optimizer")
     factor = distributed.lr_factor(opts, ctx)
     distributed.scale_lr(optimizer, factor)  # before the scheduler reads the rates
-    scheduler = parser.get_parsed_content("train#lr_scheduler") if config["train"].get("lr_scheduler") else None
-    wants_amp = bool(config.get("amp", False))
     section = config["train"]
+    scheduler = parser.get_parsed_content("train#lr_scheduler") if section.get("lr_scheduler") else None
+    wants_amp = bool(config.get("amp", False))
     workers = loader_workers(section.get("num_workers", 0), device.type, where="train#num_workers")
     if section.get("num_workers") == AUTO_WORKERS:
         log(f"loader: {workers} worker processes (train#num_workers {AUTO_WORKERS!r} on {device.type})")
@@ -121,7 +121,7 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     if val_items is not None:
         eval_precision = precision.for_device(network, device, wants_amp)
         started = time.perf_counter()
-        val_loader = validation_loader(parser, val_items, keys=keys, log=log)
+        val_loader = validation_loader(parser, val_items, keys=keys, device=device, log=log)
         _log_cached(log, "validation", val_loader.dataset, len(val_items), started)
         evaluator = build_evaluator(parser, eval_precision.network, val_loader, device,
                                     amp=eval_precision.cuda_amp, amp_kwargs=eval_precision.amp_kwargs)

@@ -120,9 +120,8 @@ def build_evaluator(parser, network, loader, device, *, with_metrics: bool = Tru
     )
 
 
-def validation_loader(parser, items, *, keys, log=print):
+def validation_loader(parser, items, *, keys, device: torch.device, log=print):
     section = parser.config["validate"]
+    workers = loader_workers(section.get("num_workers", 0), device.type, where="validate#num_workers")
     dataset = build_dataset(parser, "validate", items, keys=keys, with_augmentation=False, log=log)
-    return make_loader(dataset, batch_size=int(section.get("batch_size", 1)), shuffle=False,
-                       num_workers=loader_workers(section.get("num_workers", 0), "cuda" if torch.cuda.is_available() else "cpu",
-                                                  where="validate#num_workers"))
+    return make_loader(dataset, batch_size=int(section.get("batch_size", 1)), shuffle=False, num_workers=workers)
