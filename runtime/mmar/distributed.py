@@ -269,7 +269,7 @@ def wrap(network, ctx: Context, device):
 
 
 def train_sampler(dataset, ctx: Context, seed: int):
-    """Each rank's shard of a permutation drawn from (seed, epoch); MONAI's workflow calls set_epoch.
+    """Each rank's shard of a permutation drawn from (seed, epoch); `EpochBatches` sets the epoch.
 
     A single process uses the same sampler with one replica, so with the same seed the global batches are
     the same whatever the number of processes (rank r of N takes samples r, r+N, ... of the permutation).

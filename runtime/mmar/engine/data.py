@@ -10,10 +10,11 @@ process on a node caches its own copy (the shards change every epoch), so the sh
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset
+from torch.utils.data import BatchSampler, Sampler
 from monai.transforms import Compose
 
 from mmar.errors import MMARError
@@ -100,6 +101,56 @@ def loader_workers(value: Any, device_type: str, *, where: str, cpu_count: int |
         raise MMARError(f"config: {where} must be a count of loader processes (0 or more) or {AUTO_WORKERS!r}, "
                         f"got {value!r}")
     return value
+
+
+class EpochBatches(Sampler):
+    """The batches of epochs `first_epoch`..`epochs` as one stream: one loader iterator serves the whole run.
+
+    A DataLoader gives a fresh iterator per epoch, and its persistent workers receive an epoch's indices
+    only when that epoch asks for its first batch: the first step of every epoch waits for a whole batch to
+    be prepared, and the workers sit idle while the previous epoch ends with validation. On a GPU, where a
+    step of the default recipe takes about 15 ms, that wait is most of the loop's data wait. Streamed, the
+    workers prepare the next epoch's first batches while the main process validates (ignite keeps drawing
+    from one iterator across epochs when the trainer's `epoch_length` is the length of one epoch).
+
+    The batches are exactly those of a per-epoch `BatchSampler` over `sampler` after `set_epoch(epoch)`
+    (epochs count from 1, as ignite's, and as MONAI's workflow used to set them), so a single process and
+    every rank of a data-parallel run see the same shards as before. A resumed run sets `first_epoch`.
+    """
+
+    def __init__(self, sampler, batch_size: int, epochs: int, first_epoch: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.sampler, self.batch_size, self.epochs, self.first_epoch = sampler, int(batch_size), int(epochs), int(first_epoch)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch * max(0, self.epochs - self.first_epoch + 1)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for epoch in range(self.first_epoch, self.epochs + 1):
+            if hasattr(self.sampler, "set_epoch"):
+                self.sampler.set_epoch(epoch)
+            yield from BatchSampler(self.sampler, self.batch_size, drop_last=False)
+
+
+DEFAULT_PREFETCH_BATCHES = 2  # per worker: torch's default
+
+
+def make_training_loader(dataset: Dataset, batches: EpochBatches, *, num_workers: int,
+                         prefetch_factor: int = DEFAULT_PREFETCH_BATCHES) -> DataLoader:
+    """The training loader over a stream of epochs (see `EpochBatches`)."""
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        **({"prefetch_factor": prefetch_factor} if num_workers > 0 else {}),
+    )
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, num_workers: int, sampler=None) -> DataLoader:

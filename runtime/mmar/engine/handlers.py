@@ -87,11 +87,17 @@ class BestModelSaver:
             self.log(f"epoch {epoch}: new best {self.progress.key_metric} {value:.4f} -> {self.path}")
 
 
+CURVES_INTERVAL_S = 30.0
+
+
 class EpochSummary:
     """One line per epoch on the terminal, TensorBoard scalars, `training_curves.png`, and the history.
 
     With several processes the loss is the mean over every rank's iterations and the throughput counts
     every rank's samples (summed across ranks), so the history reads like a single-process run's.
+    The PNG is redrawn at most every `CURVES_INTERVAL_S` seconds and after the last epoch: drawing it
+    (matplotlib) takes about 75 ms, 4 % of an epoch of the default recipe on a GPU, for a picture
+    nobody needs every epoch (the terminal line and TensorBoard are per epoch).
     """
 
     def __init__(self, progress: Progress, optimizer, evaluator: Engine | None, models_dir: Path,
@@ -105,13 +111,18 @@ class EpochSummary:
         self._started = 0.0
         self._data_wait = 0.0
         self._fetch_started = 0.0
+        self._curves_due = 0.0
 
     def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.STARTED, self._run_started)
         trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         trainer.add_event_handler(Events.GET_BATCH_STARTED, self._fetch_start)
         trainer.add_event_handler(Events.GET_BATCH_COMPLETED, self._fetch_done)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _run_started(self, trainer: Engine) -> None:
+        self._curves_due = time.perf_counter() + CURVES_INTERVAL_S
 
     def _epoch_started(self, trainer: Engine) -> None:
         self._losses, self._samples, self._data_wait = [], 0, 0.0
@@ -162,7 +173,10 @@ class EpochSummary:
                 if key != "epoch":
                     self.writer.add_scalar(key, value, epoch)
             self.writer.flush()
-        write_curves(self.models_dir / "training_curves.png", self.progress.history, self.progress.key_metric)
+        now = time.perf_counter()
+        if epoch >= trainer.state.max_epochs or now >= self._curves_due:
+            write_curves(self.models_dir / "training_curves.png", self.progress.history, self.progress.key_metric)
+            self._curves_due = now + CURVES_INTERVAL_S
 
 
 class StateSaver:

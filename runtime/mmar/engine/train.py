@@ -28,7 +28,7 @@ from monai.utils import set_determinism
 from mmar import distributed
 from mmar.archive import Archive, num_training_epoch_per_valid
 from mmar.engine import checkpoint, precision
-from mmar.engine.data import AUTO_WORKERS, loader_workers, make_loader
+from mmar.engine.data import AUTO_WORKERS, EpochBatches, loader_workers, make_training_loader
 from mmar.engine.handlers import BestModelSaver, EpochSummary, EpochValidation, Progress, StateSaver
 from mmar.engine.workflow import (
     KeyedBatch, build_dataset, build_evaluator, device_for, has_list, keys_of, section_items, validation_loader,
@@ -112,8 +112,9 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     _log_cached(log, "training", train_dataset, len(train_items), started)
     batch_size = int(section.get("batch_size", 2))
     sampler = distributed.train_sampler(train_dataset, ctx, distributed.shared_seed(seed, ctx))
-    train_loader = make_loader(train_dataset, batch_size=batch_size, shuffle=False,  # the sampler shuffles
-                               num_workers=workers, sampler=sampler)
+    # all epochs through one loader iterator: the workers prepare the next epoch during validation
+    train_batches = EpochBatches(sampler, batch_size, epochs)
+    train_loader = make_training_loader(train_dataset, train_batches, num_workers=workers)
     if ctx.enabled:
         log(_parallel_summary(ctx, batch_size, factor, opts["warmup_epochs"]))
 
@@ -130,6 +131,7 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
         device=device,
         max_epochs=epochs,
         train_data_loader=train_loader,
+        epoch_length=train_batches.batches_per_epoch,  # the loader streams all epochs
         network=train_precision.network,
         optimizer=optimizer,
         loss_function=loss,
@@ -151,7 +153,7 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     if seed is not None:
         trainer.add_event_handler(Events.EPOCH_STARTED, _reseed(int(seed), train_dataset, ctx.rank))
     if factor > 1:
-        distributed.LinearWarmUp(optimizer, factor, opts["warmup_epochs"] * len(train_loader)).attach(trainer)
+        distributed.LinearWarmUp(optimizer, factor, opts["warmup_epochs"] * train_batches.batches_per_epoch).attach(trainer)
     if evaluator is not None:
         EpochValidation(evaluator, interval).attach(trainer)
     meta = {"task": archive.task, "network_config": config.get("network")}
@@ -170,6 +172,7 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
 
     if resume is not None:
         _restore(resume, objects, progress, trainer, epochs)
+        train_batches.first_epoch = trainer.state.epoch + 1  # the loader's stream starts after the saved epoch
         log(f"resuming {mode} from {state_path} after epoch {trainer.state.epoch}")
 
     started = time.perf_counter()
@@ -240,9 +243,13 @@ RANK_SEED_STRIDE = 1_000_003  # a prime: rank r's seeds never meet rank 0's for 
 
 
 def _reseed(seed: int, dataset, rank: int = 0):
-    """Seed each epoch from (seed, epoch): a resumed run draws the same augmentations as an unbroken one.
+    """Seed each epoch from (seed, epoch), so that a run is reproducible from its seed.
 
-    Every rank draws its own augmentations (offset by its rank); rank 0 draws what a single process would.
+    With `num_workers: 0` the augmentations run here, and a resumed run draws the same ones as an unbroken
+    run. Loader workers (persistent, fed one stream of epochs) are seeded once, when they start, from the
+    generator seeded here for the first epoch they serve: a run is then reproducible from its start, and a
+    resumed one draws other (equally random) augmentations. Every rank draws its own augmentations (offset
+    by its rank); rank 0 draws what a single process would.
     """
 
     def handler(engine):
