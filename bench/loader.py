@@ -73,13 +73,18 @@ def measure(loader_epochs, step_s: float, pause_s: float) -> list[dict]:
     return records
 
 
-def per_epoch_variant(dataset, batch_size: int, workers: int, epochs: int):
-    from monai.data import DistributedSampler
+def _sampler(dataset):
+    """The permutation `mmar train` draws for a single process (mmar.distributed.train_sampler)."""
+    from mmar import distributed
 
+    return distributed.train_sampler(dataset, distributed.SINGLE, seed=0)
+
+
+def per_epoch_variant(dataset, batch_size: int, workers: int, epochs: int):
     from mmar.engine.data import make_loader
 
-    sampler = DistributedSampler(dataset, even_divisible=True, num_replicas=1, rank=0, shuffle=True, seed=0)
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, sampler=sampler)
+    sampler = _sampler(dataset)
+    loader = make_loader(dataset, batch_size=batch_size, num_workers=workers, sampler=sampler)
 
     def epochs_of():
         for epoch in range(1, epochs + 1):
@@ -91,13 +96,10 @@ def per_epoch_variant(dataset, batch_size: int, workers: int, epochs: int):
 
 
 def stream_variant(dataset, batch_size: int, workers: int, epochs: int, prefetch: int):
-    from monai.data import DistributedSampler
+    from mmar.engine.data import EpochBatches, make_loader
 
-    from mmar.engine.data import EpochBatches, make_training_loader
-
-    sampler = DistributedSampler(dataset, even_divisible=True, num_replicas=1, rank=0, shuffle=True, seed=0)
-    batches = EpochBatches(sampler, batch_size, epochs)
-    loader = make_training_loader(dataset, batches, num_workers=workers, prefetch_factor=prefetch)
+    batches = EpochBatches(_sampler(dataset), batch_size, epochs)
+    loader = make_loader(dataset, batch_sampler=batches, num_workers=workers, prefetch_factor=prefetch)
 
     def epochs_of():
         iterator = iter(loader)

@@ -114,6 +114,12 @@ def test_a_bad_worker_count_names_the_key(mmar_copy):
                   match=["train#num_workers must be", "'four'"])
 
 
+def test_a_bad_batch_size_names_the_key(mmar_copy):
+    protected = _protected(mmar_copy)
+    _assert_fails(mmar_copy, protected, "train", str(mmar_copy), "--set", "train#batch_size=0",
+                  match=["train#batch_size must be", "got 0"])
+
+
 def test_a_component_that_cannot_be_built_names_file_and_key(mmar_copy):
     protected = _protected(mmar_copy)
     _assert_fails(mmar_copy, protected, "validate", str(mmar_copy), "--set", "validate#inferer#sw_batch=2",

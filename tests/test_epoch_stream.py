@@ -9,7 +9,7 @@ import torch
 from monai.data import DistributedSampler
 from torch.utils.data import BatchSampler, Dataset
 
-from mmar.engine.data import EpochBatches, make_training_loader
+from mmar.engine.data import EpochBatches, make_loader
 
 
 def _per_epoch_batches(dataset, batch_size, epochs, rank=0, replicas=1, seed=7):
@@ -81,7 +81,7 @@ def test_workers_prepare_the_next_epoch_while_the_main_process_is_busy(tmp_path)
     folder.mkdir()
     dataset = _CountingDataset(folder, 8)
     stream = _stream(list(range(8)), 2, epochs=3)
-    loader = make_training_loader(dataset, stream, num_workers=2)
+    loader = make_loader(dataset, batch_sampler=stream, num_workers=2)
     iterator = iter(loader)
     first_epoch = [next(iterator)["image"][:, 0, 0].tolist() for _ in range(stream.batches_per_epoch)]
     assert sorted(sum(first_epoch, [])) == [float(i) for i in range(8)]

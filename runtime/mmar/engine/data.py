@@ -14,8 +14,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset
-from torch.utils.data import BatchSampler, Sampler
 from monai.transforms import Compose
+from torch.utils.data import BatchSampler, Sampler
 
 from mmar.errors import MMARError
 from mmar.transforms import nbytes_estimate
@@ -119,9 +119,7 @@ class EpochBatches(Sampler):
     """
 
     def __init__(self, sampler, batch_size: int, epochs: int, first_epoch: int = 1):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.sampler, self.batch_size, self.epochs, self.first_epoch = sampler, int(batch_size), int(epochs), int(first_epoch)
+        self.sampler, self.batch_size, self.epochs, self.first_epoch = sampler, batch_size, epochs, first_epoch
 
     @property
     def batches_per_epoch(self) -> int:
@@ -132,34 +130,24 @@ class EpochBatches(Sampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         for epoch in range(self.first_epoch, self.epochs + 1):
-            if hasattr(self.sampler, "set_epoch"):
-                self.sampler.set_epoch(epoch)
+            self.sampler.set_epoch(epoch)
             yield from BatchSampler(self.sampler, self.batch_size, drop_last=False)
 
 
 DEFAULT_PREFETCH_BATCHES = 2  # per worker: torch's default
 
 
-def make_training_loader(dataset: Dataset, batches: EpochBatches, *, num_workers: int,
-                         prefetch_factor: int = DEFAULT_PREFETCH_BATCHES) -> DataLoader:
-    """The training loader over a stream of epochs (see `EpochBatches`)."""
+def make_loader(dataset: Dataset, *, num_workers: int, batch_size: int = 1, sampler=None,
+                batch_sampler: Sampler | None = None, prefetch_factor: int = DEFAULT_PREFETCH_BATCHES) -> DataLoader:
+    """A loader in dataset order, or in `sampler`'s; a `batch_sampler` (training: `EpochBatches`) decides
+    the batches instead. Workers persist across iterators; batches are pinned where there is a GPU."""
+    batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size,
+                                                                                    "sampler": sampler}
     return DataLoader(
         dataset,
-        batch_sampler=batches,
+        **batching,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         **({"prefetch_factor": prefetch_factor} if num_workers > 0 else {}),
-    )
-
-
-def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, num_workers: int, sampler=None) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
     )

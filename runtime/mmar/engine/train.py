@@ -28,7 +28,7 @@ from monai.utils import set_determinism
 from mmar import distributed
 from mmar.archive import Archive, num_training_epoch_per_valid
 from mmar.engine import checkpoint, precision
-from mmar.engine.data import AUTO_WORKERS, EpochBatches, loader_workers, make_training_loader
+from mmar.engine.data import AUTO_WORKERS, EpochBatches, loader_workers, make_loader
 from mmar.engine.handlers import BestModelSaver, EpochSummary, EpochValidation, Progress, StateSaver
 from mmar.engine.workflow import (
     KeyedBatch, build_dataset, build_evaluator, device_for, has_list, keys_of, section_items, validation_loader,
@@ -89,6 +89,9 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     scheduler = parser.get_parsed_content("train#lr_scheduler") if section.get("lr_scheduler") else None
     wants_amp = bool(config.get("amp", False))
     workers = loader_workers(section.get("num_workers", 0), device.type, where="train#num_workers")
+    batch_size = section.get("batch_size", 2)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise MMARError(f"config: train#batch_size must be a whole number of cases (1 or more), got {batch_size!r}")
     if section.get("num_workers") == AUTO_WORKERS:
         log(f"loader: {workers} worker processes (train#num_workers {AUTO_WORKERS!r} on {device.type})")
 
@@ -110,11 +113,10 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     started = time.perf_counter()
     train_dataset = build_dataset(parser, "train", train_items, keys=keys, with_augmentation=True, log=log)
     _log_cached(log, "training", train_dataset, len(train_items), started)
-    batch_size = int(section.get("batch_size", 2))
     sampler = distributed.train_sampler(train_dataset, ctx, distributed.shared_seed(seed, ctx))
     # all epochs through one loader iterator: the workers prepare the next epoch during validation
     train_batches = EpochBatches(sampler, batch_size, epochs)
-    train_loader = make_training_loader(train_dataset, train_batches, num_workers=workers)
+    train_loader = make_loader(train_dataset, batch_sampler=train_batches, num_workers=workers)
     if ctx.enabled:
         log(_parallel_summary(ctx, batch_size, factor, opts["warmup_epochs"]))
 

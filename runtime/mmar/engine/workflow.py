@@ -124,4 +124,4 @@ def validation_loader(parser, items, *, keys, device: torch.device, log=print):
     section = parser.config["validate"]
     workers = loader_workers(section.get("num_workers", 0), device.type, where="validate#num_workers")
     dataset = build_dataset(parser, "validate", items, keys=keys, with_augmentation=False, log=log)
-    return make_loader(dataset, batch_size=int(section.get("batch_size", 1)), shuffle=False, num_workers=workers)
+    return make_loader(dataset, batch_size=int(section.get("batch_size", 1)), num_workers=workers)
