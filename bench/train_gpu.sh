@@ -10,6 +10,8 @@
 # missing (a bare GPU image), wheels in build/bench9/whl are installed into /tmp/site first:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d build/bench9/whl monai==1.6.1 pytorch-ignite==0.5.5 nibabel==5.4.2
+# SLIM=1: both recipes see only the runtime image's packages (bench/slim_python.py), so that start-up is
+# timed as in the image and not with a GPU machine's extra packages, which MONAI's import loads.
 # Results: a /tmp/bench-train.* folder (results.json, bench.log, the MMAR), copied to $OUT when set.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -33,6 +35,11 @@ if ! "$PYTHON" -c "import monai, ignite, nibabel" 2>/dev/null; then
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD/runtime${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [[ "${SLIM:-0}" == 1 ]]; then
+  # time start-up as the runtime image would: hide the packages a kitchen-sink GPU image has beyond it
+  "$PYTHON" bench/slim_python.py /tmp/mmar-slim-python
+  export PYTHONPATH="/tmp/mmar-slim-python:$PYTHONPATH"
+fi
 "$PYTHON" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 

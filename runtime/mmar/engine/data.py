@@ -10,7 +10,8 @@ process on a node caches its own copy (the shards change every epoch), so the sh
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Sequence
+import threading
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset
@@ -151,3 +152,31 @@ def make_loader(dataset: Dataset, *, num_workers: int, batch_size: int = 1, samp
         persistent_workers=num_workers > 0,
         **({"prefetch_factor": prefetch_factor} if num_workers > 0 else {}),
     )
+
+
+class InBackground:
+    """`work()` in a daemon thread; `result()` waits for it and returns its value or raises its error.
+
+    A daemon thread rather than a ThreadPoolExecutor's: when the main thread fails meanwhile (a config error,
+    an unreadable checkpoint), the process reports that and exits at once instead of first waiting for the
+    work, which for a large dataset's cache can take minutes.
+    """
+
+    def __init__(self, work: Callable[[], Any], *, name: str):
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(work,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, work: Callable[[], Any]) -> None:
+        try:
+            self._value = work()
+        except BaseException as error:  # handed to the caller of result()
+            self._error = error
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+

@@ -28,10 +28,10 @@ from monai.utils import set_determinism
 from mmar import distributed
 from mmar.archive import Archive, num_training_epoch_per_valid
 from mmar.engine import checkpoint, precision
-from mmar.engine.data import AUTO_WORKERS, EpochBatches, loader_workers, make_loader
+from mmar.engine.data import AUTO_WORKERS, EpochBatches, InBackground, loader_workers, make_dataset, make_loader
 from mmar.engine.handlers import BestModelSaver, EpochSummary, EpochValidation, Progress, StateSaver
 from mmar.engine.workflow import (
-    KeyedBatch, build_dataset, build_evaluator, device_for, has_list, keys_of, section_items, validation_loader,
+    KeyedBatch, build_evaluator, dataset_transforms, device_for, has_list, keys_of, section_items, validation_loader,
 )
 from mmar.errors import MMARError
 from mmar.tasks import get_task
@@ -77,8 +77,18 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     else:
         val_items = distributed.shard(val_items, ctx)
 
-    # --- components, from the config
+    # --- the caches fill in a background thread while the network, the optimizer and, on a GPU, the CUDA
+    # context are set up (reading and decompressing volumes release the GIL); the transforms are
+    # instantiated here first, so that a config error in them is reported before anything is read
     parser = archive.parser()
+    train_transforms = dataset_transforms(parser, "train", keys=keys, with_augmentation=True)
+    val_transforms = (dataset_transforms(parser, "validate", keys=keys, with_augmentation=False, plain=True)
+                      if val_items is not None else None)
+    caches = (config["train"].get("cache"), config.get("validate", {}).get("cache"))
+    caching = InBackground(lambda: _cache_datasets(keys, train_items, train_transforms, val_items, val_transforms,
+                                                   caches, log), name="mmar-cache")
+
+    # --- components, from the config
     device = device_for(archive)
     network = parser.get_parsed_content("network").to(device)
     loss = parser.get_parsed_content("train#loss")
@@ -110,9 +120,7 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     if wants_amp:
         log(f"precision: {train_precision.name}")
 
-    started = time.perf_counter()
-    train_dataset = build_dataset(parser, "train", train_items, keys=keys, with_augmentation=True, log=log)
-    _log_cached(log, "training", train_dataset, len(train_items), started)
+    train_dataset, val_dataset = caching.result()
     sampler = distributed.train_sampler(train_dataset, ctx, distributed.shared_seed(seed, ctx))
     # all epochs through one loader iterator: the workers prepare the next epoch during validation
     train_batches = EpochBatches(sampler, batch_size, epochs)
@@ -123,9 +131,7 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     evaluator = None
     if val_items is not None:
         eval_precision = precision.for_device(network, device, wants_amp)
-        started = time.perf_counter()
-        val_loader = validation_loader(parser, val_items, keys=keys, device=device, log=log)
-        _log_cached(log, "validation", val_loader.dataset, len(val_items), started)
+        val_loader = validation_loader(parser, val_items, keys=keys, device=device, dataset=val_dataset, log=log)
         evaluator = build_evaluator(parser, eval_precision.network, val_loader, device,
                                     amp=eval_precision.cuda_amp, amp_kwargs=eval_precision.amp_kwargs)
 
@@ -199,6 +205,21 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     log(f"done: {trainer.state.epoch} epochs in {minutes:.1f} min; best {progress.key_metric} "
         f"{result['best_metric']} at epoch {progress.best_epoch}; models in {models_dir}")
     return result
+
+
+def _cache_datasets(keys, train_items, train_transforms, val_items, val_transforms, caches, log):
+    """The training and validation datasets, cached (one after the other: each caches with its own threads)."""
+    datasets = []
+    for what, items, transforms, cache in (("training", train_items, train_transforms, caches[0]),
+                                           ("validation", val_items, val_transforms, caches[1])):
+        if items is None:
+            datasets.append(None)
+            continue
+        started = time.perf_counter()
+        dataset = make_dataset(items, *transforms, keys=keys, cache=cache, log=log)
+        _log_cached(log, what, dataset, len(items), started)
+        datasets.append(dataset)
+    return tuple(datasets)
 
 
 def _log_cached(log, what: str, dataset, total: int, started: float) -> None:

@@ -94,12 +94,13 @@ def augmentation() -> list[dict[str, Any]]:
 
 
 def metric_postprocessing() -> dict[str, Any]:
+    # no softmax before the argmax: it does not change which class is largest. mmar's AsDiscreted is MONAI's
+    # with a channel argmax 10x faster on CPUs (mmar/transforms.py)
     return {
         "_target_": "Compose",
         "transforms": [
-            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
             {
-                "_target_": "AsDiscreted",
+                "_target_": "mmar.transforms.AsDiscreted",
                 "keys": ["pred", "label"],
                 "argmax": [True, False],
                 "to_onehot": ["@num_classes", "@num_classes"],
