@@ -5,16 +5,19 @@
     python bench/validation.py --device cuda --repeats 7
 
 Builds the default segmentation MMAR (`mmar init` on DATA's datalist) and times its validation evaluator,
-exactly as `mmar train` builds it between epochs, in two variants:
+as `mmar train` builds it between epochs, in three variants:
 
-  before  cases cached as MetaTensors; post-processing softmax + MONAI's AsDiscreted (torch.argmax)
-  now     cases cached as plain tensors; mmar's AsDiscreted (torch.max(...).indices), no softmax
+  before   cases cached as MetaTensors; post-processing softmax + MONAI's AsDiscreted (torch.argmax);
+           one case per sliding-window call
+  plain    cases cached as plain tensors; mmar's AsDiscreted (torch.max(...).indices), no softmax
+  batched  plain, and cases that pad to the same windows share sliding-window calls (up to sw_batch_size
+           cases), cropped back before the metric (engine/window_batches.py): what `mmar train` does now
 
 each with the default network (bf16 autocast where the device has it, as training) and with a 1x1x1
 convolution in its place, which leaves the per-case overhead alone: on a GPU the default network's
 inference is launch-bound, so the overhead is most of what a GPU epoch's validation costs. Prints the median
-seconds per pass over the validation list, the mean Dice (the same in both: the method does not change),
-and the ratios now / before.
+seconds per pass over the validation list, the mean Dice (the same in all: the method does not change),
+and the ratios to "before".
 """
 
 from __future__ import annotations
@@ -40,26 +43,32 @@ BEFORE_POSTPROCESSING = {
 }
 
 
-def time_variant(root: Path, *, plain: bool, tiny: bool, device, repeats: int) -> tuple[float, float]:
+def time_variant(root: Path, variant: str, *, tiny: bool, device, repeats: int) -> tuple[float, float]:
     import torch
+    from monai.transforms import Compose
 
     from mmar.archive import load_archive
     from mmar.engine import precision
-    from mmar.engine.workflow import build_evaluator, keys_of, section_items, validation_loader
+    from mmar.engine.window_batches import CropWindowPaddingd
+    from mmar.engine.workflow import build_evaluator, keys_of, section_items, validation_loader, window_batched
 
     archive = load_archive(root)
-    if not plain:
+    if variant == "before":
         archive.config["validate"]["postprocessing"] = BEFORE_POSTPROCESSING
     parser = archive.parser()
     items = section_items(archive, "validate")
-    loader = validation_loader(parser, items, keys=list(keys_of(archive.config)), device=device, plain=plain,
-                               log=lambda *_: None)
+    inferer = parser.get_parsed_content("validate#inferer") if variant == "batched" else None
+    loader = validation_loader(parser, items, keys=list(keys_of(archive.config)), device=device,
+                               plain=variant != "before", inferer=inferer, log=lambda *_: None)
+    postprocessing = parser.get_parsed_content("validate#postprocessing")
+    if window_batched(loader):  # as engine/train.py does
+        postprocessing = Compose([CropWindowPaddingd(keys=["pred", "label"]), postprocessing])
     torch.manual_seed(0)
     network = torch.nn.Conv3d(1, archive.config["num_classes"], 1) if tiny else parser.get_parsed_content("network")
     network = network.to(device).eval()
     chosen = precision.for_device(network, device, bool(archive.config.get("amp", False)))
-    evaluator = build_evaluator(parser, chosen.network, loader, device, amp=chosen.cuda_amp,
-                                amp_kwargs=chosen.amp_kwargs)
+    evaluator = build_evaluator(parser, chosen.network, loader, device, postprocessing=postprocessing,
+                                amp=chosen.cuda_amp, amp_kwargs=chosen.amp_kwargs)
     evaluator.run()  # warm-up: cuDNN plans, allocator, first-call imports
     seconds = []
     for _ in range(repeats):
@@ -97,12 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         init(root, task="segmentation", datalist=datalist, log=lambda *_: None)
         print(f"device {device}; torch {torch.__version__}, {torch.get_num_threads()} threads; {args.repeats} passes "
               f"each over the validation list of {datalist}")
-        print(f"{'network':<10} {'before s':>9} {'now s':>7} {'ratio':>6}   mean Dice before / now")
+        print(f"{'network':<10} {'before s':>9} {'plain s':>8} {'ratio':>6} {'batched s':>10} {'ratio':>6}"
+              f"   mean Dice before / plain / batched")
         for tiny in (False, True):
-            before, dice_before = time_variant(root, plain=False, tiny=tiny, device=device, repeats=args.repeats)
-            now, dice_now = time_variant(root, plain=True, tiny=tiny, device=device, repeats=args.repeats)
+            (before, dice_before), (plain, dice_plain), (batched, dice_batched) = (
+                time_variant(root, variant, tiny=tiny, device=device, repeats=args.repeats)
+                for variant in ("before", "plain", "batched"))
             name = "1x1 conv" if tiny else "default"
-            print(f"{name:<10} {before:9.3f} {now:7.3f} {now / before:6.2f}   {dice_before:.4f} / {dice_now:.4f}")
+            print(f"{name:<10} {before:9.3f} {plain:8.3f} {plain / before:6.2f} {batched:10.3f} {batched / before:6.2f}"
+                  f"   {dice_before:.4f} / {dice_plain:.4f} / {dice_batched:.4f}")
     return 0
 
 

@@ -140,9 +140,11 @@ DEFAULT_PREFETCH_BATCHES = 2  # per worker: torch's default
 
 
 def make_loader(dataset: Dataset, *, num_workers: int, batch_size: int = 1, sampler=None,
-                batch_sampler: Sampler | None = None, prefetch_factor: int = DEFAULT_PREFETCH_BATCHES) -> DataLoader:
+                batch_sampler: Sampler | None = None, prefetch_factor: int = DEFAULT_PREFETCH_BATCHES,
+                collate_fn=None) -> DataLoader:
     """A loader in dataset order, or in `sampler`'s; a `batch_sampler` (training: `EpochBatches`) decides
-    the batches instead. Workers persist across iterators; batches are pinned where there is a GPU."""
+    the batches instead. Workers persist across iterators; batches are pinned where there is a GPU.
+    `collate_fn`: MONAI's list_data_collate unless given."""
     batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size,
                                                                                     "sampler": sampler}
     return DataLoader(
@@ -152,6 +154,7 @@ def make_loader(dataset: Dataset, *, num_workers: int, batch_size: int = 1, samp
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         **({"prefetch_factor": prefetch_factor} if num_workers > 0 else {}),
+        **({"collate_fn": collate_fn} if collate_fn is not None else {}),
     )
 
 

@@ -23,6 +23,7 @@ from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.handlers import LrScheduleHandler
 from monai.inferers import SimpleInferer
+from monai.transforms import Compose
 from monai.utils import set_determinism
 
 from mmar import distributed
@@ -32,7 +33,9 @@ from mmar.engine.data import AUTO_WORKERS, EpochBatches, InBackground, loader_wo
 from mmar.engine.handlers import BestModelSaver, EpochSummary, EpochValidation, Progress, StateSaver
 from mmar.engine.workflow import (
     KeyedBatch, build_evaluator, dataset_transforms, device_for, has_list, keys_of, section_items, validation_loader,
+    window_batched,
 )
+from mmar.engine.window_batches import CropWindowPaddingd
 from mmar.errors import MMARError
 from mmar.tasks import get_task
 
@@ -131,8 +134,12 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     evaluator = None
     if val_items is not None:
         eval_precision = precision.for_device(network, device, wants_amp)
-        val_loader = validation_loader(parser, val_items, keys=keys, device=device, dataset=val_dataset, log=log)
-        evaluator = build_evaluator(parser, eval_precision.network, val_loader, device,
+        val_loader = validation_loader(parser, val_items, keys=keys, device=device, dataset=val_dataset,
+                                       inferer=parser.get_parsed_content("validate#inferer"), log=log)
+        postprocessing = parser.get_parsed_content("validate#postprocessing")
+        if window_batched(val_loader):  # cases padded to shared windows: cropped back before the metric
+            postprocessing = Compose([CropWindowPaddingd(keys=["pred", "label"]), postprocessing])  # the output's keys
+        evaluator = build_evaluator(parser, eval_precision.network, val_loader, device, postprocessing=postprocessing,
                                     amp=eval_precision.cuda_amp, amp_kwargs=eval_precision.amp_kwargs)
 
     trainer = SupervisedTrainer(
