@@ -45,12 +45,10 @@ BEFORE_POSTPROCESSING = {
 
 def time_variant(root: Path, variant: str, *, tiny: bool, device, repeats: int) -> tuple[float, float]:
     import torch
-    from monai.transforms import Compose
 
     from mmar.archive import load_archive
     from mmar.engine import precision
-    from mmar.engine.window_batches import CropWindowPaddingd
-    from mmar.engine.workflow import build_evaluator, keys_of, section_items, validation_loader, window_batched
+    from mmar.engine.workflow import build_evaluator, keys_of, section_items, validation_loader
 
     archive = load_archive(root)
     if variant == "before":
@@ -60,15 +58,12 @@ def time_variant(root: Path, variant: str, *, tiny: bool, device, repeats: int) 
     inferer = parser.get_parsed_content("validate#inferer") if variant == "batched" else None
     loader = validation_loader(parser, items, keys=list(keys_of(archive.config)), device=device,
                                plain=variant != "before", inferer=inferer, log=lambda *_: None)
-    postprocessing = parser.get_parsed_content("validate#postprocessing")
-    if window_batched(loader):  # as engine/train.py does
-        postprocessing = Compose([CropWindowPaddingd(keys=["pred", "label"]), postprocessing])
     torch.manual_seed(0)
     network = torch.nn.Conv3d(1, archive.config["num_classes"], 1) if tiny else parser.get_parsed_content("network")
     network = network.to(device).eval()
     chosen = precision.for_device(network, device, bool(archive.config.get("amp", False)))
-    evaluator = build_evaluator(parser, chosen.network, loader, device, postprocessing=postprocessing,
-                                amp=chosen.cuda_amp, amp_kwargs=chosen.amp_kwargs)
+    evaluator = build_evaluator(parser, chosen.network, loader, device, amp=chosen.cuda_amp,
+                                amp_kwargs=chosen.amp_kwargs)
     evaluator.run()  # warm-up: cuDNN plans, allocator, first-call imports
     seconds = []
     for _ in range(repeats):

@@ -170,5 +170,4 @@ class AsDiscreted(MONAIAsDiscreted):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        converter = self.converter
-        self.converter = FirstMaxAsDiscrete(**converter.kwargs)
+        self.converter = FirstMaxAsDiscrete(**self.converter.kwargs)

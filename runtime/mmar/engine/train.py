@@ -18,12 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.handlers import LrScheduleHandler
 from monai.inferers import SimpleInferer
-from monai.transforms import Compose
 from monai.utils import set_determinism
 
 from mmar import distributed
@@ -33,9 +31,7 @@ from mmar.engine.data import AUTO_WORKERS, EpochBatches, InBackground, loader_wo
 from mmar.engine.handlers import BestModelSaver, EpochSummary, EpochValidation, Progress, StateSaver
 from mmar.engine.workflow import (
     KeyedBatch, build_evaluator, dataset_transforms, device_for, has_list, keys_of, section_items, validation_loader,
-    window_batched,
 )
-from mmar.engine.window_batches import CropWindowPaddingd
 from mmar.errors import MMARError
 from mmar.tasks import get_task
 
@@ -84,12 +80,13 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     # context are set up (reading and decompressing volumes release the GIL); the transforms are
     # instantiated here first, so that a config error in them is reported before anything is read
     parser = archive.parser()
-    train_transforms = dataset_transforms(parser, "train", keys=keys, with_augmentation=True)
-    val_transforms = (dataset_transforms(parser, "validate", keys=keys, with_augmentation=False, plain=True)
-                      if val_items is not None else None)
-    caches = (config["train"].get("cache"), config.get("validate", {}).get("cache"))
-    caching = InBackground(lambda: _cache_datasets(keys, train_items, train_transforms, val_items, val_transforms,
-                                                   caches, log), name="mmar-cache")
+    cache_jobs = [("training", train_items, dataset_transforms(parser, "train", keys=keys, with_augmentation=True),
+                   config["train"].get("cache"))]
+    if val_items is not None:
+        cache_jobs.append(("validation", val_items,
+                           dataset_transforms(parser, "validate", keys=keys, with_augmentation=False, plain=True),
+                           config["validate"].get("cache")))
+    caching = InBackground(lambda: _cache_datasets(keys, cache_jobs, log), name="mmar-cache")
 
     # --- components, from the config
     device = device_for(archive)
@@ -123,7 +120,8 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     if wants_amp:
         log(f"precision: {train_precision.name}")
 
-    train_dataset, val_dataset = caching.result()
+    datasets = caching.result()
+    train_dataset, val_dataset = datasets[0], (datasets[1] if val_items is not None else None)
     sampler = distributed.train_sampler(train_dataset, ctx, distributed.shared_seed(seed, ctx))
     # all epochs through one loader iterator: the workers prepare the next epoch during validation
     train_batches = EpochBatches(sampler, batch_size, epochs)
@@ -136,10 +134,7 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
         eval_precision = precision.for_device(network, device, wants_amp)
         val_loader = validation_loader(parser, val_items, keys=keys, device=device, dataset=val_dataset,
                                        inferer=parser.get_parsed_content("validate#inferer"), log=log)
-        postprocessing = parser.get_parsed_content("validate#postprocessing")
-        if window_batched(val_loader):  # cases padded to shared windows: cropped back before the metric
-            postprocessing = Compose([CropWindowPaddingd(keys=["pred", "label"]), postprocessing])  # the output's keys
-        evaluator = build_evaluator(parser, eval_precision.network, val_loader, device, postprocessing=postprocessing,
+        evaluator = build_evaluator(parser, eval_precision.network, val_loader, device,
                                     amp=eval_precision.cuda_amp, amp_kwargs=eval_precision.amp_kwargs)
 
     trainer = SupervisedTrainer(
@@ -214,19 +209,16 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     return result
 
 
-def _cache_datasets(keys, train_items, train_transforms, val_items, val_transforms, caches, log):
-    """The training and validation datasets, cached (one after the other: each caches with its own threads)."""
+def _cache_datasets(keys, jobs, log) -> list:
+    """The datasets of `jobs` ((what, items, (deterministic, random) transforms, cache config) each), cached one
+    after the other: each caches with its own threads."""
     datasets = []
-    for what, items, transforms, cache in (("training", train_items, train_transforms, caches[0]),
-                                           ("validation", val_items, val_transforms, caches[1])):
-        if items is None:
-            datasets.append(None)
-            continue
+    for what, items, transforms, cache in jobs:
         started = time.perf_counter()
         dataset = make_dataset(items, *transforms, keys=keys, cache=cache, log=log)
         _log_cached(log, what, dataset, len(items), started)
         datasets.append(dataset)
-    return tuple(datasets)
+    return datasets
 
 
 def _log_cached(log, what: str, dataset, total: int, started: float) -> None:

@@ -6,8 +6,12 @@ is the same have the same windows, so they can share network calls: padded in th
 inferer would pad each alone, inferred as one batch, and cropped back (prediction and label) before the
 metric. For the default segmentation recipe on hippocampus (33 of the 41 validation cases fit in one
 40x56x40 window, the other 8 have 5 padded shapes of 2 windows) an epoch's validation takes 10 network calls
-instead of 41; each call is launch-bound on a GPU. Only the per-epoch validation in training uses this: `mmar validate` keeps one case per step (it
-writes each case's files from its metadata).
+instead of 41; each call is launch-bound on a GPU. Only the per-epoch validation in training uses this:
+`mmar validate` keeps one case per step (it writes each case's files from its metadata).
+
+The padding is one `F.pad`, the call `sliding_window_inference` itself makes, rather than MONAI's
+`SpatialPad` (which would turn the plain tensors back into MetaTensors); the crop is its exact inverse,
+which MONAI's `CenterSpatialCrop` is not for odd differences (it centres on size // 2).
 """
 
 from __future__ import annotations

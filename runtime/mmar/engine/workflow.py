@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 from monai.engines import SupervisedEvaluator
-from monai.transforms import EnsureTyped
+from monai.transforms import Compose, EnsureTyped
 
 from mmar.archive import Archive
 from mmar.datalist import check_channels_aligned, load_items, load_json
 from mmar.engine.data import loader_workers, make_dataset, make_loader
-from mmar.engine.window_batches import PadToWindowCollate, SameWindowBatches, batchable_window
+from mmar.engine.window_batches import CropWindowPaddingd, PadToWindowCollate, SameWindowBatches, batchable_window
 from mmar.errors import MMARError
 from mmar.tasks import get_task
 
@@ -121,6 +121,8 @@ def build_evaluator(parser, network, loader, device, *, with_metrics: bool = Tru
             )
     if postprocessing is None:
         postprocessing = parser.get_parsed_content("validate#postprocessing")
+    if _window_batched(loader):  # cases padded to shared windows: cropped back (the output's keys) first
+        postprocessing = Compose([CropWindowPaddingd(keys=["pred", "label"]), postprocessing])
     return SupervisedEvaluator(
         device=device,
         val_data_loader=loader,
@@ -146,25 +148,25 @@ def validation_loader(parser, items, *, keys, device: torch.device, plain: bool 
     `__torch_function__` dispatch, and the loader a collation of metadata.
     `inferer`: the evaluator's; when it is a sliding window, `validate#batch_size` is 1 (the default) and
     every case is cached, the cases that pad to the same windows share batches of up to `sw_batch_size`
-    (engine/window_batches.py; the evaluator's post-processing must then start with CropWindowPaddingd).
+    (engine/window_batches.py; `build_evaluator` then crops them back before the metric).
     """
     section = parser.config["validate"]
     workers = loader_workers(section.get("num_workers", 0), device.type, where="validate#num_workers")
     if dataset is None:
         dataset = build_dataset(parser, "validate", items, keys=keys, with_augmentation=False, plain=plain, log=log)
     batch_size = int(section.get("batch_size", 1))
+    fully_cached = len(dataset) > 0 and getattr(dataset, "cache_num", 0) == len(dataset)
+    if inferer is None or batch_size != 1 or not fully_cached:
+        return make_loader(dataset, batch_size=batch_size, num_workers=workers)
     image_key, label_key = keys[0], keys[1] if len(keys) > 1 else None
-    window = batchable_window(inferer, spatial_dims=len(dataset[0][image_key].shape) - 1) if (
-        inferer is not None and batch_size == 1 and len(dataset) and getattr(dataset, "cache_num", 0) == len(dataset)
-    ) else None
+    shapes = [tuple(dataset[index][image_key].shape[1:]) for index in range(len(dataset))]  # read from the cache
+    window = batchable_window(inferer, spatial_dims=len(shapes[0]))
     if window is None:
         return make_loader(dataset, batch_size=batch_size, num_workers=workers)
-    shapes = [tuple(dataset[index][image_key].shape[1:]) for index in range(len(dataset))]
     return make_loader(dataset, batch_sampler=SameWindowBatches(shapes, window, inferer.sw_batch_size),
                        collate_fn=PadToWindowCollate(window, image_key, label_key, cval=inferer.cval),
                        num_workers=workers)
 
 
-def window_batched(loader) -> bool:
-    """Whether `validation_loader` batched this loader's cases by window (its post-processing must crop)."""
+def _window_batched(loader) -> bool:
     return isinstance(getattr(loader, "batch_sampler", None), SameWindowBatches)
