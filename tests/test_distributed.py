@@ -224,6 +224,7 @@ def test_resume_after_a_killed_distributed_run(seg_mmar):
     state = torch.load(state_file, weights_only=False)
     assert state["complete"] and state["trainer"]["epoch"] == epochs
     assert [r["epoch"] for r in state["progress"]["history"]] == list(range(1, epochs + 1))
+    assert state["ema"]["updates"] == state["trainer"]["iteration"]  # the weight average went on across the kill
     config = json.loads((seg_mmar / "config" / "config_train.json").read_text())
     # linear scaling: the schedule (cosine over the epochs) starts from twice the configured rate
     rates = [r["lr"] for r in state["progress"]["history"]]

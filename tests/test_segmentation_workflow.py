@@ -41,6 +41,14 @@ def test_train_writes_models_and_training_outputs(trained_seg_mmar):
     assert len(state["progress"]["history"]) == 2
     assert list(models.glob("events.out.tfevents.*")), "TensorBoard events"
     assert (models / "training_curves.png").stat().st_size > 1000
+    # the default averages the weights (train#ema): the average is what was validated and is saved, the
+    # trained network (which goes on training on a resume) is in the state beside it
+    assert state["ema"]["updates"] == state["trainer"]["iteration"] > 0
+    for key, value in state["ema"]["weights"].items():
+        torch.testing.assert_close(final["model"][key], value.cpu(), msg=key)
+    assert any(not torch.equal(state["model"][k].cpu(), v) for k, v in final["model"].items() if v.is_floating_point())
+    if best["epoch"] == 2:
+        torch.testing.assert_close(best["model"], final["model"])
 
 
 def test_validate_writes_metrics_cases_and_overlays(trained_seg_mmar, tmp_path):
@@ -96,6 +104,7 @@ def test_resume_after_a_killed_run(seg_mmar):
     state = torch.load(state_file, weights_only=False)
     assert state["complete"] and state["trainer"]["epoch"] == 8
     assert [r["epoch"] for r in state["progress"]["history"]] == list(range(1, 9))
+    assert state["ema"]["updates"] == state["trainer"]["iteration"]  # the average went on across the kill
 
 
 def test_finetune_starts_from_the_best_model(trained_seg_mmar, tmp_path):

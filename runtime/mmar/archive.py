@@ -52,7 +52,7 @@ SECTION_KEYS = {
     "train": {
         "datalist_key", "batch_size", "num_workers", "cache", "loss", "optimizer", "lr_scheduler",
         "preprocessing", "augmentation", "postprocessing", "metrics", "inferer", "log_every",
-        "compile", "samples_per_volume",
+        "samples_per_volume", "ema",
     },
     "validate": {
         "datalist_key", "batch_size", "num_workers", "preprocessing", "inferer", "postprocessing",

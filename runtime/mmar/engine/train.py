@@ -29,6 +29,7 @@ from mmar.archive import Archive, num_training_epoch_per_valid
 from mmar.engine import checkpoint, precision
 from mmar.engine.data import AUTO_WORKERS, EpochBatches, InBackground, loader_workers, make_dataset, make_loader
 from mmar.engine.handlers import BestModelSaver, EpochSummary, EpochValidation, Progress, StateSaver
+from mmar.engine.weight_average import WeightAverage, ema_decay
 from mmar.engine.workflow import (
     KeyedBatch, build_evaluator, dataset_transforms, device_for, has_list, keys_of, section_items, validation_loader,
 )
@@ -116,6 +117,13 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     elif ctx.is_main and ckpt and resume is None:
         checkpoint.load_weights(network, ckpt)
         log(f"initial weights from {ckpt}")
+    # the averaged weights (train#ema) are the model: validated every epoch, saved as model.ckpt; built after
+    # a fine-tuning start is loaded (a resumed run restores its own copy below)
+    decay = ema_decay(section.get("ema"))
+    averaged = WeightAverage(network, decay) if decay else None
+    model = averaged.module if averaged else network
+    if averaged:
+        log(f"weights: exponential moving average, decay {decay} (train#ema), validated and saved")
     train_precision = precision.for_device(distributed.wrap(network, ctx, device), device, wants_amp)
     if wants_amp:
         log(f"precision: {train_precision.name}")
@@ -131,7 +139,7 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
 
     evaluator = None
     if val_items is not None:
-        eval_precision = precision.for_device(network, device, wants_amp)
+        eval_precision = precision.for_device(model, device, wants_amp)
         val_loader = validation_loader(parser, val_items, keys=keys, device=device, dataset=val_dataset,
                                        inferer=parser.get_parsed_content("validate#inferer"), log=log)
         evaluator = build_evaluator(parser, eval_precision.network, val_loader, device,
@@ -157,6 +165,8 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     )
     if train_precision.cuda_amp and not train_precision.grad_scaler:
         precision.without_grad_scaler(trainer)
+    if averaged:
+        averaged.attach(trainer)  # first: every later ITERATION_COMPLETED handler sees this step's average
     progress = Progress(config.get("validate", {}).get("key_metric") if evaluator else None)
 
     # --- handlers, in the order they must run at the end of an epoch
@@ -167,14 +177,14 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     if evaluator is not None:
         EpochValidation(evaluator, interval).attach(trainer)
     meta = {"task": archive.task, "network_config": config.get("network")}
-    BestModelSaver(progress, evaluator, network, models_dir, meta, log, write=ctx.is_main).attach(trainer)
+    BestModelSaver(progress, evaluator, model, models_dir, meta, log, write=ctx.is_main).attach(trainer)
     writer = _tensorboard(models_dir) if ctx.is_main else None
     extra = getattr(task, "extra_scalars", None)
     EpochSummary(progress, optimizer, evaluator, models_dir, writer, extra, log, ctx=ctx).attach(trainer)
     if scheduler is not None:
         LrScheduleHandler(scheduler, print_lr=False).attach(trainer)
     objects = {"model": network, "optimizer": optimizer, "lr_scheduler": scheduler,
-               "scaler": getattr(trainer, "scaler", None)}
+               "scaler": getattr(trainer, "scaler", None), "ema": averaged}
     StateSaver(state_path, objects, progress, mode, write=ctx.is_main).attach(trainer)
     if ctx.is_main:
         _progress_bar(trainer)
@@ -189,7 +199,7 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     with distributed.explain_timeouts(ctx):
         trainer.run()
     if ctx.is_main:
-        checkpoint.save_model(models_dir / checkpoint.FINAL_FILE, network, epoch=trainer.state.epoch, **meta)
+        checkpoint.save_model(models_dir / checkpoint.FINAL_FILE, model, epoch=trainer.state.epoch, **meta)
     if writer is not None:
         writer.close()
     minutes = (time.perf_counter() - started) / 60
@@ -249,10 +259,12 @@ def _resumable_state(path: Path, mode: str, log) -> dict[str, Any] | None:
 
 def _restore(state, objects, progress: Progress, trainer, epochs: int) -> None:
     checkpoint.unwrap(objects["model"]).load_state_dict(state["model"])
-    for name in ("optimizer", "lr_scheduler", "scaler"):
+    for name in ("optimizer", "lr_scheduler", "scaler", "ema"):
         # an empty scaler state comes from a disabled (bf16) scaler: nothing to restore into an fp16 one
         if objects.get(name) is not None and state.get(name):
             objects[name].load_state_dict(state[name])
+    if objects.get("ema") is not None and not state.get("ema"):
+        objects["ema"].restart()  # train#ema was switched on for this resume: average from the restored weights
     progress.load_state_dict(state.get("progress", {}))
     saved = state["trainer"]
     if saved["epoch"] >= epochs:
