@@ -117,14 +117,15 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     elif ctx.is_main and ckpt and resume is None:
         checkpoint.load_weights(network, ckpt)
         log(f"initial weights from {ckpt}")
-    # the averaged weights (train#ema) are the model: validated every epoch, saved as model.ckpt; built after
-    # a fine-tuning start is loaded (a resumed run restores its own copy below)
     decay = ema_decay(section.get("ema"))
+    train_precision = precision.for_device(distributed.wrap(network, ctx, device), device, wants_amp)
+    # the averaged weights (train#ema) are the model: validated every epoch, saved as model.ckpt. Copied after
+    # a fine-tuning start is loaded and after DDP has given every rank rank 0's weights (a resumed run
+    # restores its own average below)
     averaged = WeightAverage(network, decay) if decay else None
     model = averaged.module if averaged else network
     if averaged:
         log(f"weights: exponential moving average, decay {decay} (train#ema), validated and saved")
-    train_precision = precision.for_device(distributed.wrap(network, ctx, device), device, wants_amp)
     if wants_amp:
         log(f"precision: {train_precision.name}")
 
