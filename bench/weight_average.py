@@ -3,6 +3,7 @@
 
     python bench/weight_average.py                                  # hippocampus, 10 epochs, CPU or GPU
     python bench/weight_average.py --decays 0.97,0.98,0.995 --epochs 12
+    python bench/weight_average.py --mmar-set determinism#random_seed=7   # another seed: another trajectory
 
 Runs the real `mmar train` on `mmar init`'s default segmentation MMAR for DATA. An average takes no random
 numbers and does not touch the training, so one run trains exactly one trajectory and, after every epoch,
@@ -80,7 +81,7 @@ def _worker(args) -> int:
     handlers.EpochValidation.__call__ = paired
     from mmar.cli import main
 
-    return main(["train", args.mmar])
+    return main(["train", args.mmar, *(["--set", *args.mmar_set] if args.mmar_set else [])])
 
 
 def summarize(records: list[dict]) -> str:
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu"],
                         help="cpu hides the GPUs (mmar train uses one when there is one)")
     parser.add_argument("--out", help="work folder (default: a temp folder)")
+    parser.add_argument("--mmar-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra `--set` override for mmar train (e.g. another seed)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mmar", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -118,7 +121,8 @@ def main(argv=None) -> int:
     for stale in ("train_state.pt", "model.ckpt"):
         (mmar / "models" / stale).unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--mmar", str(mmar),
-               "--decays", args.decays, "--epochs", str(args.epochs)]
+               "--decays", args.decays, "--epochs", str(args.epochs),
+               *sum((["--mmar-set", kv] for kv in args.mmar_set), [])]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}
     records = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
