@@ -121,9 +121,18 @@ def test_train_without_validation_list_and_finetune(tmp_path, cls_data, trained_
 
     root = tmp_path / "copy"
     shutil.copytree(trained_cls_mmar, root)
-    result = run_mmar("train", str(root), "--finetune", "--set", "epochs=1", f"DATASET_JSON={only_training}")
+    result = run_mmar("train", str(root), "--finetune", "--set", "epochs=1", f"DATASET_JSON={only_training}",
+                      "train#ema#decay=0.9")
     assert "fine-tuning from" in result.stdout and "no 'validation' list" in result.stdout
-    assert torch.load(root / "models" / "model_final.ckpt", weights_only=False)["epoch"] == 1
+    final = torch.load(root / "models" / "model_final.ckpt", weights_only=False)
+    assert final["epoch"] == 1
+    # train#ema works for classification too: with no validation list the latest average is the model
+    state = torch.load(root / "models" / "train_state.pt", weights_only=False)
+    assert state["ema"]["updates"] == state["trainer"]["iteration"] > 0
+    latest = torch.load(root / "models" / "model.ckpt", weights_only=False)["model"]
+    for key, value in state["ema"]["weights"].items():
+        torch.testing.assert_close(final["model"][key], value, msg=key)
+        torch.testing.assert_close(latest[key], value, msg=key)
 
 
 # ---- image formats -----------------------------------------------------------------------------------
