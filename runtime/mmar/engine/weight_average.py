@@ -9,11 +9,12 @@ and the copy go into `train_state.pt`, so a resumed run averages on exactly as a
 
 Why: with the learning rate still high, the weights after any one step are a noisy sample around where
 training is heading; their average is closer. On hippocampus (docs/speed.md, round 6) the averaged weights
-reached validation Dice 0.85 one epoch earlier and were about 0.01 above the raw weights in epochs 8 to 10,
-with the training itself unchanged.
+reached validation Dice 0.85 one or two epochs earlier (two seeds) and were about 0.01 above the trained
+weights in epochs 8 to 10, with the training itself unchanged.
 
 Written here rather than taken from torch or ignite: `torch.optim.swa_utils.AveragedModel` keeps its update
-count as a device tensor and tests it on every update (a GPU synchronisation per step), and ignite's
+count as a tensor and, on every update, either tests it on the GPU (`device="cuda"`) or copies it there
+(`n_averaged.to(device)`, a blocking copy): a synchronisation of the GPU stream per step; ignite's
 `EMAHandler` updates parameter by parameter (about a hundred kernel launches per step for the default UNet,
 whose GPU step is bound by launching kernels). Here one `torch._foreach_lerp_` updates every floating-point
 tensor (parameters and buffers, e.g. batch-norm statistics) in one go, and the count is a Python int.
