@@ -48,11 +48,10 @@ TOP_LEVEL_KEYS = {
     "network", "train", "validate", "infer", "multi_gpu", "definitions", "label_format", "label_names",
 }
 SECTION_KEYS = {
-    "determinism": {"random_seed", "deterministic"},
+    "determinism": {"random_seed"},
     "train": {
         "datalist_key", "batch_size", "num_workers", "cache", "loss", "optimizer", "lr_scheduler",
-        "preprocessing", "augmentation", "postprocessing", "metrics", "inferer", "log_every",
-        "samples_per_volume", "ema",
+        "preprocessing", "augmentation", "samples_per_volume", "ema",
     },
     "validate": {
         "datalist_key", "batch_size", "num_workers", "preprocessing", "inferer", "postprocessing",
