@@ -103,6 +103,7 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     batch_size = section.get("batch_size", 2)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MMARError(f"config: train#batch_size must be a whole number of cases (1 or more), got {batch_size!r}")
+    decay = ema_decay(section.get("ema"))
     if section.get("num_workers") == AUTO_WORKERS:
         log(f"loader: {workers} worker processes (train#num_workers {AUTO_WORKERS!r} on {device.type})")
 
@@ -117,7 +118,6 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     elif ctx.is_main and ckpt and resume is None:
         checkpoint.load_weights(network, ckpt)
         log(f"initial weights from {ckpt}")
-    decay = ema_decay(section.get("ema"))
     train_precision = precision.for_device(distributed.wrap(network, ctx, device), device, wants_amp)
     # the averaged weights (train#ema) are the model: validated every epoch, saved as model.ckpt. Copied after
     # a fine-tuning start is loaded and after DDP has given every rank rank 0's weights (a resumed run

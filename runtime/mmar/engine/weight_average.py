@@ -26,6 +26,7 @@ import copy
 from typing import Any
 
 import torch
+from ignite.engine import Events
 
 from mmar.engine.checkpoint import unwrap
 from mmar.errors import MMARError
@@ -33,18 +34,18 @@ from mmar.errors import MMARError
 WARMUP_OFFSET = 10  # decay_n = (1 + n) / (WARMUP_OFFSET + n) until it reaches the configured decay
 
 
-def ema_decay(section: dict[str, Any] | None, where: str = "train#ema") -> float | None:
+def ema_decay(section: dict[str, Any] | None) -> float | None:
     """The configured decay, or None when the section is absent, null or `{"decay": 0}` (no averaging)."""
     if section is None or section is False:
         return None
     if not isinstance(section, dict):
-        raise MMARError(f"config: {where} must be an object such as {{\"decay\": 0.99}} (or null), got {section!r}")
+        raise MMARError(f"config: train#ema must be an object such as {{\"decay\": 0.99}} (or null), got {section!r}")
     unknown = sorted(set(section) - {"decay"})
     if unknown:
-        raise MMARError(f"config: {where} has unknown key(s) {', '.join(unknown)}; it takes only 'decay'")
+        raise MMARError(f"config: train#ema has unknown key(s) {', '.join(unknown)}; it takes only 'decay'")
     decay = section.get("decay")
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
-        raise MMARError(f"config: {where}#decay must be a number in [0, 1), e.g. 0.99; got {decay!r}")
+        raise MMARError(f"config: train#ema#decay must be a number in [0, 1), e.g. 0.99; got {decay!r}")
     return float(decay) if decay > 0 else None
 
 
@@ -66,36 +67,29 @@ class WeightAverage:
         self._source = source
         self._pairs = self._tensor_pairs()
 
-    def _tensor_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """(averaged, source) floating-point tensors, then (copied, source) others, matched by state_dict key."""
-        mine = self.module.state_dict(keep_vars=True)
+    def _tensor_pairs(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(copy, source) pairs matched by state_dict key: the floating-point ones, averaged, and the others
+        (e.g. batch norm's num_batches_tracked), copied."""
         theirs = self._source.state_dict(keep_vars=True)
-        averaged, followed, copied, counted = [], [], [], []
-        for key, tensor in mine.items():
-            target = (averaged, followed) if tensor.is_floating_point() else (copied, counted)
-            target[0].append(tensor.detach())
-            target[1].append(theirs[key].detach())
-        return averaged, followed, copied, counted
+        pairs = [(mine.detach(), theirs[key].detach()) for key, mine in self.module.state_dict(keep_vars=True).items()]
+        return [p for p in pairs if p[0].is_floating_point()], [p for p in pairs if not p[0].is_floating_point()]
 
     @torch.no_grad()
     def update(self) -> None:
-        averaged, followed, copied, counted = self._pairs
-        weight = 1.0 - decay_at(self.decay, self.updates)
+        averaged, copied = self._pairs
         if averaged:
-            torch._foreach_lerp_(averaged, followed, weight)
-        for mine, theirs in zip(copied, counted):  # e.g. batch norm's num_batches_tracked
+            mine, theirs = zip(*averaged)
+            torch._foreach_lerp_(list(mine), list(theirs), 1.0 - decay_at(self.decay, self.updates))
+        for mine, theirs in copied:
             mine.copy_(theirs)
         self.updates += 1
 
     def attach(self, trainer) -> None:
         """Update after every iteration of an ignite engine (the optimizer has stepped by then)."""
-        from ignite.engine import Events
-
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _engine: self.update())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "updates": self.updates,
-                "weights": self.module.state_dict()}
+        return {"updates": self.updates, "weights": self.module.state_dict()}
 
     def restart(self) -> None:
         """Start averaging afresh from the network's current weights (a resumed run that had no average)."""
