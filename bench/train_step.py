@@ -13,10 +13,14 @@ and the ratio to the first variant, measured in the same run:
 - `fp16-scaler-async`: the same with non-blocking copies;
 - `bf16-async`: bf16 autocast, no scaler, non-blocking copies; what `mmar train` does now on GPUs with
   native bf16 (engine/precision.py);
-- `fp32-async`: no autocast.
+- `fp32-async`: no autocast;
+- `...-fused`: the same with AdamW's fused kernel (`fused=True`, what `mmar init` writes since round 7)
+  instead of the implementation torch picks by default (one multi-tensor `_foreach_*` kernel per operation
+  on a GPU, a Python loop over the parameters on a CPU).
 
     python bench/train_step.py --device cuda               # on a GPU machine
     python bench/train_step.py --device cpu --steps 5      # runs anywhere (only fp32 / bf16 are meaningful)
+    python bench/train_step.py --device cpu --steps 10 --variants fp32-async,fp32-async-fused,fp32-async
 """
 
 from __future__ import annotations
@@ -33,20 +37,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "runtime"))
 
 VARIANTS = {
-    # name: (amp, amp dtype, keep MONAI's GradScaler, non_blocking)
-    "fp16-scaler-blocking": (True, torch.float16, True, False),
-    "fp16-scaler-async": (True, torch.float16, True, True),
-    "bf16-async": (True, torch.bfloat16, False, True),
-    "fp32-async": (False, None, False, True),
+    # name: (amp, amp dtype, keep MONAI's GradScaler, non_blocking, fused AdamW)
+    "fp16-scaler-blocking": (True, torch.float16, True, False, False),
+    "fp16-scaler-async": (True, torch.float16, True, True, False),
+    "bf16-async": (True, torch.bfloat16, False, True, False),
+    "fp32-async": (False, None, False, True, False),
+    "bf16-async-fused": (True, torch.bfloat16, False, True, True),
+    "fp32-async-fused": (False, None, False, True, True),
 }
+DEFAULT_VARIANTS = "fp16-scaler-blocking,fp16-scaler-async,bf16-async,fp32-async,bf16-async-fused"
 
 
-def build(device: torch.device, patch: list[int], classes: int):
+def build(device: torch.device, patch: list[int], classes: int, fused: bool):
     from monai.bundle import ConfigParser
 
     from mmar.tasks.segmentation import default_configs
 
     train, _ = default_configs(num_classes=classes, in_channels=1, spatial_size=patch, epochs=10)
+    train["train"]["optimizer"]["fused"] = True if fused else None  # None: torch's default implementation
     parser = ConfigParser(train)
     network = parser.get_parsed_content("network").to(device)
     loss = parser.get_parsed_content("train#loss")
@@ -73,9 +81,9 @@ def time_variant(name: str, device: torch.device, data: list[dict], args) -> lis
     from mmar.engine import precision
     from mmar.engine.workflow import KeyedBatch
 
-    amp, dtype, scaler, non_blocking = VARIANTS[name]
+    amp, dtype, scaler, non_blocking, fused = VARIANTS[name]
     torch.manual_seed(0)
-    network, loss, optimizer = build(device, args.patch, args.classes)
+    network, loss, optimizer = build(device, args.patch, args.classes, fused)
     timings = []
     for _ in range(args.repeats + 1):  # the first run warms up (cuDNN heuristics, allocator)
         trainer = SupervisedTrainer(
@@ -104,7 +112,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--patch", type=int, nargs=3, default=[40, 56, 40])
     parser.add_argument("--classes", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, the first is the baseline")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help=f"comma-separated, the first is the baseline; of {', '.join(VARIANTS)}")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]

@@ -24,7 +24,9 @@ def test_default_recipe_builds_with_monai():
     parser = ConfigParser(train)
     network = parser.get_parsed_content("network")
     assert network.in_channels == 2 and network.out_channels == 3
-    assert parser.get_parsed_content("train#optimizer").param_groups[0]["lr"] == train["learning_rate"]
+    optimizer = parser.get_parsed_content("train#optimizer")
+    assert optimizer.param_groups[0]["lr"] == train["learning_rate"]
+    assert optimizer.defaults["fused"] is True  # one kernel a step, on a CPU as on a GPU
     assert validation["validate"]["key_metric"] == train["validate"]["key_metric"] == "val_mean_dice"
 
 

@@ -131,11 +131,12 @@ def default_configs(
             "num_workers": 0,
             "cache": {"rate": 1.0, "max_ram_fraction": 0.5},
             "loss": {"_target_": "mmar.losses.MultiLabelLoss", "label_format": "@label_format"},
-            "optimizer": {
+            "optimizer": {  # fused AdamW, as segmentation's (tasks/segmentation.py says why)
                 "_target_": "torch.optim.AdamW",
                 "params": "$@network.parameters()",
                 "lr": "@learning_rate",
                 "weight_decay": 1e-4,
+                "fused": True,
             },
             "lr_scheduler": {
                 "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",

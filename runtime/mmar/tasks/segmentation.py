@@ -215,11 +215,15 @@ def default_configs(
                 "_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True,
                 "include_background": False, "batch": True,
             },
+            # fused: one kernel per step for all parameters (torch's default is a multi-tensor kernel per
+            # operation on a GPU, a Python loop over the parameters on a CPU), and with fp16 scaling the
+            # kernel reads the inf check on the device, so GradScaler.step does not wait for the GPU
             "optimizer": {
                 "_target_": "torch.optim.AdamW",
                 "params": "$@network.parameters()",
                 "lr": "@learning_rate",
                 "weight_decay": 1e-5,
+                "fused": True,
             },
             "lr_scheduler": {
                 "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
