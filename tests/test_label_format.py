@@ -104,3 +104,22 @@ def test_per_label_auc_and_accuracy():
     # a label with one class only has no AUC; the mean skips it instead of becoming NaN
     result = summary(probs, torch.tensor([[0, 0], [0, 1], [0, 2], [0, 0]], dtype=torch.float32), fmt)
     assert result["labels_without_auc"] == ["b"] and math.isclose(result["mean_auc"], result["auc_per_label"]["c"])
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_the_label_transform_names_the_image_file_not_its_pixels(named):
+    from monai.data import MetaTensor
+
+    from mmar.classification_transforms import ClassificationLabeld
+
+    pixels = torch.rand(1, 64, 64)
+    image = MetaTensor(pixels, meta={"filename_or_obj": "images/00001.png"}) if named else pixels
+    transform = ClassificationLabeld(keys="label", label_format=[1, 1])
+    assert transform({"image": image, "label": [1, 0]})["label"].tolist() == [1.0, 0.0]
+    with pytest.raises(MMARError, match=r"label\[0\] \(label_0\) is 2") as caught:
+        transform({"image": image, "label": [2, 0]})
+    assert ("images/00001.png" in str(caught.value)) == named
+    assert "tensor(" not in str(caught.value)
+    # before loading (a path in the item), the path names it
+    with pytest.raises(MMARError, match="images/raw.png"):
+        transform({"image": "images/raw.png", "label": [2, 0]})
