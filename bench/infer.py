@@ -4,7 +4,8 @@
     python bench/infer.py --mmar path/to/mmar   # that MMAR's network, weights and sliding-window settings
     python bench/infer.py --device cuda         # adds TensorRT fp32 / fp16 where `tensorrt` is installed
 
-Formats: PyTorch eager (the baseline), TorchScript, ONNX Runtime (CUDA provider on a GPU when
+Formats: PyTorch eager (the baseline), eager under the config's `amp` as `mmar validate` / `mmar infer` run a
+checkpoint (`eager-amp`: bf16 autocast on a CPU or GPU with native bf16, fp16 on older GPUs), TorchScript, ONNX Runtime (CUDA provider on a GPU when
 onnxruntime-gpu is installed, else CPU), TensorRT fp32 and fp16. Each is exported with the same code as
 `mmar export` (into a temp folder: nothing is trained, nothing in an MMAR is written) and run through the
 same predictor `mmar validate --model` uses, inside MONAI's SlidingWindowInferer. Torch and ONNX Runtime
@@ -43,7 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime alike")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--formats", default="eager,ts,onnx,trt-fp32,trt-fp16",
+    parser.add_argument("--formats", default="eager,eager-amp,ts,onnx,trt-fp32,trt-fp16",
                         help="comma-separated subset of eager,ts,onnx,trt-fp32,trt-fp16")
     parser.add_argument("--ort-optimization", default="all", choices=["disable", "basic", "extended", "all"])
     parser.add_argument("--json", help="also write the figures to this JSON file")
@@ -128,6 +129,13 @@ def make_predictors(args, network, roi, folder: Path, device: torch.device):
     predictors, notes = {}, []
     if "eager" in wanted:
         predictors["eager"] = network.to(device)
+    if "eager-amp" in wanted:
+        dtype = amp_dtype(device)
+        if dtype is None:
+            notes.append("eager-amp: skipped: this CPU has no native bfloat16 (amp keeps float32 here)")
+        else:
+            predictors["eager-amp"] = Autocast(network.to(device), device.type, dtype)
+            notes.append(f"eager-amp: {dtype} autocast")
     if "ts" in wanted:
         exporter.write_torchscript(network.cpu(), inputs, folder / "model.ts", dynamic_spatial=False)
         predictors["ts"] = load_file(folder / "model.ts", "ts", device)
@@ -154,6 +162,26 @@ def make_predictors(args, network, roi, folder: Path, device: torch.device):
         predictors[name] = load_file(engine, "trt", device)
     network.to(device)
     return predictors, notes
+
+
+class Autocast(torch.nn.Module):
+    """The network under autocast, float32 out: what `mmar validate` runs for `amp: true` (engine/precision.py)."""
+
+    def __init__(self, module: torch.nn.Module, device_type: str, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.device_type, self.dtype = module, device_type, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.module(x).float()
+
+
+def amp_dtype(device: torch.device):
+    from mmar.engine import precision
+
+    if device.type == "cuda":
+        return torch.bfloat16 if precision.cuda_bf16_supported(device) else torch.float16
+    return torch.bfloat16 if precision.cpu_bf16_supported() else None
 
 
 # ---- timing ----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import SMALL_CLASSIFICATION, run_mmar
+from mmar.engine.precision import cpu_bf16_supported
 from mmar.predict import tensorrt_unavailable
 
 NO_TENSORRT = tensorrt_unavailable()
@@ -87,18 +88,24 @@ def test_exported_models_match_pytorch_at_another_shape(exported_seg):
 def test_validate_and_infer_through_each_format(exported_seg, tmp_path, capsys):
     root, _ = exported_seg
     dice = {}
-    for model in ("ckpt", "ts", "onnx"):
-        assert cli(capsys, "validate", str(root), "--model", model)[0] == 0
+    # the exported files are float32 graphs: the checkpoint in float32 is what they must match
+    for model, extra in (("ckpt", ["--set", "amp=false"]), ("ts", []), ("onnx", []), ("ckpt-amp", [])):
+        code, out, _ = cli(capsys, "validate", str(root), "--model", model.removesuffix("-amp"), *extra)
+        assert code == 0
         metrics = json.loads((root / "eval" / "metrics.json").read_text())
-        assert metrics["model"] == model
+        assert metrics["model"] == model.removesuffix("-amp")
+        assert ("precision:" in out) == (model == "ckpt-amp" and cpu_bf16_supported())
         dice[model] = metrics["val_mean_dice"]
     assert dice["ts"] == pytest.approx(dice["ckpt"], abs=1e-4)
     assert dice["onnx"] == pytest.approx(dice["ckpt"], abs=1e-4)
+    # the config's amp (the default): bf16 autocast where the CPU has it, as the per-epoch validation
+    assert dice["ckpt-amp"] == pytest.approx(dice["ckpt"], abs=1e-2)
 
     masks = {}
     for model in ("ckpt", "onnx"):
         out = tmp_path / model
-        assert cli(capsys, "infer", str(root), "--model", model, "--set", f"MMAR_EVAL_OUTPUT_PATH={out}")[0] == 0
+        assert cli(capsys, "infer", str(root), "--model", model, "--set", f"MMAR_EVAL_OUTPUT_PATH={out}",
+                   "amp=false")[0] == 0
         masks[model] = {p.name: np.asarray(nib.load(p).dataobj) for p in sorted(out.glob("*_seg.nii.gz"))}
     assert masks["ckpt"] and masks["ckpt"].keys() == masks["onnx"].keys()
     for name, mask in masks["ckpt"].items():
@@ -216,7 +223,7 @@ def test_classification_export_and_validate(trained_cls, capsys):
     assert report["formats"]["torchscript"]["max_abs_diff"] <= report["formats"]["torchscript"]["tolerance"]
     values = {}
     for model in ("ckpt", "ts", "onnx"):
-        assert cli(capsys, "validate", str(root), "--model", model)[0] == 0
+        assert cli(capsys, "validate", str(root), "--model", model, "--set", "amp=false")[0] == 0
         metrics = json.loads((root / "eval" / "metrics.json").read_text())
         values[model] = metrics[metrics["key_metric"]]
     assert values["ts"] == pytest.approx(values["ckpt"], abs=1e-4)

@@ -13,6 +13,7 @@ from typing import Any
 from ignite.engine import Events
 
 from mmar.archive import Archive
+from mmar.engine import precision
 from mmar.engine.workflow import build_evaluator, device_for, keys_of, section_items, validation_loader
 from mmar.io import write_json
 from mmar.predict import default_checkpoint, load_predictor
@@ -29,7 +30,8 @@ def validate(archive: Archive, *, ckpt: str | None = None, model: str = "ckpt", 
     parser = archive.parser()
     collector = task.CaseCollector(config)
     loader = validation_loader(parser, items, keys=[image_key, label_key], device=device, log=log)
-    evaluator = build_evaluator(parser, predictor, loader, device)
+    run = _precision(config, predictor, model, device, log)
+    evaluator = build_evaluator(parser, run.network, loader, device, amp=run.cuda_amp, amp_kwargs=run.amp_kwargs)
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, collector.on_iteration)
     started = time.perf_counter()
     evaluator.run()
@@ -67,10 +69,23 @@ def infer(archive: Archive, *, ckpt: str | None = None, model: str = "ckpt", lis
     parser = archive.parser()
     loader = validation_loader(parser, items, keys=[image_key], device=device, log=log)
     writer = task.PredictionWriter(archive.eval_dir, config)
-    evaluator = build_evaluator(parser, predictor, loader, device, with_metrics=False,
-                                postprocessing=task.inference_postprocessing(parser))
+    run = _precision(config, predictor, model, device, log)
+    evaluator = build_evaluator(parser, run.network, loader, device, with_metrics=False,
+                                postprocessing=task.inference_postprocessing(parser),
+                                amp=run.cuda_amp, amp_kwargs=run.amp_kwargs)
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, writer.on_iteration)
     evaluator.run()
     outputs = writer.finish()
     log(f"{len(items)} predictions -> {archive.eval_dir}")
     return {"command": "infer", "num_cases": len(items), "outputs": len(outputs), "eval_dir": str(archive.eval_dir)}
+
+
+def _precision(config, predictor, model: str, device, log) -> precision.Precision:
+    """The config's `amp` for a checkpoint's network, as the per-epoch validation runs it: bf16 autocast on
+    a CPU or GPU that computes bf16 natively, fp16 on older GPUs (engine/precision.py). The logits are
+    float32 before the softmax, the mirror average and the metric. An exported model runs as it was
+    exported (TensorRT's precision is chosen at export)."""
+    run = precision.for_device(predictor, device, bool(config.get("amp", False)) and model == "ckpt")
+    if run.name != "float32":
+        log(f"precision: {run.name} (amp; `--set amp=false` for float32)")
+    return run
