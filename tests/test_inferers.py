@@ -82,3 +82,48 @@ def test_the_default_validation_config_builds_a_mirrored_sliding_window():
         wrapped = MirrorEnsembleInferer(plain, spatial_axes=[0, 1, 2])(x, network)
     assert out.shape == (1, 3, 20, 18, 16)
     torch.testing.assert_close(out, wrapped, atol=1e-5, rtol=1e-5)
+
+
+class CountingCalls(torch.nn.Module):
+    def __init__(self, network):
+        super().__init__()
+        self.network, self.batches = network, []
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        return self.network(x)
+
+
+@pytest.mark.parametrize("shape, batched", [((12, 10, 8), True), ((16, 16, 16), True), ((20, 10, 8), False)])
+def test_a_volume_within_one_window_sends_its_mirrors_as_one_batch(shape, batched):
+    from monai.data import MetaTensor
+
+    torch.manual_seed(0)
+    x = MetaTensor(torch.randn(1, 1, *shape), affine=torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0])),
+                   meta={"filename_or_obj": "case.nii.gz"})
+    network = CountingCalls(PositionDependent())
+    inferer = SlidingWindowMirrorInferer(roi_size=(16, 16, 16), sw_batch_size=8, overlap=0.25, mode="gaussian")
+    assert inferer.fits_one_window(x) == batched
+    with torch.no_grad():
+        out = inferer(x, network)
+    # one network call for the 8 mirrors (8 windows) when the volume fits a window; else one per mirror
+    assert network.batches == ([8] if batched else [2] * 8)
+    # the same average as one mirror at a time (MirrorEnsembleInferer over the plain sliding window)
+    plain_window = SlidingWindowInferer(roi_size=(16, 16, 16), sw_batch_size=8, overlap=0.25, mode="gaussian")
+    with torch.no_grad():
+        expected = MirrorEnsembleInferer(plain_window)(x, PositionDependent())
+    torch.testing.assert_close(torch.softmax(out.as_tensor(), 1), torch.softmax(expected.as_tensor(), 1),
+                               atol=1e-5, rtol=1e-4)
+    # the input's metadata reaches the output (validate and infer write NIfTI files with its affine)
+    assert isinstance(out, MetaTensor) and out.shape == (1, 3, *shape)
+    assert torch.equal(out.affine, x.affine) and out.meta["filename_or_obj"] == "case.nii.gz"
+
+
+def test_a_batch_of_cases_splits_back_per_case():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 8, 8)
+    inferer = SlidingWindowMirrorInferer(roi_size=(8, 8, 8), sw_batch_size=4, overlap=0.25)
+    with torch.no_grad():
+        together = inferer(x, PositionDependent())
+        apart = torch.cat([inferer(x[i:i + 1], PositionDependent()) for i in range(2)])
+    torch.testing.assert_close(together, apart, atol=1e-5, rtol=1e-4)
