@@ -131,14 +131,17 @@ def test_a_crashing_rank_fails_the_job_with_its_error(tmp_path, dist_data):
     broken.write_bytes(content[: len(content) // 2])
     mmar = make_seg_mmar(tmp_path / "mmar", data / "datalist.json", epochs=2)
     started = time.monotonic()
-    # no cache: the file is read in the training loop, by one rank only
-    result = subprocess.run(
-        [sys.executable, "-m", "mmar", "train", str(mmar), "--gpus", "2", "--set", "train#cache#rate=0"],
-        capture_output=True, text=True, timeout=180, env={**os.environ, **CPU},
-    )
+    # no cache: the file is read in the training loop, by one rank only. The output goes to a file and the
+    # job's own exit is awaited (not the end of its output, which any process it leaves behind would hold)
+    log = tmp_path / "train.log"
+    with log.open("w") as out:
+        process = subprocess.run(
+            [sys.executable, "-m", "mmar", "train", str(mmar), "--gpus", "2", "--set", "train#cache#rate=0"],
+            stdout=out, stderr=subprocess.STDOUT, timeout=180, env={**os.environ, **CPU},
+        )
     seconds = time.monotonic() - started
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output
+    output = log.read_text()
+    assert process.returncode != 0, output
     assert f"cannot read image {broken}" in output
     assert "error: rank " in output  # the failing rank names itself
     assert "Root Cause" in output and "mmar.errors.MMARError: rank " in output  # torchrun's summary

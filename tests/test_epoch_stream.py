@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
+import pytest
 import torch
 from monai.data import DistributedSampler
 from torch.utils.data import BatchSampler, Dataset
@@ -118,3 +120,30 @@ def test_training_curves_are_drawn_after_the_last_epoch_and_at_most_every_interv
     # drawn (0.8 s in all), not every one (that would take epochs 2.5x longer than their sleeps)
     drawn = _summary_run(tmp_path, monkeypatch, epochs=8, interval=0.25, step_s=0.05)
     assert drawn[-1] == 8 and 2 <= len(drawn) < 8
+
+
+class ParentDeathSignal(torch.utils.data.Dataset):
+    """Each item: the signal Linux sends the loader worker that reads it when its parent dies."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        import ctypes
+
+        signum = ctypes.c_int(0)
+        ctypes.CDLL(None).prctl(2, ctypes.byref(signum), 0, 0, 0)  # PR_GET_PDEATHSIG
+        return torch.tensor([signum.value, torch.utils.data.get_worker_info().id])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_loader_workers_die_with_the_process_they_serve():
+    """A training process killed hard (torchrun stopping a rank) must not leave its loader workers behind."""
+    import signal
+
+    from mmar.engine.data import make_loader
+
+    loader = make_loader(ParentDeathSignal(), num_workers=2, batch_size=1)
+    items = [batch[0] for batch in loader]
+    assert sorted(int(worker) for _, worker in items) == [0, 1]  # both workers answered
+    assert all(int(signum) == signal.SIGKILL for signum, _ in items)

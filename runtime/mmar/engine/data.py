@@ -10,6 +10,7 @@ process on a node caches its own copy (the shards change every epoch), so the sh
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
@@ -153,9 +154,26 @@ def make_loader(dataset: Dataset, *, num_workers: int, batch_size: int = 1, samp
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
-        **({"prefetch_factor": prefetch_factor} if num_workers > 0 else {}),
+        **({"prefetch_factor": prefetch_factor, "worker_init_fn": start_worker} if num_workers > 0 else {}),
         **({"collate_fn": collate_fn} if collate_fn is not None else {}),
     )
+
+
+def start_worker(worker_id: int) -> None:
+    """A loader worker's start: MONAI's (each worker's own random state for the transforms), and the worker
+    dies with the process it serves.
+
+    Without the second, a training process killed hard (torchrun stopping the other ranks after one failed,
+    the OOM killer, `kill -9`) leaves its workers to notice it only at their next 5-second check, and a
+    worker stopped while it holds a batch nobody will read can wait on it for good, keeping the job's
+    output pipes open after the job has exited.
+    """
+    from monai.data.utils import worker_init_fn
+
+    from mmar.distributed import die_with_parent
+
+    worker_init_fn(worker_id)
+    die_with_parent(signal.SIGKILL)
 
 
 class InBackground:
