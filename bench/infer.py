@@ -45,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime alike")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--formats", default="eager,eager-amp,ts,onnx,trt-fp32,trt-fp16",
-                        help="comma-separated subset of eager,ts,onnx,trt-fp32,trt-fp16")
+                        help="comma-separated subset of eager,eager-amp,ts,onnx,trt-fp32,trt-fp16")
     parser.add_argument("--ort-optimization", default="all", choices=["disable", "basic", "extended", "all"])
     parser.add_argument("--json", help="also write the figures to this JSON file")
     return parser.parse_args(argv)
@@ -130,12 +130,14 @@ def make_predictors(args, network, roi, folder: Path, device: torch.device):
     if "eager" in wanted:
         predictors["eager"] = network.to(device)
     if "eager-amp" in wanted:
-        dtype = amp_dtype(device)
-        if dtype is None:
-            notes.append("eager-amp: skipped: this CPU has no native bfloat16 (amp keeps float32 here)")
+        from mmar.engine import precision
+
+        run = precision.for_device(network.to(device), device, amp=True)  # what `mmar validate` picks
+        if not run.cuda_amp and run.network is network:
+            notes.append(f"eager-amp: skipped: {run.name}")
         else:
-            predictors["eager-amp"] = Autocast(network.to(device), device.type, dtype)
-            notes.append(f"eager-amp: {dtype} autocast")
+            predictors["eager-amp"] = CUDAAutocast(run.network, run.amp_kwargs) if run.cuda_amp else run.network
+            notes.append(f"eager-amp: {run.amp_kwargs.get('dtype', torch.bfloat16)} autocast")  # the CPU's is bf16
     if "ts" in wanted:
         exporter.write_torchscript(network.cpu(), inputs, folder / "model.ts", dynamic_spatial=False)
         predictors["ts"] = load_file(folder / "model.ts", "ts", device)
@@ -164,24 +166,17 @@ def make_predictors(args, network, roi, folder: Path, device: torch.device):
     return predictors, notes
 
 
-class Autocast(torch.nn.Module):
-    """The network under autocast, float32 out: what `mmar validate` runs for `amp: true` (engine/precision.py)."""
+class CUDAAutocast(torch.nn.Module):
+    """The network under the CUDA autocast MONAI's evaluator applies for `amp` (on a CPU, engine/precision.py's
+    CPUAutocast wraps the network itself), float32 out."""
 
-    def __init__(self, module: torch.nn.Module, device_type: str, dtype: torch.dtype):
+    def __init__(self, module: torch.nn.Module, amp_kwargs: dict):
         super().__init__()
-        self.module, self.device_type, self.dtype = module, device_type, dtype
+        self.module, self.amp_kwargs = module, amp_kwargs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device_type, dtype=self.dtype):
+        with torch.autocast("cuda", **self.amp_kwargs):
             return self.module(x).float()
-
-
-def amp_dtype(device: torch.device):
-    from mmar.engine import precision
-
-    if device.type == "cuda":
-        return torch.bfloat16 if precision.cuda_bf16_supported(device) else torch.float16
-    return torch.bfloat16 if precision.cpu_bf16_supported() else None
 
 
 # ---- timing ----------------------------------------------------------------------------------------

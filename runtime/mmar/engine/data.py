@@ -16,9 +16,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset
+from monai.data.utils import worker_init_fn
 from monai.transforms import Compose
 from torch.utils.data import BatchSampler, Sampler
 
+from mmar.distributed import die_with_parent
 from mmar.errors import MMARError
 from mmar.transforms import nbytes_estimate
 
@@ -168,10 +170,6 @@ def start_worker(worker_id: int) -> None:
     worker stopped while it holds a batch nobody will read can wait on it for good, keeping the job's
     output pipes open after the job has exited.
     """
-    from monai.data.utils import worker_init_fn
-
-    from mmar.distributed import die_with_parent
-
     worker_init_fn(worker_id)
     die_with_parent(signal.SIGKILL)
 
