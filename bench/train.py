@@ -38,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hippocampus"
+DEFAULT_BUDGETS_MIN = {"baseline": 15.0, "mmar": 30.0}
 THRESHOLDS = (0.80, 0.85, 0.88)
 MARK = "BENCH "  # a worker's per-epoch JSON record on stdout starts with this
 
@@ -436,13 +437,24 @@ def print_summary(summary: dict) -> None:
         print(line)
 
 
+def recipe_budgets(common: float | None, own: dict[str, float | None]) -> dict[str, float]:
+    """Minutes per recipe: a recipe's own budget, else the common one, else its default. (The common budget
+    used to replace both own budgets, so `bench/train_gpu.sh`'s BUDGET silently overrode a BENCH_ARGS
+    `--mmar-budget-min`.)"""
+    return {name: next(b for b in (minutes, common, DEFAULT_BUDGETS_MIN[name]) if b is not None)
+            for name, minutes in own.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with datalist.json (default: %(default)s)")
     parser.add_argument("--recipes", default="baseline,mmar", help="comma-separated: baseline, mmar")
-    parser.add_argument("--budget-min", type=float, default=None, help="time budget per recipe (minutes)")
-    parser.add_argument("--baseline-budget-min", type=float, default=15.0)
-    parser.add_argument("--mmar-budget-min", type=float, default=30.0)
+    parser.add_argument("--budget-min", type=float, default=None,
+                        help="time budget of each recipe without its own --RECIPE-budget-min (minutes)")
+    parser.add_argument("--baseline-budget-min", type=float, default=None,
+                        help=f"the tutorial recipe's budget (default: --budget-min, else {DEFAULT_BUDGETS_MIN['baseline']})")
+    parser.add_argument("--mmar-budget-min", type=float, default=None,
+                        help=f"mmar's budget (default: --budget-min, else {DEFAULT_BUDGETS_MIN['mmar']})")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--parallel", action="store_true",
                         help="run the recipes at the same time, not one after the other: on a machine shared with "
@@ -483,9 +495,7 @@ def main(argv=None) -> int:
     datalist = Path(args.data) / "datalist.json"
     if not datalist.is_file():
         raise SystemExit(f"no datalist at {datalist}")
-    budgets = {"baseline": args.baseline_budget_min, "mmar": args.mmar_budget_min}
-    if args.budget_min is not None:
-        budgets = {k: args.budget_min for k in budgets}
+    budgets = recipe_budgets(args.budget_min, {"baseline": args.baseline_budget_min, "mmar": args.mmar_budget_min})
     env = {"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}
     import torch
 
