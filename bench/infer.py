@@ -136,7 +136,8 @@ def make_predictors(args, network, roi, folder: Path, device: torch.device):
         if not run.cuda_amp and run.network is network:
             notes.append(f"eager-amp: skipped: {run.name}")
         else:
-            predictors["eager-amp"] = CUDAAutocast(run.network, run.amp_kwargs) if run.cuda_amp else run.network
+            predictors["eager-amp"] = (precision.Autocast(run.network, "cuda", run.amp_kwargs["dtype"])
+                                     if run.cuda_amp else run.network)  # MONAI's evaluator autocasts CUDA itself
             notes.append(f"eager-amp: {run.amp_kwargs.get('dtype', torch.bfloat16)} autocast")  # the CPU's is bf16
     if "ts" in wanted:
         exporter.write_torchscript(network.cpu(), inputs, folder / "model.ts", dynamic_spatial=False)
@@ -164,19 +165,6 @@ def make_predictors(args, network, roi, folder: Path, device: torch.device):
         predictors[name] = load_file(engine, "trt", device)
     network.to(device)
     return predictors, notes
-
-
-class CUDAAutocast(torch.nn.Module):
-    """The network under the CUDA autocast MONAI's evaluator applies for `amp` (on a CPU, engine/precision.py's
-    CPUAutocast wraps the network itself), float32 out."""
-
-    def __init__(self, module: torch.nn.Module, amp_kwargs: dict):
-        super().__init__()
-        self.module, self.amp_kwargs = module, amp_kwargs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", **self.amp_kwargs):
-            return self.module(x).float()
 
 
 # ---- timing ----------------------------------------------------------------------------------------

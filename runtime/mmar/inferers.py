@@ -13,9 +13,8 @@ from itertools import combinations
 from typing import Any, Sequence
 
 import torch
-from monai.data import MetaTensor
 from monai.inferers import Inferer, SlidingWindowInferer
-from monai.utils import convert_to_dst_type, fall_back_tuple
+from monai.utils import convert_to_dst_type, convert_to_tensor, fall_back_tuple
 
 
 def mirror_axes_sets(spatial_axes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -37,7 +36,7 @@ def mirror_average(predict, inputs: torch.Tensor, views: Sequence[tuple[int, ...
                          f"{spatial_dims} spatial axes")
     flips = [[a + 2 for a in view] for view in views]
     if batched:
-        plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs  # no per-mirror metadata
+        plain = convert_to_tensor(inputs, track_meta=False)  # no per-mirror metadata
         stacked = torch.cat([torch.flip(plain, dims) if dims else plain for dims in flips])
         outputs = torch.split(predict(stacked), inputs.shape[0])
     else:

@@ -12,6 +12,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import AsDiscrete, LoadImaged, MapTransform
 from monai.transforms import AsDiscreted as MONAIAsDiscreted
+from monai.utils import convert_to_tensor
 
 from mmar.errors import MMARError
 
@@ -101,7 +102,7 @@ class SegmentationCased(MapTransform):
 
         Three reductions decide the common case; the sorted distinct values (`torch.unique`, ten times as
         long) are computed only for the message."""
-        values = _plain(label)
+        values = convert_to_tensor(label, track_meta=False)  # no MetaTensor dispatch per op
         low, high = torch.aminmax(values)
         whole = not values.is_floating_point() or bool(torch.equal(values, torch.round(values)))
         if low >= 0 and high < self.num_classes and whole:
@@ -112,7 +113,7 @@ class SegmentationCased(MapTransform):
 
     def _one_hot_to_index(self, label):
         channels = label.shape[0]
-        values = torch.unique(_plain(label))
+        values = torch.unique(convert_to_tensor(label, track_meta=False))
         if not all(v in (0, 1) for v in values.tolist()):
             raise MMARError(f"label {source_file(label)}: {channels} channels but values are not one-hot (0/1): "
                             f"{values[:5].tolist()}")
@@ -126,11 +127,6 @@ class SegmentationCased(MapTransform):
                 f"(one per class) or {self.num_classes - 1} (without background)"
             )
         return index.to(label.dtype) if hasattr(index, "to") else index
-
-
-def _plain(tensor) -> torch.Tensor:
-    """The values without MetaTensor's per-op metadata handling (reductions only; nothing is kept)."""
-    return tensor.as_tensor() if isinstance(tensor, MetaTensor) else torch.as_tensor(tensor)
 
 
 def spatial_shape(path: str | Sequence[str]) -> tuple[int, ...]:

@@ -49,21 +49,29 @@ def cpu_bf16_supported() -> bool:
         return False
 
 
-class CPUAutocast(torch.nn.Module):
-    """Runs the wrapped network's forward pass under bf16 autocast and returns float32 outputs.
+class Autocast(torch.nn.Module):
+    """Runs the wrapped network's forward pass under autocast on `device_type` and returns float32 outputs.
 
     The wrapper shares the network's parameters (kept in float32); checkpoints are written from the
-    network itself, so their keys do not change.
+    network itself, so their keys do not change. MONAI's engines autocast on CUDA themselves (`amp_kwargs`);
+    this is for the CPU and for code that runs a network outside an engine (bench/infer.py).
     """
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, device_type: str, dtype: torch.dtype):
         super().__init__()
-        self.module = module
+        self.module, self.device_type, self.dtype = module, device_type, dtype
 
     def forward(self, *args, **kwargs):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(self.device_type, dtype=self.dtype):
             out = self.module(*args, **kwargs)
         return _to_float(out)
+
+
+class CPUAutocast(Autocast):
+    """bf16 autocast on the CPU (MONAI's engines only autocast on "cuda")."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__(module, "cpu", torch.bfloat16)
 
 
 def _to_float(out):
