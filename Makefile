@@ -11,7 +11,7 @@ DEMO ?= demo
 DEMO_EPOCHS ?= 30
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-all clean
+.PHONY: install tools demo test test-slow test-all test-e2e clean
 
 $(STAMP): pyproject.toml docker/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m "slow and not e2e" $(PYTEST_ARGS) tests
+
+# against KUBECONFIG's cluster, or else a real control plane (etcd + kube-apiserver + controller-manager)
+# started for the run and stopped afterwards: see docs/operator.md, "End-to-end tests"
+test-e2e: install tools
+	tests/e2e/with-cluster.sh $(PY) -m pytest -q -m e2e $(PYTEST_ARGS) tests/e2e
+
+tools:
+	bash .ci/tools.sh
 
 test-all: install
 	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS) tests
