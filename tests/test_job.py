@@ -189,10 +189,11 @@ def test_gpus_default_skips_convert():
 
 
 def test_results_fold_across_steps():
+    """The names the operator calls; the contract itself is tests/test_results_contract.py."""
     results = contract.merge_results({}, "train", contract.parse_result('{"command":"train","epochs":5,"key_metric":"val_mean_dice","best_metric":0.8,"best_epoch":4}'))
     results = contract.merge_results(results, "validate", {"command": "validate", "key_metric": "val_mean_dice", "metric": 0.79, "num_cases": 6, "eval_dir": "/x"})
-    results = contract.merge_results(results, "export", {"command": "export", "exported": ["models/model.ts", "models/model.onnx"]})
+    results = contract.merge_results(results, "export", {"command": "export", "files": ["models/model.ts", "models/model.onnx"]})
     assert results == {"epochs": 5, "keyMetric": "val_mean_dice", "bestMetric": 0.8, "bestEpoch": 4,
-                       "validation": {"val_mean_dice": 0.79, "num_cases": 6}, "exported": ["models/model.ts", "models/model.onnx"]}
+                       "validation": {"val_mean_dice": 0.79}, "exported": ["models/model.ts", "models/model.onnx"]}
     assert contract.parse_result("Traceback (most recent call last):") is None
     assert contract.parse_result("[1, 2]") is None and contract.parse_result(None) is None

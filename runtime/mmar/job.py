@@ -23,6 +23,7 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
+from mmar import results
 from mmar.errors import MMARError
 
 API_VERSION = "mmar.dev/v1alpha1"
@@ -456,34 +457,10 @@ def step_argv(job: Mapping[str, Any], index: int) -> list[str]:
 
 
 def parse_result(message: str | None) -> dict[str, Any] | None:
-    """The runtime's termination message (small JSON) as a dict, or None if there is none or it is not JSON
-    (with terminationMessagePolicy FallbackToLogsOnError a crash leaves the log tail there instead)."""
-    if not message:
-        return None
-    try:
-        value = json.loads(message)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+    """A step's termination message as a dict, or None (none, or a crash's log tail): `mmar.results.decode`."""
+    return results.decode(message)
 
 
-def merge_results(results: Mapping[str, Any], step_type: str, result: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Fold one step's result into the job's summary (epochs done, best key metric, exported files)."""
-    merged = dict(results)
-    if not result:
-        return merged
-    if step_type in TRAINING_TYPES:
-        for source, target in (("epochs", "epochs"), ("key_metric", "keyMetric"), ("best_metric", "bestMetric"), ("best_epoch", "bestEpoch")):
-            if result.get(source) is not None:
-                merged[target] = result[source]
-    elif step_type == "validate":
-        metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if isinstance(result.get("key_metric"), str) and "metric" in metrics:  # {"key_metric": "val_mean_dice", "metric": 0.9}
-            metrics[result["key_metric"]] = metrics.pop("metric")
-        if metrics:
-            merged["validation"] = metrics
-    elif step_type == "export" and isinstance(result.get("exported"), list):
-        merged["exported"] = [str(x) for x in result["exported"]]
-    elif step_type == "infer" and result.get("predictions") is not None:
-        merged["predictions"] = result["predictions"]
-    return merged
+def merge_results(summary: Mapping[str, Any], step_type: str, result: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The job's summary (`status.results`) with one succeeded step's result folded in: `mmar.results.fold`."""
+    return results.fold(summary, step_type, result)

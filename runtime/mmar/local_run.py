@@ -4,26 +4,40 @@ The argv comes from `mmar.job.step_argv()` untouched except for paths: each clai
 mapped to a local folder (`--volume CLAIM=/local/path`), and every pod path under /workspace or /data is
 rewritten to the mapped folder. Steps run in order in subprocesses; the first failure stops the job.
 Each step's result (the JSON a pod writes as its termination message) is collected through
-MMAR_TERMINATION_LOG and summarized in a status file shaped like the operator's MMARJob status.
+MMAR_TERMINATION_LOG, read and folded as the operator does (`mmar.results`) and summarized in a status
+file shaped like the operator's MMARJob status.
+
+Like the kubelet stopping a pod, SIGTERM or SIGINT to `mmar run` is passed on to the running step, which
+gets a grace period to stop before it and every process it started are killed; the status file then says
+the job was interrupted, by which signal, during which step, with the step's last error line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from mmar import job as contract
+from mmar import results
 from mmar.errors import MMARError
 from mmar.io import write_json
 
-# (argv, env) -> exit code; tests inject their own
-Runner = Callable[[Sequence[str], Mapping[str, str]], int]
+GRACE_SECONDS = 30.0  # the kubelet's default terminationGracePeriodSeconds
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STDERR_TAIL_BYTES = 16 * 1024  # enough for the last lines of a traceback
+POLL_SECONDS = 0.1
+INTERRUPTED = "Interrupted"  # the phase of a step and a job stopped by a signal
 
 
 def parse_volumes(items: Sequence[str], base: Path | None = None) -> dict[str, Path]:
@@ -73,8 +87,172 @@ def local_argv(argv: Sequence[str], mounts: Mapping[str, Path]) -> list[str]:
     return out
 
 
-def subprocess_runner(argv: Sequence[str], env: Mapping[str, str]) -> int:
-    return subprocess.run(list(argv), env=dict(env), check=False).returncode
+# ---------------------------------------------------------------------------------------- one command
+
+
+class Interrupt:
+    """The first SIGTERM/SIGINT `mmar run` received (and how many), recorded while `catching()`.
+
+    The handler only records: the loop waiting on the step passes the signal on, so a signal that lands
+    between starting a process and watching it is not lost.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None  # the first
+        self.last: int | None = None
+        self.count = 0
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signal).name if self.signal is not None else None
+
+    def record(self, signum: int, _frame: Any = None) -> None:
+        self.signal = self.signal or signum
+        self.last = signum
+        self.count += 1
+
+    @contextlib.contextmanager
+    def catching(self) -> Iterator[Interrupt]:
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield self
+            return
+        previous = {signum: signal.signal(signum, self.record) for signum in FORWARDED_SIGNALS}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How one command ended: its exit status (negative: killed by that signal, as Popen reports it) and
+    the tail of what it printed on stderr."""
+
+    code: int
+    stderr: str = ""
+
+
+# (argv, env, interrupt) -> Finished; tests inject their own
+Runner = Callable[[Sequence[str], Mapping[str, str], Interrupt], Finished]
+
+
+def run_command(argv: Sequence[str], env: Mapping[str, str], interrupt: Interrupt, *,
+                grace_seconds: float = GRACE_SECONDS, echo: Callable[[bytes], None] | None = None) -> Finished:
+    """Run one command in its own process group, its stderr echoed and its tail kept.
+
+    On an interrupt the signal goes to the command, as the kubelet signals a container's main process: an
+    `mmar` command stops at its next safe point, torchrun passes the signal on to its workers (which it
+    starts in sessions of their own). Not to the whole group: data loader workers signalled as well would
+    die mid-batch and turn that clean stop into a crash. A second signal is passed on too (an `mmar`
+    command then stops at once, its temp files still cleaned up). After `grace_seconds`, or at a third
+    signal, the command and every process below it are killed; once it has exited, what is left of its
+    group too. Nothing it started outlives an interrupted run.
+    """
+    process = subprocess.Popen(list(argv), env=dict(env), stderr=subprocess.PIPE, start_new_session=True)
+    tee = _Tee(process.stderr, echo or _echo_stderr)
+    forwarded, deadline, killed = 0, None, False
+    while True:
+        try:
+            code = process.wait(timeout=POLL_SECONDS)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        if interrupt.count > forwarded and forwarded < 2 and interrupt.last is not None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(interrupt.last)
+            forwarded += 1
+            deadline = deadline or time.monotonic() + grace_seconds
+        if not killed and deadline is not None and (interrupt.count > 2 or time.monotonic() > deadline):
+            _kill_tree(process.pid)
+            killed = True  # only the exit is left to wait for
+    if interrupt.signal is not None:
+        _signal_group(process.pid, signal.SIGKILL)  # helpers left in its group (data loader workers) go too
+    return Finished(code, tee.finish())
+
+
+class _Tee:
+    """Copies a pipe to `echo` as it comes (progress lines without a newline included) and keeps the tail."""
+
+    def __init__(self, pipe, echo: Callable[[bytes], None]) -> None:
+        self._pipe = pipe
+        self._echo = echo
+        self._tail = bytearray()
+        self._thread = threading.Thread(target=self._pump, name="mmar-run-stderr", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        fd = self._pipe.fileno()
+        while chunk := os.read(fd, 65536):
+            self._echo(chunk)
+            self._tail += chunk
+            del self._tail[:-STDERR_TAIL_BYTES]
+
+    def finish(self, timeout: float = 5.0) -> str:
+        # a process the command left behind may hold the pipe open: its output is not waited for
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._pipe.close()
+        return bytes(self._tail).decode("utf-8", errors="replace")
+
+
+def _echo_stderr(chunk: bytes) -> None:
+    stream = getattr(sys.stderr, "buffer", None)
+    if stream is not None:
+        stream.write(chunk)
+        stream.flush()
+    else:
+        sys.stderr.write(chunk.decode("utf-8", errors="replace"))
+        sys.stderr.flush()
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the command's process group and every descendant (torchrun's workers have their own)."""
+    for child in _descendants(pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child, signal.SIGKILL)
+    _signal_group(pid, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (Linux; elsewhere none are found and only the group is killed)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path("/proc", entry, "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        parent = int(stat.rsplit(")", 1)[1].split()[1])  # after "(comm)": state, ppid, ...
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    """The result a step wrote to MMAR_TERMINATION_LOG, decoded as the operator decodes a pod's message."""
+    try:
+        message = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    return contract.parse_result(message)
+
+
+# ---------------------------------------------------------------------------------------------- the job
 
 
 def _now() -> str:
@@ -100,12 +278,13 @@ def plan(job: Mapping[str, Any], mounts: Mapping[str, Path]) -> list[list[list[s
 
 
 def run(job: Mapping[str, Any], volumes: Mapping[str, Path], *, status_path: Path | None = None,
-        runner: Runner = subprocess_runner, out: Callable[[str], None] = print, dry_run: bool = False) -> int:
-    """Run every step of a parsed job; returns 0 when all succeeded, else the failed step's exit code."""
+        runner: Runner | None = None, out: Callable[[str], None] = print, dry_run: bool = False,
+        grace_seconds: float = GRACE_SECONDS) -> int:
+    """Run every step of a parsed job; returns 0 when all succeeded, the failed step's exit code, or
+    128 + the signal's number when interrupted (130 for SIGINT, 143 for SIGTERM)."""
     mounts = mount_map(job, volumes)
     commands = plan(job, mounts)
     steps = contract.steps_of(job)
-    name = contract.name_of(job)
     if dry_run:
         for index, argvs in enumerate(commands):
             for argv in argvs:
@@ -116,6 +295,15 @@ def run(job: Mapping[str, Any], volumes: Mapping[str, Path], *, status_path: Pat
         mounts[contract.DATA_ROOT].mkdir(parents=True, exist_ok=True)
     mounts[contract.WORKSPACE_ROOT].mkdir(parents=True, exist_ok=True)
     status_path = status_path or default_status_path(job, mounts)
+    runner = runner or functools.partial(run_command, grace_seconds=grace_seconds)
+    with Interrupt().catching() as interrupt:
+        return _run_steps(job, commands, status_path, runner, interrupt, out)
+
+
+def _run_steps(job: Mapping[str, Any], commands: list[list[list[str]]], status_path: Path, runner: Runner,
+               interrupt: Interrupt, out: Callable[[str], None]) -> int:
+    steps = contract.steps_of(job)
+    name = contract.name_of(job)
     status: dict[str, Any] = {
         "name": name,
         "phase": "Running",
@@ -124,57 +312,90 @@ def run(job: Mapping[str, Any], volumes: Mapping[str, Path], *, status_path: Pat
         "results": {},
     }
     write_json(status_path, status)
-    code = 0
     for index, argvs in enumerate(commands):
         entry = status["steps"][index]
+        tag = f"[{index + 1}/{len(steps)}] {entry['name']}"
+        if interrupt.signal is not None:  # arrived between steps
+            return _interrupted(status, status_path, interrupt, f"before step {entry['name']}", out)
         entry.update(phase="Running", startTime=_now())
         write_json(status_path, status)
-        out(f"[{index + 1}/{len(steps)}] {entry['name']}: running")
+        out(f"{tag}: running")
         started = time.monotonic()
-        result = None
+        finished, result, ran = Finished(0), None, 0
         for argv in argvs:
+            if interrupt.signal is not None:
+                break
             out(f"  $ {subprocess.list2cmdline(argv)}")
-            code, result = _run_one(argv, runner, name, entry["name"])
-            if code != 0:
+            finished, result = _run_one(argv, runner, interrupt, name, entry["name"])
+            ran += 1
+            if finished.code != 0:
                 break
         seconds = time.monotonic() - started
         entry.update(completionTime=_now(), seconds=round(seconds, 1))
         if result is not None:
             entry["result"] = result
-        if code != 0:
-            entry.update(phase="Failed", exitCode=code, message=f"exit code {code}")
-            status.update(phase="Failed", completionTime=_now(), message=f"step {entry['name']} failed (exit code {code})")
+        if finished.code != 0:
+            entry["exitCode"] = finished.code
+        line = _error_line(result, finished) if finished.code != 0 else None
+        if interrupt.signal is not None and (finished.code != 0 or ran < len(argvs)):
+            entry.update(phase=INTERRUPTED, signal=interrupt.name,
+                         message=f"interrupted by {interrupt.name}" + (f": {line}" if line else ""))
+            return _interrupted(status, status_path, interrupt, f"during step {entry['name']}", out, line)
+        if finished.code != 0:
+            entry.update(phase="Failed", message=line or f"exit code {finished.code}")
+            status.update(phase="Failed", completionTime=_now(),
+                          message=f"step {entry['name']} failed (exit code {finished.code})" + (f": {line}" if line else ""))
             write_json(status_path, status)
-            out(f"[{index + 1}/{len(steps)}] {entry['name']}: FAILED after {seconds:.1f}s (exit code {code}); status in {status_path}")
-            return code
+            out(f"{tag}: FAILED after {seconds:.1f}s (exit code {finished.code})" + (f": {line}" if line else "")
+                + f"; status in {status_path}")
+            return finished.code
         entry["phase"] = "Succeeded"
         status["results"] = contract.merge_results(status["results"], entry["type"], result)
         write_json(status_path, status)
-        out(f"[{index + 1}/{len(steps)}] {entry['name']}: succeeded in {seconds:.1f}s{_summary(result)}")
+        out(f"{tag}: succeeded in {seconds:.1f}s{_summary(entry['type'], result)}")
+    if interrupt.signal is not None:  # the last step finished anyway; the run was still cut short
+        return _interrupted(status, status_path, interrupt, "after the last step", out)
     status.update(phase="Succeeded", completionTime=_now(), message=f"{len(steps)} step(s) succeeded")
     write_json(status_path, status)
     out(f"{name}: all {len(steps)} step(s) succeeded; status in {status_path}")
     return 0
 
 
-def _run_one(argv: Sequence[str], runner: Runner, job_name: str, step_name: str) -> tuple[int, dict[str, Any] | None]:
-    """Run one argv with the pod's environment contract; returns (exit code, its result JSON or None)."""
+def _interrupted(status: dict[str, Any], status_path: Path, interrupt: Interrupt, when: str,
+                 out: Callable[[str], None], line: str | None = None) -> int:
+    message = f"interrupted by {interrupt.name} {when}" + (f": {line}" if line else "")
+    status.update(phase=INTERRUPTED, signal=interrupt.name, completionTime=_now(), message=message)
+    write_json(status_path, status)
+    out(f"{status['name']}: {message}; status in {status_path}")
+    return 128 + int(interrupt.signal or 0)
+
+
+def _run_one(argv: Sequence[str], runner: Runner, interrupt: Interrupt, job_name: str,
+             step_name: str) -> tuple[Finished, dict[str, Any] | None]:
+    """Run one argv with the pod's environment contract; returns how it ended and its result, if any."""
     with tempfile.TemporaryDirectory(prefix="mmar-run-") as tmp:
         log = Path(tmp) / "termination-log"
         env = {**os.environ, "MMAR_TERMINATION_LOG": str(log), "MMAR_JOB_NAME": job_name, "MMAR_STEP": step_name}
         try:
-            code = runner(argv, env)
+            finished = runner(argv, env, interrupt)
         except FileNotFoundError as error:
             raise MMARError(f"cannot start {argv[0]!r}: {error.strerror}") from None
-        message = log.read_text(encoding="utf-8", errors="replace") if log.exists() else None
-    return code, contract.parse_result(message)
+        return finished, read_result(log)
 
 
-def _summary(result: Mapping[str, Any] | None) -> str:
-    if not result:
-        return ""
-    if result.get("best_metric") is not None:
-        return f" ({result.get('key_metric', 'metric')} best {result['best_metric']} at epoch {result.get('best_epoch')})"
-    if result.get("exported"):
-        return f" (exported {', '.join(map(str, result['exported']))})"
+def _error_line(result: Mapping[str, Any] | None, finished: Finished) -> str | None:
+    """The step's own reason: the error its result reports, else the last `error:` line it printed."""
+    if result and isinstance(result.get("error"), str) and result["error"]:
+        return result["error"]
+    return results.error_line(finished.stderr)
+
+
+def _summary(step_type: str, data: Mapping[str, Any] | None) -> str:
+    result = results.read(step_type, data)
+    if isinstance(result, results.TrainResult) and result.best_metric is not None:
+        return f" ({result.key_metric or 'metric'} best {result.best_metric} at epoch {result.best_epoch})"
+    if isinstance(result, results.ValidateResult) and result.metric is not None:
+        return f" ({result.key_metric} {result.metric})"
+    if isinstance(result, results.ExportResult) and result.files:
+        return f" (exported {', '.join(result.files)})"
     return ""

@@ -1,19 +1,19 @@
 """The result a command reports to whoever launched it.
 
 On Kubernetes the pod's termination message (`/dev/termination-log`, read by the operator without any
-extra RBAC) carries it; `mmar run` and tests point `MMAR_TERMINATION_LOG` at a file instead. The payload is
-small JSON (the kubelet keeps at most 4096 bytes).
+extra RBAC) carries it; `mmar run` and tests point `MMAR_TERMINATION_LOG` at a file instead. What a
+result holds, per command, and how it is encoded within the kubelet's 4096 bytes is `mmar.results`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+from mmar import results
 
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
-MAX_BYTES = 4096
 
 
 def termination_log_path() -> Path | None:
@@ -26,15 +26,28 @@ def termination_log_path() -> Path | None:
     return None
 
 
-def write_result(result: dict[str, Any]) -> None:
-    """Write `result` as the termination message, if there is somewhere to write it (rank 0 only)."""
+def write_result(result: Mapping[str, Any]) -> None:
+    """Check a command's result against its definition and write it as the termination message, if there is
+    somewhere to write it (rank 0 only).
+
+    The check comes first, on every rank and whether or not a message is written: a result that does not
+    match `mmar.results` raises ResultError (a bug in the command), so tests catch it on any machine.
+    """
+    _write(results.check(result))
+
+
+def write_failure(command: str, error: str, signal: str | None = None) -> None:
+    """Report a command that stopped on an error (or a signal) with its one-line reason."""
+    _write(results.failure(command, error, signal))
+
+
+def _write(result: results.StepResult) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     path = termination_log_path()
     if path is None:
         return
-    payload = json.dumps(result, separators=(",", ":"), default=str)
-    if len(payload.encode()) > MAX_BYTES:  # keep the essentials rather than a truncated, unparsable JSON
-        payload = json.dumps({k: v for k, v in result.items() if not isinstance(v, (list, dict))}, default=str)
+    payload = results.encode(result)
+    # not temp file + rename: /dev/termination-log is a file the kubelet bind-mounts, it cannot be replaced
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(payload)
+    path.write_text(payload, encoding="utf-8")
