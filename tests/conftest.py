@@ -12,6 +12,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A command whose result does not match mmar/results.py fails under test (a warning in users' runs);
+# set here so that every CLI subprocess the tests start inherits it.
+os.environ.setdefault("MMAR_STRICT_RESULTS", "1")
+
 # A small network and few epochs: the workflow is under test, not the model.
 SMALL_SEGMENTATION = [
     "network#channels=[8,16,32]",

@@ -255,3 +255,13 @@ def test_a_failed_step_is_reported_in_its_own_words(real_run, tmp_path):
     assert line and str(missing) in line and not line.startswith("error:")
     written = tmp_path / "log"
     assert results.decode(written.read_text() if written.exists() else None) in (None, {"command": "validate", "error": line})
+
+
+def test_outside_the_tests_a_mismatch_warns_and_the_finished_work_is_still_reported(tmp_path, monkeypatch, capsys):
+    """A user's run must not fail at its very end over a result key: strict only under MMAR_STRICT_RESULTS=1."""
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("MMAR_TERMINATION_LOG", str(log))
+    monkeypatch.setenv("MMAR_STRICT_RESULTS", "0")
+    report.write_result({**INFER, "a_key_nobody_defined": 1})
+    assert json.loads(log.read_text()) == INFER
+    assert "a_key_nobody_defined" in capsys.readouterr().err
