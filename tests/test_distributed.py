@@ -298,3 +298,14 @@ def test_multi_gpu_options_are_checked_with_defaults():
     assert distributed.lr_factor(distributed.options({"multi_gpu": {"lr_scaling": False}}),
                                  distributed.Context(world_size=4)) == 1
     assert distributed.lr_factor(distributed.options({}), distributed.SINGLE) == 1
+
+
+def test_the_log_line_says_the_learning_rate_is_already_scaled():
+    """Clara's guide had users multiply the rate by the GPU count by hand: doing that here as well gives N^2."""
+    two = distributed.Context(rank=0, world_size=2, backend="gloo")
+    line = distributed.parallel_summary(two, batch_size=2, factor=2, warmup_epochs=5, learning_rate=4e-3)
+    assert line.startswith("data-parallel: 2 processes (gloo), batch 2 per process, 4 in all; ")
+    assert "learning rate x2 (0.002 configured, 0.004 used) by multi_gpu#lr_scaling" in line
+    assert "do not multiply it by the GPU count yourself" in line and line.endswith("5-epoch warm-up")
+    off = distributed.parallel_summary(two, batch_size=2, factor=1, warmup_epochs=0)
+    assert off.endswith("learning rate as configured (multi_gpu#lr_scaling is off)")

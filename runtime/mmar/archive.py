@@ -10,7 +10,8 @@ An MMAR is a folder:
     eval/                          metrics, per-case CSV, predictions, overlays
 
 Components are built by MONAI's `ConfigParser`; this module only finds the files, applies `--set`
-overrides, checks the keys it knows, and resolves environment paths against the MMAR root.
+overrides, checks the keys it knows and the values the runtime reads itself, and resolves environment
+paths against the MMAR root.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +56,7 @@ SECTION_KEYS = {
         "preprocessing", "augmentation", "samples_per_volume", "ema",
     },
     "validate": {
-        "datalist_key", "batch_size", "num_workers", "preprocessing", "inferer", "postprocessing",
+        "datalist_key", "batch_size", "num_workers", "cache", "preprocessing", "inferer", "postprocessing",
         "key_metric", "metrics", "overlays", "schedule",
     },
     "infer": {"datalist_key", "output_postfix", "output_ext", "postprocessing"},
@@ -164,15 +166,19 @@ def load_archive(
         if not isinstance(content, dict):
             raise MMARError(f"{path}: must hold a JSON object")
         check_keys(content, path)
+        check_values(content, path)
         config.update(content)
 
     env = {key: str(value) for key, value in env.items()}
-    for key, value in parse_overrides(overrides):
+    for item in overrides:
+        [(key, value)] = parse_overrides([item])
         if key in ENV_KEYS:
             env[key] = str(value)
-        else:
-            set_by_path(config, key, value)
-    check_keys(config, "--set")
+            continue
+        set_by_path(config, key, value)
+        # checked one by one: the error names the --set item at fault (the files passed already)
+        check_keys(config, f"--set {item}")
+        check_values(config, f"--set {item}")
     if file_root:
         config["image_base_dir"] = file_root
 
@@ -208,6 +214,93 @@ def check_keys(config: dict[str, Any], source: Any) -> None:
         for key in value:
             if not key.startswith("_") and key not in allowed:
                 raise MMARError(f"{source}: unknown config key {section}#{_with_hint(key, allowed)}")
+
+
+def _whole_number(minimum: int, *, none: bool = False):
+    def check(value: Any) -> bool:
+        if none and value is None:
+            return True
+        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    return check
+
+
+def _number_in(low: float, high: float, *, low_open: bool = False):
+    def check(value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        return (low < value if low_open else low <= value) and value <= high
+    return check
+
+
+def _positive_number_or_reference(value: Any) -> bool:
+    """A number > 0, or a MONAI reference / expression (`@other_key`, `$1e-3 * 2`) that MONAI evaluates."""
+    if isinstance(value, str):
+        return value.startswith(("@", "$"))
+    return _number_in(0, float("inf"), low_open=True)(value)
+
+
+def _object_or_null(value: Any) -> bool:
+    return value is None or isinstance(value, dict)
+
+
+# Values the runtime itself reads (with int(), float(), bool()), checked when the MMAR is read, so that
+# `--set epochs=abc` is a one-line error naming the key and `epochs=2.5` (which int() would make 2 while the
+# schedule's "@epochs" got 2.5) or `amp=False` (a string, which bool() makes true) never run.
+VALUE_CHECKS: dict[str, tuple[Any, str]] = {
+    "epochs": (_whole_number(1), "a whole number of epochs, 1 or more (e.g. epochs=10)"),
+    "learning_rate": (_positive_number_or_reference, "a number > 0 (e.g. learning_rate=1e-4)"),
+    "num_training_epoch_per_valid": (_whole_number(1), "a whole number of epochs, 1 or more"),
+    "num_interval_per_valid": (_whole_number(1), "a whole number of epochs, 1 or more"),
+    "amp": (lambda value: isinstance(value, bool), "true or false"),
+    "determinism#random_seed": (_whole_number(0, none=True), "a whole number >= 0, or null for a random seed"),
+    "train#batch_size": (_whole_number(1), "a whole number of cases, 1 or more"),
+    "validate#batch_size": (_whole_number(1), "a whole number of cases, 1 or more"),
+    # not `false`: the engine reads a missing, null or empty cache section as "cache everything"
+    "train#cache": (_object_or_null, 'an object (e.g. {"rate": 0} to cache nothing)'),
+    "validate#cache": (_object_or_null, 'an object (e.g. {"rate": 0} to cache nothing)'),
+}
+# the keys of train#cache / validate#cache (mmar.engine.data.make_dataset reads them)
+CACHE_VALUES: dict[str, tuple[Any, str]] = {
+    "rate": (_number_in(0, 1), "the share of the cases to cache, from 0 (none) to 1 (all)"),
+    "max_ram_fraction": (_number_in(0, 1, low_open=True),
+                         "the share of the available RAM the cache may use, above 0 and at most 1"),
+    "num_workers": (_whole_number(1), "a whole number of threads, 1 or more"),
+}
+
+
+def check_values(config: dict[str, Any], source: Any) -> None:
+    """The values of VALUE_CHECKS' keys that `config` holds have the type and range the runtime needs."""
+    for key, (valid, expected) in VALUE_CHECKS.items():
+        found, value = _lookup(config, key)
+        if found and not valid(value):
+            raise MMARError(f"{source}: {key} must be {expected}, got {_shown(value)}")
+    for section in ("train", "validate"):
+        found, cache = _lookup(config, f"{section}#cache")
+        if not found or cache is None:
+            continue
+        unknown = sorted(name for name in cache if name not in CACHE_VALUES and not name.startswith("_"))
+        if unknown:
+            raise MMARError(f"{source}: unknown config key {section}#cache#{_with_hint(unknown[0], CACHE_VALUES)}")
+        for name, (valid, expected) in CACHE_VALUES.items():
+            if name in cache and not valid(cache[name]):
+                raise MMARError(f"{source}: {section}#cache#{name} must be {expected}, got {_shown(cache[name])}")
+
+
+def _lookup(config: dict[str, Any], key: str) -> tuple[bool, Any]:
+    node: Any = config
+    for part in key.split("#"):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _shown(value: Any) -> str:
+    """As it was written in JSON (`null`, `"abc"`, `[1]`), which is how a user wrote it."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def _with_hint(key: str, known: Iterable[str]) -> str:

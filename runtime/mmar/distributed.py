@@ -9,7 +9,8 @@ processes on a laptop). Without them everything here is the identity and the run
 single-process one.
 
 Config (`multi_gpu` section of config_train.json):
-    lr_scaling       true: learning rate x world size (Goyal et al. 2017, arXiv 1706.02677), default true
+    lr_scaling       true: learning rate x world size (Goyal et al. 2017, arXiv 1706.02677), default true;
+                     learning_rate is the single-process rate (not to be multiplied by hand as well)
     warmup_epochs    epochs over which the rate climbs linearly from the single-process rate to the
                      scaled one (default: 5, or a tenth of the run when that is shorter)
     backend          "nccl" or "gloo" (default: nccl with CUDA, else gloo)
@@ -352,6 +353,23 @@ def broadcast_object(obj: Any, ctx: Context) -> Any:
 def lr_factor(opts: dict[str, Any], ctx: Context) -> int:
     """Linear scaling rule: N processes take N times larger global batches, so N times larger steps."""
     return ctx.world_size if opts["lr_scaling"] and ctx.enabled else 1
+
+
+def parallel_summary(ctx: Context, batch_size: int, factor: int, warmup_epochs: int,
+                     learning_rate: float | None = None) -> str:
+    """The log line of a data-parallel run: batches, and the learning rate it really uses.
+
+    Clara's guide told users to multiply the learning rate by the GPU count themselves; here that is done by
+    default, so the line says so: a user who also does it by hand trains with N squared times the rate.
+    """
+    line = (f"data-parallel: {ctx.world_size} processes ({ctx.backend}), batch {batch_size} per process, "
+            f"{batch_size * ctx.world_size} in all; ")
+    if factor == 1:
+        return line + "learning rate as configured (multi_gpu#lr_scaling is off)"
+    rate = "" if learning_rate is None else f" ({learning_rate / factor:g} configured, {learning_rate:g} used)"
+    line += (f"learning rate x{factor}{rate} by multi_gpu#lr_scaling (linear scaling rule, arXiv 1706.02677): "
+             f"configure the single-GPU rate, do not multiply it by the GPU count yourself")
+    return line + (f"; reached after a {warmup_epochs}-epoch warm-up" if warmup_epochs else "; no warm-up")
 
 
 def scale_lr(optimizer, factor: float) -> None:
