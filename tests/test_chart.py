@@ -115,16 +115,18 @@ def _rules(objects: list[dict], name_suffix: str = "") -> dict[tuple[str, str], 
 def test_rbac_is_least_privilege(default_objects):
     rules = _rules(default_objects)
     assert rules == {
-        # what mmar_operator calls (its RBAC table in docs/operator.md); children go by garbage collection
+        # what mmar_operator calls (its RBAC table in docs/operator.md), as the real API server enforces it
+        # (tests/e2e/test_helm_e2e.py runs the operator with exactly this): children go by garbage collection,
+        # but adopting one sets an ownerReference, which OwnerReferencesPermissionEnforcement allows only
+        # to a client that may delete the object
         ("mmar.dev", "mmarjobs"): {"get", "list", "watch", "patch"},
-        ("mmar.dev", "mmarjobs/status"): {"get", "patch"},
+        ("mmar.dev", "mmarjobs/status"): {"patch"},
         ("mmar.dev", "mmarjobs/finalizers"): {"update"},
-        ("batch", "jobs"): {"create", "get", "list", "watch", "patch"},
-        ("", "services"): {"create", "get", "patch"},
+        ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
+        ("", "services"): {"create", "get", "patch", "delete"},
         ("", "pods"): {"list"},
         ("", "events"): {"create"},
-        ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
-        ("", "namespaces"): {"list", "watch"},
+        ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
     }
     for verbs in rules.values():
         assert "*" not in verbs
@@ -136,6 +138,8 @@ def test_rbac_is_least_privilege(default_objects):
 def test_watch_namespaces_bind_per_namespace(all_objects):
     bindings = by_kind(all_objects, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["radiology", "research"]
+    # kopf follows a list of namespaces by listing and watching them (cluster-wide it never reads them)
+    assert _rules(all_objects, "-cluster")[("", "namespaces")] == {"list", "watch"}
     # Only the cluster-scoped reads stay cluster-wide.
     (cluster_binding,) = by_kind(all_objects, "ClusterRoleBinding")
     assert cluster_binding["roleRef"]["name"].endswith("-cluster")

@@ -60,6 +60,18 @@ STEP_NAME_MAX = 20
 JOB_NAME_MAX = 36  # child "<job>-<index>-<step>" plus an indexed pod's "-<rank>" stays a 63-character DNS label
 QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
 EXT_RE = re.compile(r"^\.[A-Za-z0-9.]+$")
+# the CRD's maxLength / maxItems / maxProperties bounds (they also bound the cost of its CEL rules)
+PATH_MAX = 512
+IMAGE_MAX = 512
+KEY_MAX = 128
+EXT_MAX = 16
+K8S_NAME_MAX = 253
+SET_MAX = 64
+PULL_SECRETS_MAX = 8
+TOLERATIONS_MAX = 16
+TOLERATION_FIELDS = {"key": str, "operator": str, "value": str, "effect": str, "tolerationSeconds": int}
+TOLERATION_OPERATORS = ("Exists", "Equal")
+TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 DEFAULTS: dict[str, Any] = {
     "imagePullPolicy": "IfNotPresent",
@@ -156,10 +168,16 @@ def _check_str(value: Any, field: str, choices: tuple[str, ...] | None = None) -
         _fail(field, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
+def _check_length(value: str, field: str, maximum: int) -> None:
+    if len(value) > maximum:
+        _fail(field, f"must be at most {maximum} characters, got {len(value)}")
+
+
 def _check_relative(value: Any, field: str, allow_empty: bool = False) -> None:
     """A path relative to a claim's root that cannot escape it (no absolute path, no `..`)."""
     if not isinstance(value, str) or (not value and not allow_empty):
         _fail(field, f"must be a relative path, got {value!r}")
+    _check_length(value, field, PATH_MAX)
     if value.startswith("/") or ".." in PurePosixPath(value).parts or "\\" in value:
         _fail(field, f"must be a path relative to the claim's root without '..', got {value!r}")
 
@@ -189,8 +207,43 @@ def _check_claim(value: Any, field: str, defaults: dict[str, Any]) -> None:
         if key not in known:
             _fail(f"{field}.{key}", f"unknown field (expected one of {', '.join(sorted(known))})")
     _check_str(value.get("claimName"), f"{field}.claimName")
-    if not CLAIM_RE.match(value["claimName"]) or len(value["claimName"]) > 253:
+    if not CLAIM_RE.match(value["claimName"]) or len(value["claimName"]) > K8S_NAME_MAX:
         _fail(f"{field}.claimName", f"must be a valid PersistentVolumeClaim name, got {value['claimName']!r}")
+
+
+def _check_pull_secrets(value: Any, field: str) -> None:
+    if not isinstance(value, list) or len(value) > PULL_SECRETS_MAX:
+        _fail(field, f"must be a list of at most {PULL_SECRETS_MAX} mappings with a name")
+    for index, secret in enumerate(value):
+        where = f"{field}[{index}]"
+        if not isinstance(secret, dict):
+            _fail(where, "must be a mapping with a name")
+        for key in secret:
+            if key != "name":
+                _fail(f"{where}.{key}", "unknown field (expected name)")
+        if not isinstance(secret.get("name"), str):
+            _fail(f"{where}.name", "is required: the name of a Secret")
+        _check_length(secret["name"], f"{where}.name", K8S_NAME_MAX)
+
+
+def _check_tolerations(value: Any, field: str) -> None:
+    if not isinstance(value, list) or len(value) > TOLERATIONS_MAX:
+        _fail(field, f"must be a list of at most {TOLERATIONS_MAX} tolerations")
+    for index, toleration in enumerate(value):
+        where = f"{field}[{index}]"
+        if not isinstance(toleration, dict):
+            _fail(where, "must be a mapping (key, operator, value, effect, tolerationSeconds)")
+        for key, item in toleration.items():
+            if key not in TOLERATION_FIELDS:
+                _fail(f"{where}.{key}", f"unknown field (expected one of {', '.join(TOLERATION_FIELDS)})")
+            if TOLERATION_FIELDS[key] is int:
+                _check_int(item, f"{where}.{key}")
+            elif not isinstance(item, str):
+                _fail(f"{where}.{key}", f"must be a string, got {item!r}")
+        if "operator" in toleration:
+            _check_str(toleration["operator"], f"{where}.operator", TOLERATION_OPERATORS)
+        if "effect" in toleration:
+            _check_str(toleration["effect"], f"{where}.effect", TOLERATION_EFFECTS)
 
 
 def validate(job: dict[str, Any]) -> None:
@@ -217,6 +270,11 @@ def validate(job: dict[str, Any]) -> None:
             _fail(f"spec.{key}", "unknown field")
     if "image" in spec:
         _check_str(spec["image"], "spec.image")
+        _check_length(spec["image"], "spec.image", IMAGE_MAX)
+    if "serviceAccountName" in spec:
+        if not isinstance(spec["serviceAccountName"], str):
+            _fail("spec.serviceAccountName", f"must be a string, got {spec['serviceAccountName']!r}")
+        _check_length(spec["serviceAccountName"], "spec.serviceAccountName", K8S_NAME_MAX)
     _check_str(spec["imagePullPolicy"], "spec.imagePullPolicy", PULL_POLICIES)
     if "task" in spec:
         _check_str(spec["task"], "spec.task", TASKS)
@@ -233,9 +291,10 @@ def validate(job: dict[str, Any]) -> None:
         _check_resources(spec["resources"], "spec.resources")
     if "nodeSelector" in spec and not (isinstance(spec["nodeSelector"], dict) and all(isinstance(v, str) for v in spec["nodeSelector"].values())):
         _fail("spec.nodeSelector", "must be a mapping of label to string value")
-    for key in ("tolerations", "imagePullSecrets"):
-        if key in spec and not (isinstance(spec[key], list) and all(isinstance(t, dict) for t in spec[key])):
-            _fail(f"spec.{key}", "must be a list of mappings")
+    if "tolerations" in spec:
+        _check_tolerations(spec["tolerations"], "spec.tolerations")
+    if "imagePullSecrets" in spec:
+        _check_pull_secrets(spec["imagePullSecrets"], "spec.imagePullSecrets")
 
     policy = spec["runPolicy"]
     if not isinstance(policy, dict):
@@ -297,7 +356,7 @@ def _validate_step(step: Any, field: str) -> None:
             if not (isinstance(res, list) and len(res) in (1, 3) and all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in res)):
                 _fail(f"{field}.resolution", f"must be a list of 1 or 3 positive numbers (mm), got {res!r}")
         for key in ("inputExt", "outputExt"):
-            if key in step and not (isinstance(step[key], str) and EXT_RE.match(step[key])):
+            if key in step and not (isinstance(step[key], str) and EXT_RE.match(step[key]) and len(step[key]) <= EXT_MAX):
                 _fail(f"{field}.{key}", f"must be a file extension such as .dcm or .nii.gz, got {step[key]!r}")
         for key in ("force", "labels"):
             if key in step and not isinstance(step[key], bool):
@@ -306,12 +365,15 @@ def _validate_step(step: Any, field: str) -> None:
         overrides = step["set"]
         if not isinstance(overrides, dict) or not all(isinstance(k, str) and k and "=" not in k for k in overrides):
             _fail(f"{field}.set", "must be a mapping of config or environment key to value, e.g. {epochs: 5}")
+        if len(overrides) > SET_MAX:
+            _fail(f"{field}.set", f"at most {SET_MAX} overrides, got {len(overrides)}")
     if "ckpt" in step:
         _check_relative(step["ckpt"], f"{field}.ckpt")
     if "model" in step:
         _check_str(step["model"], f"{field}.model", MODEL_KINDS)
     if "key" in step:
         _check_str(step["key"], f"{field}.key")
+        _check_length(step["key"], f"{field}.key", KEY_MAX)
     if "formats" in step:
         formats = step["formats"]
         if not isinstance(formats, list) or not formats or any(f not in EXPORT_FORMATS for f in formats) or len(set(formats)) != len(formats):

@@ -1,5 +1,10 @@
-"""The MMARJob CRD: a valid, structural CRD; the examples pass its own schema and CEL rules; every CEL rule
-is exercised with a good and a bad input (cel-python); its defaults and rules agree with mmar.job."""
+"""The MMARJob CRD offline: a valid, structural CRD; the examples pass its own schema and CEL rules; every CEL
+rule is exercised with a good and a bad input (cel-python); its defaults and rules agree with mmar.job.
+
+cel-python evaluates the rules on JSON, untyped: it cannot see what only a real API server does (a rule that
+fails to compile against the schema's declared types, such as `has(self.set)` on a field the type-checker
+cannot see, strict decoding, the server's own defaulting). tests/e2e/test_crd_e2e.py checks all of that on
+a real kube-apiserver; these run in every `make test`, without a cluster."""
 
 from __future__ import annotations
 
