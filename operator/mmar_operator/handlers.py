@@ -3,10 +3,16 @@
 Every trigger (MMARJob created, resumed after an operator restart, spec updated, a child Job changed, a
 periodic resync) runs the same idempotent `reconcile`: it reads what exists, computes the status, creates
 the next step's objects by deterministic name (adopting any that exist) and patches the status.
+
+No handler here makes kopf add a finalizer (no timers or daemons, the delete handler is optional):
+deleting an MMARJob is never blocked, even while no operator runs. The periodic resync is therefore not a
+kopf timer but one task that walks an in-memory index of the unfinished MMARJobs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import logging
 import threading
 from collections import defaultdict
@@ -19,7 +25,7 @@ from mmar import job as contract
 from mmar.errors import MMARError
 
 from mmar_operator import render, status
-from mmar_operator.apply import GROUP, PLURAL, VERSION, Cluster
+from mmar_operator.apply import GROUP, MERGE_PATCH, PLURAL, VERSION, Cluster
 from mmar_operator.config import Config
 from mmar_operator.metrics import Metrics
 
@@ -60,7 +66,8 @@ def plain(value: Any) -> Any:
 
 
 def observe(job: Mapping[str, Any], previous: Mapping[str, Any], cluster: Cluster) -> dict[int, status.Observed]:
-    """Each step's Job, and the termination message of steps that just finished (pods read only then)."""
+    """Each step's Job, and for a step that just finished its termination message and, if it failed, why
+    its pod failed (pods are read only then)."""
     namespace = job["metadata"]["namespace"]
     children = {c["metadata"]["name"]: c for c in cluster.jobs_of(namespace, contract.name_of(job))}
     recorded = {s.get("jobName"): s.get("phase") for s in previous.get("steps") or []}
@@ -70,25 +77,49 @@ def observe(job: Mapping[str, Any], previous: Mapping[str, Any], cluster: Cluste
         child = children.get(name)
         if child is None:
             continue
-        message = None
+        message = failure = None
         phase, _, _ = status.job_phase(child)
         if phase in status.TERMINAL and recorded.get(name) not in status.TERMINAL:
-            message = status.termination_message(cluster.pods_of(namespace, name), phase == status.SUCCEEDED)
-        observed[index] = status.Observed(job=child, message=message)
+            pods = cluster.pods_of(namespace, name)
+            message = status.termination_message(pods, phase == status.SUCCEEDED)
+            failure = status.pod_failure(pods) if phase == status.FAILED else None
+        observed[index] = status.Observed(job=child, message=message, failure=failure)
     return observed
 
 
-def _sync_suspend(job: Mapping[str, Any], observed: Mapping[int, status.Observed], cluster: Cluster) -> None:
-    """Hold or release the running step's Job as spec.runPolicy.suspend says. Jobs queued by Kueue are
-    left to Kueue (it owns their suspend field); for those suspend only holds back the next step."""
-    if render.passthrough_labels(job).get(f"{render.KUEUE_PREFIX}queue-name"):
+def _sync_suspend(job: Mapping[str, Any], observed: dict[int, status.Observed], cluster: Cluster) -> None:
+    """Hold or release the running step's Job as spec.runPolicy.suspend says, and update `observed` to
+    match (the status must say what is now true, not what was true before the patch). Jobs queued by
+    Kueue are left to Kueue (it owns their suspend field); for those suspend only holds back the next step."""
+    if status.queue_of(job):
         return
     want = bool(job["spec"]["runPolicy"]["suspend"])
-    for index, seen in observed.items():
+    for index, seen in list(observed.items()):
         if seen.job is None or status.job_phase(seen.job)[0] in status.TERMINAL:
             continue
         if bool((seen.job.get("spec") or {}).get("suspend")) != want:
             cluster.set_suspend(job["metadata"]["namespace"], render.child_name(job, index), want)
+            child = copy.deepcopy(dict(seen.job))
+            child.setdefault("spec", {})["suspend"] = want
+            observed[index] = status.Observed(job=child, message=seen.message, failure=seen.failure)
+
+
+def _expire_recorded(job: Mapping[str, Any], new: Mapping[str, Any], observed: Mapping[int, status.Observed], cluster: Cluster) -> None:
+    """Give finished Jobs their runPolicy.ttlSecondsAfterFinished only now that their result is in the
+    MMARJob's status: rendered with it, the TTL controller could delete a Job (and its pods, with their
+    termination messages) before the operator read the result, and the step's result would be lost.
+    Called after the status patch, so an operator killed in between sets it on its next pass."""
+    ttl = job["spec"]["runPolicy"].get("ttlSecondsAfterFinished")
+    if ttl is None:
+        return
+    recorded = {s["jobName"] for s in new.get("steps") or [] if s["phase"] in status.TERMINAL}
+    for index, seen in observed.items():
+        name = render.child_name(job, index)
+        if seen.job is None or name not in recorded or status.job_phase(seen.job)[0] not in status.TERMINAL:
+            continue
+        if (seen.job.get("spec") or {}).get("ttlSecondsAfterFinished") is None:
+            cluster.call(cluster.batch.patch_namespaced_job, name, job["metadata"]["namespace"],
+                         {"spec": {"ttlSecondsAfterFinished": ttl}}, _content_type=MERGE_PATCH)
 
 
 def reconcile(body: Mapping[str, Any], cluster: Cluster, config: Config, metrics: Metrics, now: str | None = None) -> dict[str, Any]:
@@ -97,6 +128,8 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, config: Config, metrics
     now = now or now_iso()
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     previous = body.get("status") or {}
+    job: dict[str, Any] | None = None
+    observed: dict[int, status.Observed] = {}
     try:
         job = contract.parse(body)
     except MMARError as error:  # slipped past the schema (or an older CRD): Failed, not a crash loop
@@ -118,6 +151,8 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, config: Config, metrics
     if new != previous:
         # a merge patch keeps keys it does not mention: clear the ones the new status dropped
         cluster.patch_status(namespace, name, {**{k: None for k in previous if k not in new}, **new})
+    if job is not None:
+        _expire_recorded(job, new, observed, cluster)
     return new
 
 
@@ -150,23 +185,27 @@ def forget(namespace: str, name: str, runtime: Runtime | None = None) -> None:
 def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     if RUNTIME.cluster is None:
         RUNTIME.cluster = Cluster.from_kubeconfig()
-    settings.posting.level = logging.WARNING  # Kubernetes Events only for problems
+    # Kubernetes Events only for problems; kopf 1.45 posts none unless its loggers are enabled
+    settings.posting.loggers = True
+    settings.posting.level = logging.WARNING
     # kopf's bookkeeping in annotations only: the structural schema would prune a status.kopf field
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
 
 
-@kopf.on.create(GROUP, VERSION, PLURAL)
+# Explicit handler ids: kopf derives them from the function name, and a leading underscore makes an
+# annotation key (`mmar.dev/_on_create`) that the API server refuses (422) when a handler is retried.
+@kopf.on.create(GROUP, VERSION, PLURAL, id="create")
 def _on_create(body: kopf.Body, **_: Any) -> None:
     reconcile_guarded(body)
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)  # the operator (re)started: adopt what exists, create what is missing
+@kopf.on.resume(GROUP, VERSION, PLURAL, id="resume")  # the operator (re)started: adopt what exists, create what is missing
 def _on_resume(body: kopf.Body, **_: Any) -> None:
     reconcile_guarded(body)
 
 
-@kopf.on.update(GROUP, VERSION, PLURAL)  # spec or labels edited (e.g. runPolicy.suspend toggled)
+@kopf.on.update(GROUP, VERSION, PLURAL, id="update")  # spec or labels edited (e.g. runPolicy.suspend toggled)
 def _on_update(body: kopf.Body, **_: Any) -> None:
     reconcile_guarded(body)
 
@@ -175,20 +214,47 @@ def _unfinished(status: Mapping[str, Any] | None, **_: Any) -> bool:
     return (status or {}).get("phase") not in ("Succeeded", "Failed")
 
 
-# a safety net for a missed watch event; finished MMARJobs are never touched again
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RUNTIME.config.resync_seconds, initial_delay=RUNTIME.config.resync_seconds, when=_unfinished)
-def _resync(body: kopf.Body, **_: Any) -> None:
-    reconcile_guarded(body)
+# The unfinished MMARJobs, kept by kopf from its watch (an object leaves the index when it stops matching
+# `when` or is deleted). Indexing adds no finalizer; a kopf timer would (kopf needs one to stop a timer
+# before its object goes), and that finalizer would hold every deletion until an operator runs again.
+@kopf.index(GROUP, VERSION, PLURAL, when=_unfinished)
+def unfinished_mmarjobs(namespace: str, name: str, **_: Any) -> dict[tuple[str, str], None]:
+    return {(namespace, name): None}
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_JOB: kopf.PRESENT})
+async def resync(index: Mapping[tuple[str, str], Any], interval: float, runtime: Runtime | None = None) -> None:
+    """A safety net for a missed watch event: every `interval` seconds, reconcile each unfinished MMARJob
+    (one at a time, in the thread pool). Finished MMARJobs are never touched again."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval)
+        for namespace, name in list(index):  # a snapshot: the index changes while we await
+            try:
+                await loop.run_in_executor(None, reconcile_guarded, {"metadata": {"namespace": namespace, "name": name}}, runtime)
+            except kopf.TemporaryError:
+                pass  # logged and counted by reconcile_guarded; the next round retries
+
+
+@kopf.on.startup()
+async def _start_resync(memo: kopf.Memo, unfinished_mmarjobs: kopf.Index, **_: Any) -> None:
+    memo["resync"] = asyncio.get_running_loop().create_task(resync(unfinished_mmarjobs, RUNTIME.config.resync_seconds))
+
+
+@kopf.on.cleanup()
+async def _stop_resync(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("resync")
+    if task is not None:
+        task.cancel()
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_JOB: kopf.PRESENT}, id="child-job")
 def _on_child(type: str, body: kopf.Body, **_: Any) -> None:  # noqa: A002 - kopf's keyword
     namespace, parent = body["metadata"]["namespace"], body["metadata"]["labels"][render.LABEL_JOB]
     if RUNTIME.cluster is not None:
         reconcile_guarded({"metadata": {"namespace": namespace, "name": parent}})
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)  # optional: no finalizer ever blocks deletion
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True, id="delete")  # optional: no finalizer ever blocks deletion
 def _on_delete(body: kopf.Body, **_: Any) -> None:
     forget(body["metadata"]["namespace"], body["metadata"]["name"])
 

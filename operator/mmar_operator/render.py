@@ -212,9 +212,11 @@ def render_job(job: Mapping[str, Any], index: int, config: Config) -> dict[str, 
         "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]},
         "template": {"metadata": {"labels": _metadata(job, index)["labels"]}, "spec": pod},
     }
-    for key in ("activeDeadlineSeconds", "ttlSecondsAfterFinished"):
-        if key in policy:
-            job_spec[key] = policy[key]
+    if "activeDeadlineSeconds" in policy:
+        job_spec["activeDeadlineSeconds"] = policy["activeDeadlineSeconds"]
+    # No ttlSecondsAfterFinished here: the operator sets it on a finished Job once the step's result is
+    # recorded in the MMARJob's status (handlers._expire_recorded). Set at creation, the TTL controller
+    # could delete the Job and its pods, with the termination message, before the result was read.
     if step["nodes"] > 1:
         job_spec.update(completionMode="Indexed", completions=step["nodes"], parallelism=step["nodes"])
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(job, index), "spec": job_spec}

@@ -8,11 +8,13 @@ the status, not the children, is the memory of what has already run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
 from mmar import job as contract
+from mmar import results as result_contract
 
-from mmar_operator.render import CONTAINER, child_name
+from mmar_operator.render import CONTAINER, KUEUE_PREFIX, child_name, passthrough_labels
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
 WAITING = "Waiting"  # a step whose Job is not created yet
@@ -23,10 +25,32 @@ MESSAGE_MAX = 512
 
 @dataclass(frozen=True)
 class Observed:
-    """What the cluster shows of one step: its Job (or None) and its result's termination message."""
+    """What the cluster shows of one step: its Job (or None), its result's termination message and, for a
+    failed step, why its pod failed in the failing container's own words (`pod_failure`)."""
 
     job: Mapping[str, Any] | None = None
     message: str | None = None
+    failure: str | None = None
+
+
+def rfc3339(value: Any) -> Any:
+    """A timestamp as RFC 3339 UTC with `Z` (what the API server writes), whatever form it came in: a
+    datetime, or text with `+00:00` (the client's serialization) or fractional seconds. Other values pass."""
+    if isinstance(value, str) and value:
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return value
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value
+
+
+def queue_of(job: Mapping[str, Any]) -> str | None:
+    """The Kueue LocalQueue an MMARJob's Jobs are submitted to (its `kueue.x-k8s.io/queue-name` label)."""
+    return passthrough_labels(job).get(f"{KUEUE_PREFIX}queue-name")
 
 
 def _conditions_of(obj: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
@@ -34,8 +58,9 @@ def _conditions_of(obj: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]
     return {c.get("type"): c for c in conditions if c.get("status") == "True"}
 
 
-def job_phase(child: Mapping[str, Any]) -> tuple[str, str, str]:
-    """(phase, reason, message) of a batch/v1 Job."""
+def job_phase(child: Mapping[str, Any], queue: str | None = None) -> tuple[str, str, str]:
+    """(phase, reason, message) of a batch/v1 Job; `queue`: the Kueue queue it was submitted to, if any
+    (Kueue owns such a Job's suspend field: suspended means not admitted yet)."""
     true = _conditions_of(child)
     status = child.get("status") or {}
     if "Complete" in true:
@@ -44,7 +69,9 @@ def job_phase(child: Mapping[str, Any]) -> tuple[str, str, str]:
         c = true["Failed"]
         return FAILED, c.get("reason") or "JobFailed", c.get("message") or ""
     if (child.get("spec") or {}).get("suspend"):
-        return SUSPENDED, "JobSuspended", "the Job is suspended (by the MMARJob or by a Kueue queue)"
+        if queue:
+            return PENDING, "Queued", f"its Job waits for admission by Kueue (queue {queue})"
+        return SUSPENDED, "JobSuspended", "its Job is suspended (spec.runPolicy.suspend)"
     if status.get("active") or status.get("startTime"):
         return RUNNING, "JobRunning", ""
     return PENDING, "JobCreated", ""
@@ -71,15 +98,63 @@ def termination_message(pods: Iterable[Mapping[str, Any]], succeeded: bool) -> s
     return max(candidates, key=lambda c: (c[0], c[1]))[2]
 
 
-def _step_message(reason_message: str, raw: str | None, result: Mapping[str, Any] | None) -> str:
-    parts = [reason_message] if reason_message else []
-    if result and result.get("error"):
-        parts.append(str(result["error"]))
-    elif raw and result is None:  # FallbackToLogsOnError: the log tail of a crash
-        tail = [line for line in raw.strip().splitlines() if line.strip()]
-        if tail:
-            parts.append(tail[-1])
-    return "; ".join(parts)[:MESSAGE_MAX]
+def _own_words(message: str | None) -> str | None:
+    """A container's termination message as one line: its result's `error`, else (FallbackToLogsOnError:
+    the log tail of a crash) the last `error:` line or the last line."""
+    result = contract.parse_result(message)
+    if result is not None:
+        return str(result["error"]) if result.get("error") else None
+    return result_contract.error_line(message)
+
+
+def _container_failure(cs: Mapping[str, Any], init: bool) -> str | None:
+    state = cs.get("state") or {}
+    what = f"{'init container' if init else 'container'} {cs.get('name')}"
+    terminated = state.get("terminated")
+    if terminated and terminated.get("exitCode") not in (0, None):
+        code, reason = terminated.get("exitCode"), terminated.get("reason") or ""
+        if reason in ("", "Error"):
+            how = f"exited with code {code}"
+        elif reason == "OOMKilled":
+            how = f"was OOMKilled (exit code {code})"
+        else:  # StartError, ContainerCannotRun, DeadlineExceeded...
+            how = f"failed ({reason}, exit code {code})"
+        words = _own_words(terminated.get("message"))
+        return f"{what} {how}" + (f": {words}" if words else "")
+    waiting = state.get("waiting")
+    if waiting and waiting.get("reason") not in (None, "PodInitializing", "ContainerCreating"):
+        return f"{what} could not start ({waiting['reason']})" + (f": {waiting['message']}" if waiting.get("message") else "")
+    return None
+
+
+def pod_failure(pods: Iterable[Mapping[str, Any]]) -> str | None:
+    """Why a failed step's pod failed, in the failing container's own words, from the latest failed pod:
+    an init container (`mmar init`) first, as it runs first, then the main one; or the pod's own reason
+    (evicted, deadline). The Job's condition alone says only "Job has reached the specified backoff limit"."""
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == FAILED]
+    for pod in sorted(failed, key=_finished_at, reverse=True):
+        st = pod.get("status") or {}
+        for statuses, init in ((st.get("initContainerStatuses"), True), (st.get("containerStatuses"), False)):
+            for cs in statuses or []:
+                found = _container_failure(cs, init)
+                if found:
+                    return found[:MESSAGE_MAX]
+        if st.get("reason") or st.get("message"):
+            return "; ".join(x for x in (st.get("reason"), st.get("message")) if x)[:MESSAGE_MAX]
+    return None
+
+
+def _finished_at(pod: Mapping[str, Any]) -> str:
+    st = pod.get("status") or {}
+    times = [str(((cs.get("state") or {}).get("terminated") or {}).get("finishedAt") or "")
+             for cs in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or [])]
+    return max(times, default="")
+
+
+def _step_message(reason_message: str, failure: str | None, raw: str | None) -> str:
+    """A failed step's message: the Job's reason, then the failing container's own words."""
+    detail = failure or _own_words(raw)
+    return "; ".join(part for part in (reason_message, detail) if part)[:MESSAGE_MAX]
 
 
 def _set_condition(previous: Iterable[Mapping[str, Any]], kind: str, true: bool, reason: str, message: str,
@@ -92,7 +167,7 @@ def _set_condition(previous: Iterable[Mapping[str, Any]], kind: str, true: bool,
         "status": status,
         "reason": reason,
         "message": message[:MESSAGE_MAX],
-        "lastTransitionTime": now if moved else old.get("lastTransitionTime", now),
+        "lastTransitionTime": now if moved else rfc3339(old.get("lastTransitionTime", now)),
     }
     if generation is not None:
         condition["observedGeneration"] = generation
@@ -106,30 +181,33 @@ def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed
     remembered = {s.get("jobName"): s for s in previous.get("steps") or []}
     results: dict[str, Any] = dict(previous.get("results") or {})
     steps: list[dict[str, Any]] = []
+    queue = queue_of(job)
 
     for index, step in enumerate(contract.steps_of(job)):
         name = child_name(job, index)
         old = remembered.get(name)
         if old and old.get("phase") in TERMINAL:
-            steps.append(dict(old))  # finished: never re-evaluated, even if its Job was garbage-collected
+            # finished: never re-evaluated, even if its Job was garbage-collected
+            steps.append({**old, **{k: rfc3339(old[k]) for k in ("startTime", "completionTime") if old.get(k)}})
             continue
         seen = observed.get(index) or Observed()
         entry: dict[str, Any] = {"name": step["name"], "type": step["type"], "jobName": name, "phase": WAITING}
         if seen.job is not None:
-            phase, reason, message = job_phase(seen.job)
+            phase, reason, message = job_phase(seen.job, queue)
             child_status = seen.job.get("status") or {}
             entry.update(phase=phase, reason=reason)
             if child_status.get("startTime"):
-                entry["startTime"] = child_status["startTime"]
+                entry["startTime"] = rfc3339(child_status["startTime"])
             if phase in TERMINAL:
                 result = contract.parse_result(seen.message)
-                entry["completionTime"] = child_status.get("completionTime") or (_conditions_of(seen.job).get("Complete" if phase == SUCCEEDED else "Failed") or {}).get("lastTransitionTime") or now
+                finished = child_status.get("completionTime") or (_conditions_of(seen.job).get("Complete" if phase == SUCCEEDED else "Failed") or {}).get("lastTransitionTime") or now
+                entry["completionTime"] = rfc3339(finished)
                 entry.setdefault("startTime", entry["completionTime"])
                 if result is not None:
                     entry["result"] = result
                     if phase == SUCCEEDED:
                         results = contract.merge_results(results, step["type"], result)
-                message = _step_message(message, seen.message, result) if phase == FAILED else message
+                message = _step_message(message, seen.failure, seen.message) if phase == FAILED else message
             if message:
                 entry["message"] = message[:MESSAGE_MAX]
         steps.append(entry)
@@ -143,24 +221,25 @@ def _summarize(job: Mapping[str, Any], previous: Mapping[str, Any], steps: list[
     failed = next((s for s in steps if s["phase"] == FAILED), None)
     current = next((s for s in steps if s["phase"] != SUCCEEDED), None)
     suspended = bool(job["spec"]["runPolicy"]["suspend"])
+    queue = queue_of(job)
     if failed is not None:
         phase, reason, message = FAILED, "StepFailed", f"step {failed['name']} failed" + (f": {failed['message']}" if failed.get("message") else "")
     elif current is None:
         phase, reason, message = SUCCEEDED, "AllStepsSucceeded", f"{len(steps)} step(s) succeeded"
+    elif suspended and queue:  # Kueue owns the Jobs' suspend field: only the next step is held back
+        phase, reason, message = SUSPENDED, "Suspended", f"suspended: no step starts after {current['name']} (spec.runPolicy.suspend; Kueue owns the admitted Job)"
     elif suspended:
         phase, reason, message = SUSPENDED, "Suspended", f"suspended before step {current['name']} completed (spec.runPolicy.suspend)"
+    elif current.get("reason") == "Queued":
+        phase, reason, message = PENDING, "Queued", f"step {current['name']} is queued: {current.get('message') or 'its Job waits for admission'}"
     elif current["phase"] == RUNNING or any(s["phase"] == SUCCEEDED for s in steps):
-        phase, reason, message = RUNNING, "StepRunning", f"step {current['name']} is {current['phase'].lower()}"
-    elif current["phase"] == SUSPENDED:
-        phase, reason, message = PENDING, "Queued", f"step {current['name']} waits for admission (its Job is suspended, e.g. by Kueue)"
+        # between two steps (the next Job created, its pod not started) the job is still running
+        phase, reason, message = RUNNING, "StepRunning", f"step {current['name']} is {_doing(current)}"
     else:
-        phase, reason, message = PENDING, "StepPending", f"step {current['name']} is {current['phase'].lower()}"
+        phase, reason, message = PENDING, "StepPending", f"step {current['name']} is {_doing(current)}"
 
     old_conditions = previous.get("conditions") or []
-    conditions = [
-        _set_condition(old_conditions, kind, phase == kind, reason if phase == kind else f"Not{kind}", message if phase == kind else "", now, generation)
-        for kind in CONDITION_TYPES
-    ]
+    conditions = [_set_condition(old_conditions, kind, *_condition_of(kind, phase, reason, message), now, generation) for kind in CONDITION_TYPES]
     status: dict[str, Any] = {
         "phase": phase,
         "observedGeneration": generation,
@@ -171,12 +250,31 @@ def _summarize(job: Mapping[str, Any], previous: Mapping[str, Any], steps: list[
     }
     starts = [s["startTime"] for s in steps if s.get("startTime")]
     if previous.get("startTime") or starts:
-        status["startTime"] = previous.get("startTime") or min(starts)
+        status["startTime"] = rfc3339(previous.get("startTime") or min(starts))
     if phase in TERMINAL:
-        status["completionTime"] = previous.get("completionTime") or now
+        status["completionTime"] = rfc3339(previous.get("completionTime") or now)
     if generation is None:
         del status["observedGeneration"]
     return status
+
+
+def _doing(step: Mapping[str, Any]) -> str:
+    """What a step that has not finished is doing, in words that are true for each of its phases."""
+    if step["phase"] == SUSPENDED:  # the MMARJob was resumed; its Job is being released
+        return "resuming (its Job is still suspended)"
+    if step["phase"] == PENDING:
+        return "pending (its Job has no running pod yet)"
+    return step["phase"].lower()
+
+
+def _condition_of(kind: str, phase: str, reason: str, message: str) -> tuple[bool, str, str]:
+    """(true, reason, message) of condition `kind`. While Pending, Running=False says why (Queued,
+    StepPending): the one condition whose reason tells a queued job from one whose pod is starting."""
+    if phase == kind:
+        return True, reason, message
+    if kind == RUNNING and phase == PENDING:
+        return False, reason, message
+    return False, f"Not{kind}", ""
 
 
 def invalid(job_body: Mapping[str, Any], previous: Mapping[str, Any] | None, error: str, now: str) -> dict[str, Any]:
@@ -191,7 +289,7 @@ def invalid(job_body: Mapping[str, Any], previous: Mapping[str, Any] | None, err
     ]
     status = {"phase": FAILED, "conditions": conditions, "message": message[:MESSAGE_MAX],
               "steps": previous.get("steps") or [], "results": previous.get("results") or {},
-              "completionTime": previous.get("completionTime") or now}
+              "completionTime": rfc3339(previous.get("completionTime") or now)}
     if generation is not None:
         status["observedGeneration"] = generation
     return status

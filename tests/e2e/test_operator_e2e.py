@@ -1,167 +1,496 @@
-"""End to end against a real cluster (kind, minikube, a dev cluster): runs only when KUBECONFIG is set.
+"""The operator end to end on a real Kubernetes API server: every example to Succeeded, failures in the
+container's own words, restarts and kills without duplicates, deletion while the operator is down,
+suspend/resume, Kueue admission, ttlSecondsAfterFinished: 0, and the step result contract.
 
-Installs the CRD, checks the API server's own validation (schema + CEL), runs the operator in a
-subprocess against a fresh namespace, applies an MMARJob and watches Jobs appear and the status move.
+The API server, the Job controller, the garbage collector and the TTL controller are real (`make test-e2e`
+starts them: tests/e2e/with-cluster.sh; any cluster serves through KUBECONFIG). The real operator runs as
+a subprocess (operator_process.py). The node side is the kubelet stand-in (kubelet.py): it binds the pods
+the Job controller creates, runs init and main containers through `pods/status` as each test scripts them,
+writes each step's termination message with the runtime's own result code, and plays Kueue's admission.
 
-    kind create cluster --name mmar
-    export KUBECONFIG="$(kind get kubeconfig-path --name mmar 2>/dev/null || echo ~/.kube/config)"
-    # optional, to run a step to success: build the runtime image and load it into the cluster
-    docker build --target runtime -t mmar:e2e . && kind load docker-image mmar:e2e --name mmar
-    MMAR_E2E_IMAGE=mmar:e2e pytest -m e2e tests/e2e -v
-
-Without MMAR_E2E_IMAGE the steps run in a stand-in image without `mmar`, so the first step fails:
-the test then checks that the failure reaches the MMARJob's status with a readable message.
+    PORT_BASE=28443 tests/e2e/with-cluster.sh .venv/bin/python -m pytest -q tests/e2e/test_operator_e2e.py
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import json
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import pytest
 import yaml
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(not os.environ.get("KUBECONFIG"), reason="needs a Kubernetes cluster: set KUBECONFIG"),
-]
+from kubelet import Kubelet, Outcome, realistic_result, termination_message
+from operator_process import OperatorProcess
 
 ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 GROUP, VERSION, PLURAL = "mmar.dev", "v1alpha1", "mmarjobs"
-IMAGE = os.environ.get("MMAR_E2E_IMAGE")
-STAND_IN = "busybox:1.36"  # any small image without `mmar`: the container fails to start its command
-TIMEOUT = float(os.environ.get("MMAR_E2E_TIMEOUT", "600"))
+LABEL = "mmar.dev/mmarjob"
+KOPF_FINALIZER = "kopf.zalando.org/KopfFinalizerMarker"
+TIMEOUT = 60.0
+RESYNC_SECONDS = 2
+
+
+def example_namespaces() -> set[str]:
+    return {ns for path in EXAMPLES for ns in [yaml.safe_load(path.read_text())["metadata"].get("namespace")] if ns}
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
 
 
 @pytest.fixture(scope="module")
-def api():
-    from kubernetes import client, config
-
-    config.load_kube_config()
-    return client
+def core(api):
+    return api.CoreV1Api()
 
 
 @pytest.fixture(scope="module")
-def crd(api):
-    body = yaml.safe_load((ROOT / "crds" / "mmar.dev_mmarjobs.yaml").read_text())
-    ext = api.ApiextensionsV1Api()
-    try:
-        ext.create_custom_resource_definition(body)
-    except api.ApiException as error:
-        if error.status != 409:
+def batch(api):
+    return api.BatchV1Api()
+
+
+@pytest.fixture(scope="module")
+def custom(api):
+    return api.CustomObjectsApi()
+
+
+@pytest.fixture(scope="module")
+def ns(api, crd, core) -> str:
+    """This module's namespace (the one examples without a namespace go to)."""
+    name = f"op-e2e-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": name}})
+    return name
+
+
+@pytest.fixture(scope="module")
+def kubelet(api, ns, core) -> Iterator[Kubelet]:
+    stand_in = Kubelet(api, namespaces=[ns, *sorted(example_namespaces())]).start()
+    yield stand_in
+    # the namespace goes while the stand-in still confirms its pods' deletions (or they would hold it)
+    core.delete_namespace(ns)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(n.metadata.name == ns for n in core.list_namespace().items):
+        time.sleep(0.5)
+    stand_in.stop()
+    assert stand_in.errors == [], "the kubelet stand-in itself failed"
+
+
+@pytest.fixture(scope="module")
+def operator(kubeconfig, ns, kubelet) -> Iterator[OperatorProcess]:
+    process = OperatorProcess([ns, *sorted(example_namespaces())], kubeconfig=kubeconfig, resync_seconds=RESYNC_SECONDS)
+    process.start()
+    yield process
+    process.close()
+
+
+class Cluster:
+    """The few reads and waits the scenarios share; a timeout shows the MMARJob and the operator's log."""
+
+    def __init__(self, custom, batch, core, operator: OperatorProcess):
+        self.custom, self.batch, self.core, self.operator = custom, batch, core, operator
+
+    def create(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
             raise
-        live = ext.read_custom_resource_definition(body["metadata"]["name"])
-        body["metadata"]["resourceVersion"] = live.metadata.resource_version
-        ext.replace_custom_resource_definition(body["metadata"]["name"], body)
-    wait_for(lambda: any(c.type == "Established" and c.status == "True"
-                         for c in ext.read_custom_resource_definition("mmarjobs.mmar.dev").status.conditions or []), 60, "CRD established")
+
+    def status(self, namespace: str, name: str) -> dict[str, Any]:
+        return (self.get(namespace, name) or {}).get("status") or {}
+
+    def jobs(self, namespace: str, name: str) -> list[Any]:
+        return self.batch.list_namespaced_job(namespace, label_selector=f"{LABEL}={name}").items
+
+    def pods(self, namespace: str, job_name: str) -> list[Any]:
+        return self.core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}").items
+
+    def wait(self, predicate: Callable[[], Any], what: str, namespace: str | None = None, name: str | None = None,
+             timeout: float = TIMEOUT, interval: float = 0.1) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(interval)
+        shown = yaml.safe_dump(self.status(namespace, name)) if name else ""
+        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{shown}\n--- operator log (tail):\n{self.operator.log_text()[-3000:]}")
+
+    def wait_phase(self, namespace: str, name: str, *phases: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        def reached():
+            status = self.status(namespace, name)
+            return status if status.get("phase") in phases else None
+        return self.wait(reached, f"{namespace}/{name} to reach {' or '.join(phases)}", namespace, name, timeout)
+
+    def wait_step(self, namespace: str, name: str, index: int, phase: str, reason: str | None = None) -> dict[str, Any]:
+        def reached():
+            status = self.status(namespace, name)
+            steps = status.get("steps") or []
+            if len(steps) > index and steps[index]["phase"] == phase and reason in (None, steps[index].get("reason")):
+                return status
+            return None
+        return self.wait(reached, f"step {index} of {namespace}/{name} to be {phase}", namespace, name)
+
+    def pod_running(self, namespace: str, job_name: str) -> bool:
+        return any(p.status.phase == "Running" and not p.metadata.deletion_timestamp for p in self.pods(namespace, job_name))
+
+
+@pytest.fixture(scope="module")
+def k8s(custom, batch, core, operator) -> Cluster:
+    return Cluster(custom, batch, core, operator)
+
+
+def manifest(name: str, steps: list[dict[str, Any]], labels: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MMARJob", "metadata": {"name": name},
+            "spec": {"mmar": {"claimName": "workspace"}, "data": {"claimName": "data"}, "gpusPerNode": 0, "steps": steps, **spec}}
+    if labels:
+        body["metadata"]["labels"] = labels
     return body
 
 
-@pytest.fixture(scope="module")
-def namespace(api, crd):
-    name = f"mmar-e2e-{uuid.uuid4().hex[:6]}"
-    core = api.CoreV1Api()
-    core.create_namespace({"metadata": {"name": name}})
-    for claim in ("e2e-workspace", "e2e-data"):
-        core.create_namespaced_persistent_volume_claim(name, {
-            "metadata": {"name": claim},
-            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
-    yield name
-    core.delete_namespace(name)
+def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == kind)
 
 
-@pytest.fixture(scope="module")
-def operator(namespace):
-    env = {**os.environ, "MMAR_OPERATOR_DEFAULT_IMAGE": IMAGE or STAND_IN, "MMAR_OPERATOR_METRICS_PORT": "18000",
-           "MMAR_OPERATOR_LIVENESS_PORT": "18080", "MMAR_OPERATOR_RESYNC_SECONDS": "5"}
-    proc = subprocess.Popen([sys.executable, "-m", "mmar_operator", "--namespace", namespace], env=env)
-    wait_for(lambda: _healthy(), 60, "operator liveness endpoint")
-    yield proc
-    proc.terminate()
-    proc.wait(timeout=30)
+def ensure_namespace(core, name: str) -> bool:
+    """Create namespace `name` unless it exists (waiting out a deletion another test started); True if made."""
+    from kubernetes.client.exceptions import ApiException
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if core.read_namespace(name).status.phase == "Active":
+                return False
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            try:
+                core.create_namespace({"metadata": {"name": name}})
+                return True
+            except ApiException as race:
+                if race.status != 409:
+                    raise
+        time.sleep(0.5)
+    raise AssertionError(f"namespace {name} stayed Terminating")
 
 
-def _healthy() -> bool:
-    import urllib.request
+def claim(core, namespace: str, name: str) -> None:
+    from kubernetes.client.exceptions import ApiException
 
     try:
-        return urllib.request.urlopen("http://127.0.0.1:18080/healthz", timeout=2).status == 200
-    except OSError:
-        return False
+        core.create_namespaced_persistent_volume_claim(namespace, {
+            "metadata": {"name": name},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+    except ApiException as error:
+        if error.status != 409:
+            raise
 
 
-def wait_for(predicate, seconds, what):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(1)
-    pytest.fail(f"timed out after {seconds}s waiting for {what}")
+def assert_no_duplicates(k8s: Cluster, namespace: str, name: str, steps: list[dict[str, Any]]) -> None:
+    """One Job per step, named by the step, and one pod per node of it (backoffLimit 0: no retries)."""
+    jobs = k8s.jobs(namespace, name)
+    expected = [f"{name}-{i}-{s.get('name', s['type'])}" for i, s in enumerate(steps)]
+    assert sorted(j.metadata.name for j in jobs) == sorted(expected)
+    for job, step in zip(sorted(jobs, key=lambda j: expected.index(j.metadata.name)), steps):
+        assert len(k8s.pods(namespace, job.metadata.name)) == step.get("nodes", 1), job.metadata.name
 
 
-def prepare_data(api, namespace):
-    """The data claim starts empty: write the synthetic dataset into it with the runtime image."""
-    batch = api.BatchV1Api()
-    batch.create_namespaced_job(namespace, {
-        "metadata": {"name": "demo-data"},
-        "spec": {"backoffLimit": 0, "template": {"spec": {
-            "restartPolicy": "Never",
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
-            "containers": [{"name": "demo-data", "image": IMAGE, "command": ["mmar", "demo-data", "/data", "--task", "segmentation", "--cases", "6"],
-                            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-                            "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
-            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "e2e-data"}}]}}}})
-    wait_for(lambda: (batch.read_namespaced_job("demo-data", namespace).status.succeeded or 0) > 0, TIMEOUT, "the demo data")
+# ------------------------------------------------------------------------------------------------ scenarios
 
 
-def mmarjob(name, steps):
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "MMARJob", "metadata": {"name": name},
-        "spec": {"task": "segmentation", "gpusPerNode": 0, "shmSize": "256Mi",
-                 "mmar": {"claimName": "e2e-workspace", "path": "demo"}, "data": {"claimName": "e2e-data"},
-                 "steps": steps},
-    }
+def test_every_example_reaches_succeeded(kubectl, core, ns, kubelet, k8s):
+    made = [n for n in sorted(example_namespaces()) if ensure_namespace(core, n)]
+    applied: list[tuple[str, dict[str, Any]]] = []
+    try:
+        for path in EXAMPLES:
+            body = yaml.safe_load(path.read_text())
+            namespace = body["metadata"].get("namespace") or ns
+            for claim_name in {body["spec"]["mmar"]["claimName"], body["spec"]["data"]["claimName"]}:
+                claim(core, namespace, claim_name)
+            kubectl("apply", "-n", namespace, "-f", str(path))  # as a user does: the file unchanged
+            applied.append((namespace, body))
+
+        for namespace, body in applied:
+            name, steps = body["metadata"]["name"], body["spec"]["steps"]
+            status = k8s.wait_phase(namespace, name, "Succeeded", "Failed")
+            assert status["phase"] == "Succeeded", yaml.safe_dump(status)
+            assert [s["phase"] for s in status["steps"]] == ["Succeeded"] * len(steps)
+            assert all(s.get("result", {}).get("command") for s in status["steps"]), "every step's result is recorded"
+            assert (condition(status, "Succeeded")["status"], condition(status, "Succeeded")["reason"]) == ("True", "AllStepsSucceeded")
+            assert all(condition(status, kind)["status"] == "False" for kind in ("Running", "Suspended", "Failed"))
+            assert status["observedGeneration"] == k8s.get(namespace, name)["metadata"]["generation"]
+            times = [status["startTime"], status["completionTime"], *(c["lastTransitionTime"] for c in status["conditions"]),
+                     *(s[k] for s in status["steps"] for k in ("startTime", "completionTime"))]
+            assert all(t.endswith("Z") for t in times), times
+            assert_no_duplicates(k8s, namespace, name, steps)
+
+            # kubectl's printer columns show the run
+            table = kubectl("get", "mmarjobs", name, "-n", namespace, "-o", "wide").stdout.splitlines()
+            header, row = table[0].split(), table[1].split()
+            assert header == ["NAME", "PHASE", "STEP", "EPOCHS", "BEST", "AGE"]
+            epochs = next(s["set"]["epochs"] for s in steps if s["type"] in ("train", "finetune"))
+            assert row[:5] == [name, "Succeeded", status["currentStep"], str(epochs), str(status["results"]["bestMetric"])]
+
+            queue = (body["metadata"].get("labels") or {}).get("kueue.x-k8s.io/queue-name")
+            policy = body["spec"].get("runPolicy") or {}
+            for job in k8s.jobs(namespace, name):
+                annotations = job.metadata.annotations or {}
+                # Kueue-queued Jobs were created suspended and admitted (by the stand-in's Kueue) exactly then
+                assert ("mmar.dev/kubelet-standin-admitted" in annotations) == bool(queue)
+                # the TTL was set once the result was recorded (not at creation: see test_ttl_zero_keeps_every_result)
+                assert job.spec.ttl_seconds_after_finished == policy.get("ttlSecondsAfterFinished")
+    finally:
+        for namespace, body in applied:
+            kubectl("delete", "mmarjob", body["metadata"]["name"], "-n", namespace, "--wait=false", check=False)
+        for namespace in made:
+            core.delete_namespace(namespace)
 
 
-def test_api_server_enforces_the_cel_rules(api, namespace):
-    custom = api.CustomObjectsApi()
-    with pytest.raises(api.ApiException) as info:
-        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, mmarjob("bad", [{"type": "infer", "nodes": 2}]))
-    assert info.value.status == 422 and "only train and finetune steps may run on several nodes" in info.value.body
+FAILURES = {
+    # name: (outcome of its first step's pod, task (None: no init container), what the status must say)
+    "fail-main": (Outcome.fail("label shape (1, 96, 96, 96) != image shape (1, 64, 64, 64) for case spleen_3"), None,
+                  "container mmar exited with code 1: label shape (1, 96, 96, 96) != image shape (1, 64, 64, 64) for case spleen_3"),
+    "fail-init": (Outcome.init_fail("/workspace/mmar is not empty and holds no MMAR (config/config_train.json missing)"), "segmentation",
+                  "init container mmar-init exited with code 1: /workspace/mmar is not empty and holds no MMAR (config/config_train.json missing)"),
+    "fail-oom": (Outcome.crash("epoch 3/30 loss 0.4127\nKilled"), None, "container mmar was OOMKilled (exit code 137): Killed"),
+    "fail-start": (Outcome.start_error("CreateContainerError", 'exec: "mmar": executable file not found in $PATH'), None,
+                   'container mmar failed (StartError, exit code 128): exec: "mmar": executable file not found in $PATH'),
+}
 
 
-def test_jobs_are_created_and_status_moves(api, namespace, operator):
-    custom, batch = api.CustomObjectsApi(), api.BatchV1Api()
-    steps = [{"type": "train", "set": {"epochs": 1}}, {"type": "export", "formats": ["torchscript"]}]
-    if IMAGE:
-        prepare_data(api, namespace)
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, mmarjob("demo", steps))
+def test_a_failing_container_fails_the_job_with_its_own_message(ns, kubelet, k8s):
+    for name, (outcome, task, _) in FAILURES.items():
+        kubelet.script(f"{name}-0-train", outcome)
+        spec = {"task": task} if task else {}
+        k8s.create(ns, manifest(name, [{"type": "train"}, {"type": "export"}], **spec))
+    for name, (_, _, expected) in FAILURES.items():
+        status = k8s.wait_phase(ns, name, "Failed", "Succeeded")
+        assert status["phase"] == "Failed"
+        assert [s["phase"] for s in status["steps"]] == ["Failed", "Waiting"]
+        step = status["steps"][0]
+        # the Job controller's reason, then the failing container's own words
+        assert step["message"] == f"Job has reached the specified backoff limit; {expected}"
+        assert status["message"] == f"step train failed: {step['message']}"
+        failed = condition(status, "Failed")
+        assert (failed["status"], failed["reason"]) == ("True", "StepFailed") and expected in failed["message"]
+        assert [j.metadata.name for j in k8s.jobs(ns, name)] == [f"{name}-0-train"]  # export never created
 
-    wait_for(lambda: batch.list_namespaced_job(namespace, label_selector="mmar.dev/mmarjob=demo").items, 60, "the first step's Job")
-    jobs = batch.list_namespaced_job(namespace, label_selector="mmar.dev/mmarjob=demo").items
-    assert [j.metadata.name for j in jobs] == ["demo-0-train"]
-    assert jobs[0].metadata.owner_references[0].kind == "MMARJob"
 
-    def status():
-        return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "demo").get("status") or {}
+def test_operator_killed_mid_run_and_restarted_makes_no_duplicates(ns, kubelet, k8s, operator):
+    steps = [{"type": "convert", "input": "raw", "output": "nifti"}, {"type": "train", "set": {"epochs": 2}}, {"type": "validate"}]
+    first = kubelet.script("restart-0-convert", Outcome.running())
+    second = kubelet.script("restart-1-train", Outcome.running())
+    k8s.create(ns, manifest("restart", steps))
+    k8s.wait(lambda: k8s.pod_running(ns, "restart-0-convert"), "the convert step's pod to run", ns, "restart")
+    uids = {j.metadata.name: j.metadata.uid for j in k8s.jobs(ns, "restart")}
 
-    wait_for(lambda: status().get("phase") in ("Pending", "Running", "Succeeded", "Failed"), 60, "a status")
-    if IMAGE:
-        wait_for(lambda: status().get("phase") in ("Succeeded", "Failed"), TIMEOUT, "the job to finish")
-        final = status()
-        assert final["phase"] == "Succeeded", final
-        assert final["results"].get("epochs") == 1 and final["results"].get("exported")
-    else:
-        wait_for(lambda: status().get("phase") == "Failed", TIMEOUT, "the stand-in image's failure to reach the status")
-        final = status()
-        assert final["steps"][0]["phase"] == "Failed" and final["steps"][1]["phase"] == "Waiting"
-        assert any(c["type"] == "Failed" and c["status"] == "True" for c in final["conditions"])
+    # SIGTERM while a step runs; the step finishes while no operator watches
+    assert operator.terminate() == 0
+    kubelet.release(first)
+    k8s.wait(lambda: (k8s.batch.read_namespaced_job("restart-0-convert", ns).status.succeeded or 0) == 1, "convert's Job to complete")
+    operator.start()
+    k8s.wait(lambda: k8s.pod_running(ns, "restart-1-train"), "the train step's pod to run", ns, "restart")
+    uids.update({j.metadata.name: j.metadata.uid for j in k8s.jobs(ns, "restart")})
 
-    # deleting the MMARJob garbage-collects its Jobs
-    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "demo", propagation_policy="Foreground")
-    wait_for(lambda: not batch.list_namespaced_job(namespace, label_selector="mmar.dev/mmarjob=demo").items, 120, "Jobs to be collected")
+    # SIGKILL while the next one runs: no cleanup at all
+    operator.kill()
+    kubelet.release(second)
+    k8s.wait(lambda: (k8s.batch.read_namespaced_job("restart-1-train", ns).status.succeeded or 0) == 1, "train's Job to complete")
+    operator.start()
+    status = k8s.wait_phase(ns, "restart", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded" and all(s.get("result") for s in status["steps"])
+    assert_no_duplicates(k8s, ns, "restart", steps)
+    # the Jobs that existed before each restart were adopted, not deleted and made again
+    assert {n: u for n, u in ((j.metadata.name, j.metadata.uid) for j in k8s.jobs(ns, "restart")) if n in uids} == uids
+
+    # SIGKILL right after the first child appears (the operator may be mid-reconcile), then a restart
+    k8s.create(ns, manifest("burst", [{"type": "train"}, {"type": "export"}]))
+    k8s.wait(lambda: k8s.jobs(ns, "burst"), "burst's first Job", interval=0.02)
+    operator.kill()
+    operator.start()
+    assert k8s.wait_phase(ns, "burst", "Succeeded", "Failed")["phase"] == "Succeeded"
+    assert_no_duplicates(k8s, ns, "burst", [{"type": "train"}, {"type": "export"}])
+
+
+def test_an_mmarjob_deleted_while_the_operator_is_down_goes_at_once(ns, kubelet, k8s, operator, kubectl):
+    hold = kubelet.script("orphan-0-train", Outcome.running())
+    k8s.create(ns, manifest("orphan", [{"type": "train"}, {"type": "export"}]))
+    k8s.wait(lambda: k8s.pod_running(ns, "orphan-0-train"), "the train step's pod to run", ns, "orphan")
+    k8s.wait_phase(ns, "orphan", "Running")
+    # no finalizer on any MMARJob, finished or not (docs/operator.md: no finalizer may ever be added)
+    for item in k8s.custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]:
+        assert not item["metadata"].get("finalizers"), item["metadata"]["name"]
+
+    operator.kill()
+    try:
+        started = time.monotonic()
+        kubectl("delete", "mmarjob", "orphan", "-n", ns, "--wait=false")
+        k8s.wait(lambda: k8s.get(ns, "orphan") is None, "the MMARJob to be gone", timeout=10, interval=0.05)
+        assert time.monotonic() - started < 5
+        # its Job and pod follow through their ownerReferences (the garbage collector; the kubelet confirms the pod)
+        k8s.wait(lambda: not k8s.jobs(ns, "orphan") and not k8s.pods(ns, "orphan-0-train"), "the children to be collected", timeout=30)
+
+        # an MMARJob that an older operator gave kopf's finalizer: deletable once this operator has seen it
+        legacy = manifest("legacy", [{"type": "train"}])
+        legacy["metadata"]["finalizers"] = [KOPF_FINALIZER]
+        k8s.create(ns, legacy)
+    finally:
+        kubelet.release(hold)
+        operator.start()
+    k8s.wait(lambda: not (k8s.get(ns, "legacy") or {}).get("metadata", {}).get("finalizers"), "kopf's old finalizer to be removed")
+    kubectl("delete", "mmarjob", "legacy", "-n", ns, "--wait=false")
+    k8s.wait(lambda: k8s.get(ns, "legacy") is None, "the legacy MMARJob to be gone", timeout=10)
+
+
+class StatusRecorder:
+    """Every status the API server holds for one MMARJob, in order (a watch: no transient is missed)."""
+
+    def __init__(self, custom, namespace: str, name: str):
+        self.custom, self.namespace, self.name = custom, namespace, name
+        self.seen: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "StatusRecorder":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        from kubernetes import watch
+
+        version = None
+        while not self._stop.is_set():
+            stream = watch.Watch()
+            kwargs = {"field_selector": f"metadata.name={self.name}", "timeout_seconds": 2}
+            if version:
+                kwargs["resource_version"] = version
+            for event in stream.stream(self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, **kwargs):
+                obj = event["object"]
+                version = obj["metadata"]["resourceVersion"]
+                if obj.get("status"):
+                    self.seen.append(obj["status"])
+                if self._stop.is_set():
+                    break
+
+
+def test_suspend_and_resume(ns, kubelet, k8s, kubectl, custom):
+    hold = kubelet.script("pause-0-train", Outcome.running())
+    k8s.create(ns, manifest("pause", [{"type": "train"}, {"type": "validate"}]))
+    with StatusRecorder(custom, ns, "pause") as recorder:
+        k8s.wait(lambda: k8s.pod_running(ns, "pause-0-train"), "the train step's pod to run", ns, "pause")
+        kubectl("patch", "mmarjob", "pause", "-n", ns, "--type", "merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+        status = k8s.wait_phase(ns, "pause", "Suspended")
+        assert (condition(status, "Suspended")["status"], condition(status, "Suspended")["reason"]) == ("True", "Suspended")
+        # the running step's Job is suspended: the Job controller removes its pod
+        k8s.wait(lambda: k8s.batch.read_namespaced_job("pause-0-train", ns).spec.suspend is True, "the Job to be suspended")
+        k8s.wait(lambda: not k8s.pods(ns, "pause-0-train"), "the suspended Job's pod to be gone")
+        status = k8s.wait_step(ns, "pause", 0, "Suspended")
+        assert status["steps"][0]["message"] == "its Job is suspended (spec.runPolicy.suspend)"
+
+        kubectl("patch", "mmarjob", "pause", "-n", ns, "--type", "merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+        k8s.wait(lambda: k8s.batch.read_namespaced_job("pause-0-train", ns).spec.suspend is False, "the Job to be resumed")
+        k8s.wait(lambda: k8s.pod_running(ns, "pause-0-train"), "the resumed step's new pod to run", ns, "pause")
+        assert k8s.wait_phase(ns, "pause", "Running")["steps"][0]["phase"] == "Running"
+        kubelet.release(hold)
+        status = k8s.wait_phase(ns, "pause", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded"
+    assert [j.metadata.name for j in k8s.jobs(ns, "pause")] == ["pause-0-train", "pause-1-validate"]
+    phases = [s["phase"] for s in recorder.seen]
+    assert "Suspended" in phases and "Running" in phases[phases.index("Suspended"):]
+    # no status ever claimed a Kueue admission for a job without Kueue (the resume used to say so briefly)
+    said = [s.get("message", "") for s in recorder.seen] + [st.get("message", "") for s in recorder.seen for st in s.get("steps", [])]
+    assert not [m for m in said if "Kueue" in m or "admission" in m]
+
+
+def test_a_kueue_job_is_pending_queued_until_admitted(ns, kubelet, k8s):
+    kubelet.hold_admission("queued")  # a queue without quota: nothing is admitted until the test says so
+    labels = {"kueue.x-k8s.io/queue-name": "gpu-queue"}
+    k8s.create(ns, manifest("queued", [{"type": "train"}, {"type": "validate"}], labels=labels))
+
+    for index, step in enumerate(("train", "validate")):
+        job_name = f"queued-{index}-{step}"
+        job = k8s.wait(lambda: next((j for j in k8s.jobs(ns, "queued") if j.metadata.name == job_name), None), f"Job {job_name}")
+        assert job.spec.suspend is True and job.metadata.labels["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+        status = k8s.wait_step(ns, "queued", index, "Pending", reason="Queued")
+        time.sleep(RESYNC_SECONDS + 0.5)  # a resync later: still queued, and the operator left suspend to Kueue
+        status = k8s.status(ns, "queued")
+        running = condition(status, "Running")
+        assert status["phase"] == "Pending" and (running["status"], running["reason"]) == ("False", "Queued")
+        assert status["message"] == f"step {step} is queued: its Job waits for admission by Kueue (queue gpu-queue)"
+        assert k8s.batch.read_namespaced_job(job_name, ns).spec.suspend is True
+        assert not k8s.pods(ns, job_name)
+        kubelet.admit(ns, job_name)
+        k8s.wait_step(ns, "queued", index, "Succeeded")
+    assert k8s.wait_phase(ns, "queued", "Succeeded", "Failed")["phase"] == "Succeeded"
+
+
+DEMO_STEPS = yaml.safe_load((ROOT / "examples" / "demo-job.yaml").read_text())["spec"]["steps"]
+
+
+def test_ttl_zero_keeps_every_result(ns, kubelet, k8s):
+    """ttlSecondsAfterFinished: 0 deletes each finished Job (and its pods) at once; every result is kept."""
+    k8s.create(ns, manifest("ttl", DEMO_STEPS, task="segmentation", runPolicy={"ttlSecondsAfterFinished": 0}))
+    status = k8s.wait_phase(ns, "ttl", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded"
+    assert [s["result"]["command"] for s in status["steps"]] == ["convert", "convert", "train", "validate", "infer", "export"]
+    assert {"epochs", "keyMetric", "bestMetric", "bestEpoch", "validation", "predictions", "exported", "conversion"} <= set(status["results"])
+    # and the TTL still applies: the TTL controller deletes every Job once its result is recorded
+    k8s.wait(lambda: not k8s.jobs(ns, "ttl"), "the TTL controller to delete the finished Jobs", ns, "ttl")
+    assert k8s.status(ns, "ttl") == status  # nothing lost with the Jobs
+
+
+def test_step_results_from_the_runtime_to_the_status(ns, kubelet, k8s):
+    """runtime result code -> termination message -> status.steps[].result and status.results."""
+    steps = [{"type": "train", "set": {"epochs": 3}}, {"type": "validate"}, {"type": "infer"},
+             {"type": "export", "formats": ["torchscript", "onnx"], "inputShape": [1, 1, 64, 64, 64]}]
+    k8s.create(ns, manifest("contract", steps, task="segmentation", mmar={"claimName": "workspace", "path": "spleen"}))
+    status = k8s.wait_phase(ns, "contract", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded"
+
+    written = {}
+    for job in k8s.jobs(ns, "contract"):
+        main = job.spec.template.spec.containers[0]
+        result = realistic_result([*main.command, *main.args], "segmentation")
+        message = termination_message(result)  # what the runtime's write_result leaves in /dev/termination-log
+        written[job.metadata.labels["mmar.dev/step"]] = json.loads(message)
+    for step in status["steps"]:
+        assert step["result"] == written[step["name"]], step["name"]
+
+    train, validate, infer, export = (written[n] for n in ("train", "validate", "infer", "export"))
+    results = status["results"]
+    assert (results["epochs"], results["keyMetric"], results["bestMetric"], results["bestEpoch"]) == \
+        (3, train["key_metric"], train["best_metric"], train["best_epoch"])
+    assert results["validation"] == {validate["key_metric"]: validate["metric"]}  # metrics only
+    assert results["predictions"] == {"cases": infer["num_cases"], "files": infer["outputs"], "dir": "/workspace/spleen/eval"}
+    assert results["exported"] == export["files"] == ["/workspace/spleen/models/model.ts", "/workspace/spleen/models/model.onnx"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["mmar", "convert", "-d", "/data/raw", "-o", "/data/nifti"],
+    ["mmar", "train", "/workspace/m", "--set", "DATASET_JSON=/data/d.json", "epochs=4", "--file_root", "/data"],
+    ["torchrun", "--nnodes=2", "--nproc_per_node=4", "-m", "mmar", "train", "/workspace/m", "--finetune", "--set", "epochs=2"],
+    ["mmar", "validate", "/workspace/m", "--set", "DATASET_JSON=/data/d.json"],
+    ["mmar", "infer", "/workspace/m"],
+    ["mmar", "export", "/workspace/m", "--formats", "torchscript,onnx,tensorrt", "--precision", "fp16"],
+])
+def test_the_stand_ins_results_pass_the_runtimes_own_check(argv):
+    """No cluster needed: each result the kubelet stand-in reports is one `mmar.results.check` accepts
+    (report.write_result runs it), so the stand-in cannot drift from the runtime's contract unnoticed."""
+    from mmar import results
+
+    result = realistic_result(argv, "segmentation", processes=8 if argv[0] == "torchrun" else None)
+    message = termination_message(result)
+    assert json.loads(message) == results.check(result).to_dict() == results.decode(message)

@@ -227,7 +227,17 @@ class FakeKube:
         self.objects[("Pod", namespace, f"{name}-0-abcde")] = {
             "metadata": {"name": f"{name}-0-abcde", "namespace": namespace, "labels": {"job-name": name},
                          "annotations": {"batch.kubernetes.io/job-completion-index": "0"}},
-            "status": {"containerStatuses": [{"name": "mmar", "state": {"terminated": {"exitCode": 0 if ok else 1, "finishedAt": at, "message": message}}}]},
+            "status": {"phase": "Succeeded" if ok else "Failed",
+                       "containerStatuses": [{"name": "mmar", "state": {"terminated": {"exitCode": 0 if ok else 1, "finishedAt": at, "message": message}}}]},
+        }
+
+    def fail_init(self, name: str, message: str, namespace: str = "ns", at: str = "2026-01-01T01:00:00Z") -> None:
+        """The step's init container (`mmar init`) failed: the main container never ran; the Job failed."""
+        self.finish(name, ok=False, message=None, namespace=namespace, at=at)
+        self.objects[("Pod", namespace, f"{name}-0-abcde")]["status"] = {
+            "phase": "Failed",
+            "initContainerStatuses": [{"name": "mmar-init", "state": {"terminated": {"exitCode": 1, "reason": "Error", "finishedAt": at, "message": message}}}],
+            "containerStatuses": [{"name": "mmar", "state": {"waiting": {"reason": "PodInitializing"}}}],
         }
 
     def delete(self, kind: str, name: str, namespace: str = "ns") -> None:

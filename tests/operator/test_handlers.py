@@ -18,6 +18,8 @@ from operator_helpers import FakeKube, manifest
 
 CONFIG = Config(default_image="registry.example/mmar:1.0")
 TRAIN_RESULT = '{"command":"train","epochs":5,"key_metric":"val_mean_dice","best_metric":0.91,"best_epoch":5}'
+EXPORT_RESULT = ('{"command":"export","files":["/workspace/mmar/models/model.ts"],"formats":["torchscript"],"skipped":[],'
+                 '"precision":"fp32","input_shape":[1,1,96,96,96],"max_abs_diff":{"torchscript":1e-06}}')
 
 
 @pytest.fixture
@@ -87,9 +89,9 @@ def test_steps_move_through_success_to_the_end(kube, cluster, metrics):
     assert value(metrics, "mmar_operator_steps_finished_total", step="train", phase="Succeeded") == 1
 
     kube.start("spleen-1-export")
-    kube.finish("spleen-1-export", ok=True, message='{"command":"export","exported":["models/model.ts"]}')
+    kube.finish("spleen-1-export", ok=True, message=EXPORT_RESULT)
     st = reconcile(kube, cluster, metrics, now="2026-01-01T03:00:00Z")
-    assert st["phase"] == "Succeeded" and st["results"]["exported"] == ["models/model.ts"]
+    assert st["phase"] == "Succeeded" and st["results"]["exported"] == ["/workspace/mmar/models/model.ts"]
     assert next(c for c in st["conditions"] if c["type"] == "Succeeded")["status"] == "True"
     # later triggers change nothing and observe no duration twice
     kube.calls.clear()
@@ -171,6 +173,66 @@ def test_created_suspended_never_starts_a_step(kube, cluster, metrics):
     assert kube.jobs() == []
 
 
+def test_resume_says_what_is_true_at_once(kube, cluster, metrics):
+    """The reconcile that releases a suspended Job reports the step as resuming, not as queued by Kueue."""
+    body(kube)
+    reconcile(kube, cluster, metrics)
+    kube.start("spleen-0-train")
+    kube.objects[("MMARJob", "ns", "spleen")]["spec"]["runPolicy"] = {"suspend": True}
+    reconcile(kube, cluster, metrics)
+    kube.objects[("MMARJob", "ns", "spleen")]["spec"]["runPolicy"] = {"suspend": False}
+    st = reconcile(kube, cluster, metrics)
+    assert kube.jobs()[0]["spec"]["suspend"] is False
+    assert st["phase"] == "Running" and st["steps"][0]["phase"] == "Running" and "Kueue" not in st["message"]
+
+
+def test_ttl_is_set_only_after_the_result_is_recorded(kube, cluster, metrics):
+    body(kube, runPolicy={"ttlSecondsAfterFinished": 0})
+    reconcile(kube, cluster, metrics)
+    assert "ttlSecondsAfterFinished" not in kube.jobs()[0]["spec"]  # a running Job has none
+    kube.start("spleen-0-train")
+    kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT)
+    kube.calls.clear()
+    st = reconcile(kube, cluster, metrics)
+    assert st["steps"][0]["result"]["epochs"] == 5
+    # the status patch (with the result) comes before the TTL that lets the TTL controller delete the Job
+    assert kube.calls.index("patch_status") < kube.calls.index("patch_job")
+    assert kube.jobs()[0]["spec"]["ttlSecondsAfterFinished"] == 0 and "ttlSecondsAfterFinished" not in kube.jobs()[1]["spec"]
+    kube.delete("Job", "spleen-0-train")  # what the TTL controller does next
+    st = reconcile(kube, cluster, metrics)
+    assert st["steps"][0]["result"]["epochs"] == 5 and st["results"]["epochs"] == 5
+
+
+def test_an_operator_killed_between_status_and_ttl_sets_the_ttl_on_its_next_pass(kube, cluster, metrics):
+    body(kube, runPolicy={"ttlSecondsAfterFinished": 30})
+    reconcile(kube, cluster, metrics)
+    kube.start("spleen-0-train")
+    kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT)
+
+    def killed(*args, **kwargs):  # the process dies right after the status patch
+        raise SystemExit("killed")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(handlers, "_expire_recorded", killed)
+        with pytest.raises(SystemExit):
+            reconcile(kube, cluster, metrics)
+    assert kube.mmarjob()["status"]["steps"][0]["phase"] == "Succeeded"
+    assert "ttlSecondsAfterFinished" not in kube.jobs()[0]["spec"]
+    reconcile(kube, cluster, metrics)  # the restarted operator
+    assert kube.jobs()[0]["spec"]["ttlSecondsAfterFinished"] == 30
+
+
+def test_an_init_container_failure_shows_its_own_message(kube, cluster, metrics):
+    body(kube, task="segmentation")
+    reconcile(kube, cluster, metrics)
+    kube.start("spleen-0-train")
+    kube.fail_init("spleen-0-train", "error: /workspace/mmar is not empty and holds no MMAR (config/ missing)")
+    st = reconcile(kube, cluster, metrics)
+    assert st["phase"] == "Failed"
+    assert "init container mmar-init exited with code 1: /workspace/mmar is not empty and holds no MMAR (config/ missing)" in st["message"]
+    assert "Job has reached the specified backoff limit" in st["steps"][0]["message"]
+
+
 def test_kueue_queue_name_is_passed_and_left_to_kueue(kube, cluster, metrics):
     mmarjob = manifest({"type": "train"})
     mmarjob["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu"}
@@ -178,7 +240,8 @@ def test_kueue_queue_name_is_passed_and_left_to_kueue(kube, cluster, metrics):
     st = reconcile(kube, cluster, metrics)
     job = kube.jobs()[0]
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu" and job["spec"]["suspend"] is True
-    assert st["phase"] == "Pending" and "waits for admission" in st["message"]
+    assert st["phase"] == "Pending" and "waits for admission by Kueue (queue gpu)" in st["message"]
+    assert next(c for c in st["conditions"] if c["type"] == "Running")["reason"] == "Queued"
     kube.calls.clear()
     reconcile(kube, cluster, metrics)
     assert "patch_job" not in kube.calls  # the operator never unsuspends what Kueue holds
@@ -283,8 +346,33 @@ def test_kopf_handlers_are_registered():
     assert {("_on_create", "create"), ("_on_update", "update"), ("_on_resume", None), ("_on_delete", "delete")} <= changing
     delete = next(h for h in registry._changing.get_all_handlers() if h.id == "_on_delete")
     assert delete.requires_finalizer is False  # optional: deleting an MMARJob is never blocked
-    spawning = {h.id for h in registry._spawning.get_all_handlers()}
-    assert "_resync" in spawning
+    # no timers or daemons: kopf would add a finalizer to every MMARJob to stop them
+    assert list(registry._spawning.get_all_handlers()) == []
+    assert not any(h.requires_finalizer for h in registry._changing.get_all_handlers())
+    assert "unfinished_mmarjobs" in {h.id for h in registry._indexing.get_all_handlers()}
+
+
+def test_the_index_holds_only_unfinished_mmarjobs():
+    assert handlers.unfinished_mmarjobs(namespace="ns", name="a") == {("ns", "a"): None}
+    assert handlers._unfinished(status={"phase": "Running"}) and handlers._unfinished(status=None)
+    assert not handlers._unfinished(status={"phase": "Succeeded"}) and not handlers._unfinished(status={"phase": "Failed"})
+
+
+def test_resync_reconciles_each_unfinished_mmarjob_periodically(kube, cluster, metrics):
+    import asyncio
+
+    body(kube)
+    runtime = handlers.Runtime()
+    runtime.cluster, runtime.metrics, runtime.config = cluster, metrics, CONFIG
+
+    async def two_rounds():
+        task = asyncio.get_running_loop().create_task(handlers.resync({("ns", "spleen"): None, ("ns", "gone"): None}, 0.01, runtime))
+        await asyncio.sleep(0.2)
+        task.cancel()
+
+    asyncio.run(two_rounds())
+    assert [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-0-train"]  # created once, adopted after
+    assert kube.calls.count("get_mmarjob") >= 4 and value(metrics, "mmar_operator_reconcile_errors_total") == 0
 
 
 def test_startup_configures_kopf(kube, cluster, monkeypatch):

@@ -152,7 +152,9 @@ def test_spec_passthrough_and_run_policy():
                           imagePullSecrets=[{"name": "regcred"}], shmSize="16Gi",
                           runPolicy={"backoffLimit": 2, "activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 60, "suspend": True})
     job, pod = pod_of(objects)
-    assert (job["spec"]["backoffLimit"], job["spec"]["activeDeadlineSeconds"], job["spec"]["ttlSecondsAfterFinished"], job["spec"]["suspend"]) == (2, 3600, 60, True)
+    assert (job["spec"]["backoffLimit"], job["spec"]["activeDeadlineSeconds"], job["spec"]["suspend"]) == (2, 3600, True)
+    # the TTL is set on the finished Job once its result is recorded (handlers), never at creation
+    assert "ttlSecondsAfterFinished" not in job["spec"]
     assert pod["containers"][0]["image"] == "my/image:2" and pod["containers"][0]["imagePullPolicy"] == "Always"
     assert pod["serviceAccountName"] == "trainer" and pod["nodeSelector"] == {"gpu": "a100"}
     assert pod["imagePullSecrets"] == [{"name": "regcred"}] and pod["tolerations"][0]["key"] == "nvidia.com/gpu"

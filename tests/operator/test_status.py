@@ -123,9 +123,83 @@ def test_suspended_and_queued():
     job = three_steps(runPolicy={"suspend": True})
     st = status.compute(job, {}, {}, NOW)
     assert st["phase"] == "Suspended" and status.next_step(job, st) is None
-    queued = status.compute(three_steps(), {}, {0: status.Observed(child(suspend=True))}, NOW)
-    assert queued["phase"] == "Pending" and next(c for c in queued["conditions"] if c["type"] == "Running")["status"] == "False"
-    assert "waits for admission" in queued["message"]
+    kueue = manifest({"type": "train"}, {"type": "validate"}, {"type": "export"})
+    kueue["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-queue"}
+    queued = check(status.compute(contract.parse(kueue), {}, {0: status.Observed(child(suspend=True))}, NOW))
+    assert queued["phase"] == "Pending" and queued["steps"][0]["phase"] == "Pending" and queued["steps"][0]["reason"] == "Queued"
+    running = next(c for c in queued["conditions"] if c["type"] == "Running")
+    assert (running["status"], running["reason"]) == ("False", "Queued")  # the documented reason, where it applies
+    assert "waits for admission by Kueue (queue gpu-queue)" in queued["message"]
+
+
+def test_a_job_whose_pod_has_not_started_is_step_pending():
+    st = check(status.compute(three_steps(), {}, {0: status.Observed(child())}, NOW))
+    running = next(c for c in st["conditions"] if c["type"] == "Running")
+    assert st["phase"] == "Pending" and (running["status"], running["reason"]) == ("False", "StepPending")
+    assert st["message"] == "step train is pending (its Job has no running pod yet)"
+    assert all(c["reason"] == f"Not{c['type']}" for c in st["conditions"] if c["type"] != "Running")
+
+
+def test_a_suspended_job_without_kueue_never_claims_to_wait_for_kueue():
+    """Resumed (spec.runPolicy.suspend false again) while its Job is still suspended: it is resuming."""
+    st = check(status.compute(three_steps(), {}, {0: status.Observed(child(suspend=True, startTime="2026-01-01T00:00:00Z"))}, NOW))
+    assert "Kueue" not in st["message"] and "admission" not in st["message"]
+    assert st["steps"][0]["phase"] == "Suspended" and "resuming" in st["message"]
+    held = check(status.compute(three_steps(runPolicy={"suspend": True}), {}, {0: status.Observed(child(suspend=True))}, NOW))
+    assert held["phase"] == "Suspended" and held["steps"][0]["message"] == "its Job is suspended (spec.runPolicy.suspend)"
+
+
+def test_every_timestamp_is_rfc3339_with_z():
+    """The client serializes the Job's times as +00:00 (and a status from an older operator may hold
+    such): every time the status writes ends in Z."""
+    done = child("Complete", startTime="2026-01-01T00:00:00+00:00", completionTime="2026-01-01T01:00:00.123456+00:00")
+    old = {"steps": [{"name": "train", "type": "train", "jobName": "spleen-0-train", "phase": "Succeeded",
+                      "startTime": "2026-01-01T00:00:00+00:00", "completionTime": "2026-01-01T01:00:00+00:00"}],
+           "startTime": "2026-01-01T00:00:00+00:00",
+           "conditions": [{"type": "Running", "status": "True", "reason": "StepRunning", "message": "", "lastTransitionTime": "2026-01-01T00:00:00+00:00"}]}
+    for previous, observed in (({}, {0: status.Observed(done), 1: status.Observed(child(startTime="2026-01-01T01:00:01+00:00"))}),
+                               (old, {1: status.Observed(child(startTime="2026-01-01T01:00:01+00:00"))})):
+        st = check(status.compute(three_steps(), previous, observed, NOW))
+        times = [st["startTime"], *(c["lastTransitionTime"] for c in st["conditions"])]
+        times += [s[k] for s in st["steps"] for k in ("startTime", "completionTime") if k in s]
+        assert len(times) >= 7 and all(t.endswith("Z") and "+" not in t and "." not in t for t in times), times
+    assert status.rfc3339("2026-01-01T01:00:00.5+00:00") == "2026-01-01T01:00:00Z"
+
+
+def failed_pod(*, init=None, main=None, phase="Failed", finished="2026-01-01T01:00:00Z"):
+    def statuses(spec, name):
+        if spec is None:
+            return [{"name": name, "state": {"waiting": {"reason": "PodInitializing"}}}]
+        code, reason, message = spec
+        return [{"name": name, "state": {"terminated": {"exitCode": code, "reason": reason, "finishedAt": finished, "message": message}}}]
+    st = {"phase": phase, "containerStatuses": statuses(main, "mmar")}
+    if init is not None:
+        st["initContainerStatuses"] = statuses(init, "mmar-init")
+    return {"metadata": {"annotations": {}}, "status": st}
+
+
+@pytest.mark.parametrize("pod, expected", [
+    (failed_pod(init=(1, "Error", "scaffolding\nerror: /workspace/mmar exists and is not an MMAR"), main=None),
+     "init container mmar-init exited with code 1: /workspace/mmar exists and is not an MMAR"),
+    (failed_pod(init=(0, "Completed", ""), main=(1, "Error", '{"command":"train","error":"label shape (1, 96) != image shape (1, 64)"}')),
+     "container mmar exited with code 1: label shape (1, 96) != image shape (1, 64)"),
+    (failed_pod(main=(137, "OOMKilled", "epoch 3/30\nKilled")), "container mmar was OOMKilled (exit code 137): Killed"),
+    (failed_pod(main=(128, "StartError", 'exec: "mmar": executable file not found in $PATH')),
+     'container mmar failed (StartError, exit code 128): exec: "mmar": executable file not found in $PATH'),
+    ({"metadata": {}, "status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on memory."}}, "Evicted; The node was low on memory."),
+    (failed_pod(main=(0, "Completed", "{}"), phase="Succeeded"), None),
+])
+def test_pod_failure_is_told_in_the_failing_containers_own_words(pod, expected):
+    assert status.pod_failure([pod]) == expected
+
+
+def test_a_failed_init_container_reaches_the_step_and_job_messages():
+    failed = child("Failed", startTime="2026-01-01T00:00:00Z")
+    why = status.pod_failure([failed_pod(init=(1, "Error", "error: cannot write /workspace/mmar: read-only file system"))])
+    st = check(status.compute(three_steps(), {}, {0: status.Observed(failed, message=None, failure=why)}, NOW))
+    assert st["phase"] == "Failed"
+    assert st["steps"][0]["message"] == "m; init container mmar-init exited with code 1: cannot write /workspace/mmar: read-only file system"
+    assert st["message"].startswith("step train failed: m; init container mmar-init")
 
 
 def test_invalid_spec_is_failed_not_raised():
