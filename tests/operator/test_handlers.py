@@ -3,6 +3,8 @@ operator restart, suspend, Kueue, deletion, transient errors, adoption."""
 
 from __future__ import annotations
 
+import re
+
 import copy
 
 import kopf
@@ -341,10 +343,12 @@ def test_status_patch_of_a_deleted_mmarjob_is_ignored(kube, cluster):
 def test_kopf_handlers_are_registered():
     registry = kopf.get_default_registry()
     watching = {h.id: h.selector.any_name for h in registry._watching.get_all_handlers()}
-    assert watching.get("_on_child") == "jobs"
+    assert watching.get("child-job") == "jobs"
     changing = {(h.id, h.reason) for h in registry._changing.get_all_handlers() if h.selector.any_name == "mmarjobs"}
-    assert {("_on_create", "create"), ("_on_update", "update"), ("_on_resume", None), ("_on_delete", "delete")} <= changing
-    delete = next(h for h in registry._changing.get_all_handlers() if h.id == "_on_delete")
+    assert {("create", "create"), ("update", "update"), ("resume", None), ("delete", "delete")} <= changing
+    # ids become annotation keys (mmar.dev/<id>) when kopf retries a handler: valid label-name syntax only
+    assert all(re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", h.id) for h in registry._changing.get_all_handlers())
+    delete = next(h for h in registry._changing.get_all_handlers() if h.id == "delete")
     assert delete.requires_finalizer is False  # optional: deleting an MMARJob is never blocked
     # no timers or daemons: kopf would add a finalizer to every MMARJob to stop them
     assert list(registry._spawning.get_all_handlers()) == []
