@@ -65,7 +65,8 @@ def test_export_writes_checked_torchscript_and_onnx(exported_seg):
     onnx_entry = report["formats"]["onnx"]
     assert onnx_entry["opset"] >= 17 and onnx_entry["dynamic_batch"] and onnx_entry["dynamic_spatial"]
     onnx.checker.check_model(str(models / "model.onnx"))
-    assert not [p.name for p in models.iterdir() if p.name.startswith(".")], "temp files left behind"
+    assert not [p.name for p in models.iterdir() if p.name.startswith(".") and p.name != ".mmar.lock"], \
+        "temp files left behind"
     if NO_TENSORRT:
         assert "tensorrt: skipped" in result.stdout and "the other formats are still written" in result.stdout
         assert report["formats"]["tensorrt"] == {"skipped": NO_TENSORRT} and not (models / "model.trt").exists()
@@ -106,7 +107,9 @@ def test_validate_and_infer_through_each_format(exported_seg, tmp_path, capsys):
         out = tmp_path / model
         assert cli(capsys, "infer", str(root), "--model", model, "--set", f"MMAR_EVAL_OUTPUT_PATH={out}",
                    "amp=false")[0] == 0
-        masks[model] = {p.name: np.asarray(nib.load(p).dataobj) for p in sorted(out.glob("*_seg.nii.gz"))}
+        # predictions keep the image's path under the data root (imagesTr/...): one file per image
+        masks[model] = {p.relative_to(out).as_posix(): np.asarray(nib.load(p).dataobj)
+                        for p in sorted(out.rglob("*_seg.nii.gz"))}
     assert masks["ckpt"] and masks["ckpt"].keys() == masks["onnx"].keys()
     for name, mask in masks["ckpt"].items():
         assert (mask == masks["onnx"][name]).mean() > 0.999, name
@@ -141,7 +144,8 @@ def test_parity_failure_fails_loudly_and_writes_nothing(trained_seg_mmar, tmp_pa
     assert "onnx" in err and "differ from PyTorch" in err and "nothing was written" in err
     assert (models / "model.ts").read_bytes() == b"previous export"  # torchscript passed, yet was not renamed
     assert not (models / "model.onnx").exists() and not (models / "export.json").exists()
-    assert not [p.name for p in models.iterdir() if p.name.startswith(".")], "temp files left behind"
+    assert not [p.name for p in models.iterdir() if p.name.startswith(".") and p.name != ".mmar.lock"], \
+        "temp files left behind"
 
 
 def test_corrupt_or_missing_checkpoint_is_a_clear_error(trained_seg_mmar, tmp_path):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import io as _io
 import json
 import logging
@@ -37,12 +36,11 @@ from mmar.archive import Archive
 from mmar.engine import checkpoint
 from mmar.errors import MMARError
 from mmar.io import atomic_path, atomic_write
-from mmar.predict import default_checkpoint, load_file, load_network, tensorrt_unavailable
+from mmar.predict import EXPORT_JSON, default_checkpoint, file_sha256, load_file, load_network, tensorrt_unavailable
 
 FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx", "tensorrt": "model.trt"}
 KIND_OF = {"torchscript": "ts", "onnx": "onnx", "tensorrt": "trt"}
 DEFAULT_FORMATS = ("torchscript", "onnx", "tensorrt")
-EXPORT_JSON = "export.json"
 OPSET = 18
 PRECISIONS = ("fp32", "fp16")
 # Max abs difference allowed against PyTorch fp32, as a fraction of max(1, max |PyTorch output|):
@@ -168,7 +166,10 @@ def export(
             results[name].update({
                 "file": FORMATS[name], "precision": fmt_precision, "max_abs_diff": diff, "tolerance": limit,
                 "checked_shapes": [list(x.shape) for x in check_inputs], "checkpoint_sha256": meta["sha256"],
-                "bytes": tmp[name].stat().st_size,
+                # which checkpoint this file stands for, and the file itself: `mmar validate --model` refuses
+                # an export whose checkpoint has changed since (a new training) or a file replaced after export
+                "checkpoint": _checkpoint_record(ckpt_path, models_dir),
+                "file_sha256": file_sha256(tmp[name]), "bytes": tmp[name].stat().st_size,
             })
             if not diff <= limit:  # also catches NaN
                 raise MMARError(
@@ -182,9 +183,14 @@ def export(
             handle.write("\n")
     written = [str(models_dir / FORMATS[name]) for name in todo]
     log(f"exported {', '.join(todo)} -> {models_dir} (report: {models_dir / EXPORT_JSON})")
+    stale = older_exports(report, meta["sha256"])
+    for name in stale:
+        log(f"WARNING: {models_dir / FORMATS[name]} was not re-exported and stays the export of another checkpoint "
+            f"(sha256 {report['formats'][name].get('checkpoint_sha256')}, not {meta['sha256']}): `mmar validate "
+            f"--model {KIND_OF[name]}` refuses it until `mmar export {archive.root} --formats {name}`")
     return {"command": "export", "formats": todo, "skipped": sorted(skipped), "files": written,
             "input_shape": shape, "precision": precision,
-            "max_abs_diff": {name: results[name]["max_abs_diff"] for name in todo}}
+            "max_abs_diff": {name: results[name]["max_abs_diff"] for name in todo}, "stale_formats": stale}
 
 
 def sample_inputs(shape: Sequence[int], dynamic_spatial: bool) -> list[torch.Tensor]:
@@ -371,11 +377,7 @@ def build_tensorrt(onnx_path: Path, path: Path, *, precision: str, input_shape: 
 
 def checkpoint_facts(path: Path) -> dict[str, Any]:
     data = checkpoint.read_checkpoint(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    facts = {"path": str(path), "sha256": digest.hexdigest()}
+    facts = {"path": str(path), "sha256": file_sha256(path)}
     for key in ("epoch", "key_metric", "metric"):
         if key in data and isinstance(data[key], (int, float, str)):
             facts[key] = data[key]
@@ -407,6 +409,20 @@ def export_report(archive: Archive, meta: dict[str, Any], shape, precision: str,
         "torch": torch.__version__,
         "formats": formats,
     }
+
+
+def _checkpoint_record(path: Path, models_dir: Path) -> str:
+    """Relative to models/ when the checkpoint is there, so that the record follows a moved or copied MMAR."""
+    try:
+        return Path(path).resolve().relative_to(Path(models_dir).resolve()).as_posix()
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def older_exports(report: dict[str, Any], sha256: str) -> list[str]:
+    """Formats export.json still describes (their file is there) that were exported from another checkpoint."""
+    return sorted(name for name, entry in report.get("formats", {}).items() if isinstance(entry, dict)
+                  and "file" in entry and entry.get("checkpoint_sha256") not in (None, sha256))
 
 
 def _previous_report(path: Path) -> dict[str, Any]:

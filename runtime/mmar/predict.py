@@ -17,9 +17,12 @@ error rather than a shape error from deep inside a runtime).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -30,6 +33,8 @@ from mmar.errors import MMARError
 KINDS = ("ckpt", "ts", "onnx", "trt")
 ALIASES = {"torchscript": "ts", "tensorrt": "trt", "checkpoint": "ckpt", "pt": "ckpt"}
 FILES = {"ckpt": checkpoint.MODEL_FILE, "ts": "model.ts", "onnx": "model.onnx", "trt": "model.trt"}
+EXPORT_JSON = "export.json"
+FORMAT_OF = {"ts": "torchscript", "onnx": "onnx", "trt": "tensorrt"}  # kind -> export.json's format name
 
 
 def normalize_kind(kind: str) -> str:
@@ -53,9 +58,13 @@ def load_network(archive: Archive, ckpt: str | os.PathLike | None = None) -> tor
     return network.eval()
 
 
-def load_predictor(archive: Archive, kind: str = "ckpt", ckpt: str | None = None, device=None) -> torch.nn.Module:
+def load_predictor(archive: Archive, kind: str = "ckpt", ckpt: str | None = None, device=None, *,
+                   allow_stale: bool = False, warn=None) -> torch.nn.Module:
+    """The predictor for `--model kind [--ckpt file]`. An exported file that export.json says was made from
+    another checkpoint than the one now in its place is refused (`allow_stale` turns that into a warning)."""
     kind = normalize_kind(kind)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    warn = warn or (lambda text: print(text, file=sys.stderr, flush=True))
     if kind == "ckpt":
         return load_network(archive, ckpt).to(device)
     path = Path(ckpt) if ckpt else default_checkpoint(archive, kind)
@@ -64,7 +73,16 @@ def load_predictor(archive: Archive, kind: str = "ckpt", ckpt: str | None = None
     if not path.is_file():
         hint = "" if ckpt else f" (run `mmar export {archive.root}` first, or give --ckpt)"
         raise MMARError(f"--model {kind}: model file not found: {path}{hint}")
-    return load_file(path, kind, device)
+    check = export_check(archive, kind, path)
+    if check["status"] == "stale":
+        if not allow_stale:
+            raise MMARError(check["message"] + " (or add --allow-stale-export to use it anyway)")
+        warn(f"WARNING: {check['message']}; used anyway (--allow-stale-export)")
+    elif check["status"] == "unverified":
+        warn(f"WARNING: {check['message']}")
+    predictor = load_file(path, kind, device)
+    predictor.export_check = check  # what validate records beside its metrics
+    return predictor
 
 
 def load_file(path: str | os.PathLike, kind: str, device=None, **options) -> torch.nn.Module:
@@ -79,6 +97,78 @@ def load_file(path: str | os.PathLike, kind: str, device=None, **options) -> tor
     if kind == "trt":
         return TensorRTPredictor(path, device)
     raise MMARError(f"{path}: a checkpoint needs its MMAR's network config; use load_predictor")
+
+
+# ---- is an export still the model it stands for? ---------------------------------------------------
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_check(archive: Archive, kind: str, path: Path) -> dict[str, Any]:
+    """Whether the exported `path` still stands for the checkpoint it was exported from.
+
+    models/export.json records, per format, the sha256 of the checkpoint it was made from (and its path).
+    A new training or fine-tune rewrites that checkpoint but leaves model.onnx / model.ts as they were:
+    their results would then be reported as the model's while they are an older model's. Returns
+    {"status": "current" | "stale" | "unverified" | "unrecorded", "message": ..., and the facts}:
+    "unrecorded" for a file export.json does not describe (a file given with --ckpt elsewhere),
+    "unverified" when the record or the checkpoint it names is missing.
+    """
+    kind = normalize_kind(kind)
+    models = archive.models_dir
+    default = models / FILES[kind]
+    facts: dict[str, Any] = {"file": str(path)}
+    if Path(path).resolve() != default.resolve():
+        return {**facts, "status": "unrecorded", "message": f"{path} is not described by {models / EXPORT_JSON}"}
+    report_file = models / EXPORT_JSON
+    try:
+        report = json.loads(report_file.read_text(encoding="utf-8"))
+        entry = report["formats"][FORMAT_OF[kind]]
+        recorded_sha = entry.get("checkpoint_sha256") or report["checkpoint"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {**facts, "status": "unverified",
+                "message": f"{path}: {report_file} has no record of it, so which checkpoint it was exported from "
+                           f"is unknown (re-export with `mmar export {archive.root} --formats {FORMAT_OF[kind]}`)"}
+    top = report.get("checkpoint") if isinstance(report.get("checkpoint"), dict) else {}
+    source = _checkpoint_in_place(archive, entry.get("checkpoint"),
+                                  top.get("path") if top.get("sha256") == recorded_sha else None)
+    facts.update({"checkpoint": str(source), "exported_from_sha256": recorded_sha})
+    if "file_sha256" in entry and file_sha256(path) != entry["file_sha256"]:
+        return {**facts, "status": "stale",
+                "message": f"{path} is not the file {report_file} describes (sha256 {file_sha256(path)}, recorded "
+                           f"{entry['file_sha256']}): it was replaced after the export. Re-export: "
+                           f"`mmar export {archive.root} --ckpt {source} --formats {FORMAT_OF[kind]}`"}
+    if not source.is_file():
+        return {**facts, "status": "unverified",
+                "message": f"{path} was exported from {source} (sha256 {recorded_sha}), which no longer exists: "
+                           "cannot check that the export is still that model"}
+    current = file_sha256(source)
+    facts["checkpoint_sha256"] = current
+    if current != recorded_sha:
+        return {**facts, "status": "stale",
+                "message": f"{path} is stale: it was exported from checkpoint sha256 {recorded_sha}, but {source} "
+                           f"is now sha256 {current} (trained or fine-tuned since). Re-export: "
+                           f"`mmar export {archive.root} --ckpt {source} --formats {FORMAT_OF[kind]}`"}
+    return {**facts, "status": "current", "message": f"{path} matches {source} (sha256 {current})"}
+
+
+def _checkpoint_in_place(archive: Archive, entry_path: str | None, report_path: str | None) -> Path:
+    """The checkpoint an export stands for. The format's own record (relative to models/ when the checkpoint
+    was there, so it follows a moved or copied MMAR); else export.json's top-level path, read as the file of
+    that name in this models folder when there is one (older records were absolute); else models/model.ckpt."""
+    if entry_path:
+        path = Path(entry_path)
+        return path if path.is_absolute() else archive.models_dir / path
+    if report_path:
+        local = archive.models_dir / Path(report_path).name
+        return local if local.is_file() else Path(report_path)
+    return default_checkpoint(archive)
 
 
 class TorchScriptPredictor(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""`mmar infer DIR [--ckpt PATH] [--model ckpt|ts|onnx|trt] [--key LIST]`"""
+"""`mmar infer DIR [--ckpt PATH] [--model ckpt|ts|onnx|trt] [--key LIST] [--allow-stale-export]`"""
 
 from __future__ import annotations
 
@@ -13,10 +13,14 @@ def main(argv: list[str]) -> int:
     add_archive_arguments(parser)
     parser.add_argument("--ckpt", help="checkpoint (default models/model.ckpt) or exported model file")
     parser.add_argument("--model", default="ckpt", help="model format: ckpt (default), ts, onnx, trt")
+    parser.add_argument("--allow-stale-export", action="store_true",
+                        help="use an exported model even when models/export.json says it was exported from another "
+                        "checkpoint than the one now in its place (a loud warning instead of an error)")
     parser.add_argument("--key", help="datalist list to predict (default: infer#datalist_key, 'validation')")
     args = parser.parse_args(argv)
     archive = open_archive(args, for_validation=True)
     from mmar.engine.evaluate import infer
 
-    write_result(infer(archive, ckpt=args.ckpt, model=args.model, list_key=args.key))
+    write_result(infer(archive, ckpt=args.ckpt, model=args.model, list_key=args.key,
+                       allow_stale_export=args.allow_stale_export))
     return 0

@@ -3,30 +3,42 @@
 Both read the validation recipe (config_validation.json over config_train.json). `validate` needs ground
 truth and writes `eval/metrics.json`, a per-case CSV and overlays; `infer` needs none and writes the task's
 predictions. The task module says what a result looks like; this module only runs the evaluator.
+
+Results are staged and moved into eval/ when complete (mmar.eval_output): validate's metrics.json and
+per-case files as one set, infer's predictions each at a name that no other image of the list shares.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from ignite.engine import Events
 
 from mmar.archive import Archive
 from mmar.engine import precision
-from mmar.engine.workflow import build_evaluator, device_for, keys_of, section_items, validation_loader
+from mmar.engine.workflow import base_dir, build_evaluator, device_for, keys_of, section_items, validation_loader
+from mmar.eval_output import Staging, case_names, remove_abandoned
 from mmar.io import write_json
 from mmar.predict import default_checkpoint, load_predictor
 from mmar.tasks import get_task
 
 
-def validate(archive: Archive, *, ckpt: str | None = None, model: str = "ckpt", log=print) -> dict[str, Any]:
+METRICS_FILE = "metrics.json"
+
+
+def validate(archive: Archive, *, ckpt: str | None = None, model: str = "ckpt", allow_stale_export: bool = False,
+             log=print) -> dict[str, Any]:
     task = get_task(archive.task)
     config = archive.config
     image_key, label_key = keys_of(config)
     items = section_items(archive, "validate")
+    remove_abandoned(archive.eval_dir)  # half-written results of a killed run, before this one can fail too
+    names = case_names([_image_file(item, image_key) for item in items], data_root(archive))
     device = device_for(archive)
-    predictor = load_predictor(archive, model, ckpt, device)
+    predictor = load_predictor(archive, model, ckpt, device, allow_stale=allow_stale_export)
     parser = archive.parser()
     collector = task.CaseCollector(config)
     loader = validation_loader(parser, items, keys=[image_key, label_key], device=device, log=log)
@@ -47,16 +59,22 @@ def validate(archive: Archive, *, ckpt: str | None = None, model: str = "ckpt", 
         "checkpoint": str(ckpt or default_checkpoint(archive, model)),
         "seconds": round(seconds, 2),
     }
+    check = getattr(predictor, "export_check", None)
+    if check:  # an exported model: which checkpoint it stands for, and whether that was verified
+        metrics["export"] = {k: check[k] for k in ("status", "checkpoint", "exported_from_sha256") if k in check}
     eval_dir = archive.eval_dir
-    task.write_validation(eval_dir, evaluator, collector, config)
-    write_json(eval_dir / "metrics.json", metrics)
-    log(f"{key_metric} {metrics[key_metric]:.4f} over {len(items)} cases -> {eval_dir / 'metrics.json'}")
+    # the whole set or nothing: a failure while writing leaves the previous metrics, cases and overlays
+    with Staging(eval_dir, "validate") as staging:
+        task.write_validation(staging.path, evaluator, collector, config, names=names)
+        write_json(staging.path / METRICS_FILE, metrics)
+        staging.replace_set([*task.VALIDATION_OUTPUTS, METRICS_FILE], last=METRICS_FILE)
+    log(f"{key_metric} {metrics[key_metric]:.4f} over {len(items)} cases -> {eval_dir / METRICS_FILE}")
     return {"command": "validate", "key_metric": key_metric, "metric": metrics[key_metric],
             "num_cases": len(items), "eval_dir": str(eval_dir)}
 
 
 def infer(archive: Archive, *, ckpt: str | None = None, model: str = "ckpt", list_key: str | None = None,
-          log=print) -> dict[str, Any]:
+          allow_stale_export: bool = False, log=print) -> dict[str, Any]:
     task = get_task(archive.task)
     config = archive.config
     image_key, _ = keys_of(config)
@@ -64,20 +82,37 @@ def infer(archive: Archive, *, ckpt: str | None = None, model: str = "ckpt", lis
     items = section_items(archive, "validate", list_key=list_key, require_label=False)
     for item in items:  # ground truth is not needed and not read at inference
         item.pop(config.get("label_key", "label"), None)
+    remove_abandoned(archive.eval_dir)
+    names = case_names([_image_file(item, image_key) for item in items], data_root(archive))
     device = device_for(archive)
-    predictor = load_predictor(archive, model, ckpt, device)
+    predictor = load_predictor(archive, model, ckpt, device, allow_stale=allow_stale_export)
     parser = archive.parser()
     loader = validation_loader(parser, items, keys=[image_key], device=device, log=log)
-    writer = task.PredictionWriter(archive.eval_dir, config)
     run = _precision(config, predictor, model, device, log)
     evaluator = build_evaluator(parser, run.network, loader, device, with_metrics=False,
                                 postprocessing=task.inference_postprocessing(parser),
                                 amp=run.cuda_amp, amp_kwargs=run.amp_kwargs)
-    evaluator.add_event_handler(Events.ITERATION_COMPLETED, writer.on_iteration)
-    evaluator.run()
-    outputs = writer.finish()
-    log(f"{len(items)} predictions -> {archive.eval_dir}")
+    # predictions move into eval/ once all are written: a failed run leaves the previous ones as they were
+    with Staging(archive.eval_dir, "infer") as staging:
+        writer = task.PredictionWriter(staging.path, config, names=names)
+        evaluator.add_event_handler(Events.ITERATION_COMPLETED, writer.on_iteration)
+        evaluator.run()
+        writer.finish()
+        outputs = staging.merge()
+    log(f"{len(items)} predictions ({len(outputs)} files) -> {archive.eval_dir}")
     return {"command": "infer", "num_cases": len(items), "outputs": len(outputs), "eval_dir": str(archive.eval_dir)}
+
+
+def data_root(archive: Archive) -> Path:
+    """The folder the datalist's relative paths start from (as load_items resolves them): predictions are
+    named relative to it."""
+    base = base_dir(archive)
+    return Path(base).resolve() if base else Path(archive.env["DATASET_JSON"]).resolve().parent
+
+
+def _image_file(item: dict[str, Any], image_key: str) -> str:
+    image = item[image_key]
+    return os.fspath(image[0] if isinstance(image, (list, tuple)) else image)  # channel files: the first names it
 
 
 def _precision(config, predictor, model: str, device, log) -> precision.Precision:

@@ -24,6 +24,8 @@ NAME = "classification"
 KEY_METRIC = "val_mean_auc"
 PREDICTIONS_FILE = "predictions.csv"
 CASES_FILE = "cases.csv"
+# what `mmar validate` writes beside metrics.json, replaced as one set (mmar.eval_output)
+VALIDATION_OUTPUTS = (CASES_FILE,)
 
 
 def config_format(config: dict[str, Any]) -> lf.LabelFormat:
@@ -256,7 +258,8 @@ def summarize(evaluator, collector: CaseCollector, config: dict[str, Any]) -> di
     return summary(*collector.arrays(), collector.format)
 
 
-def write_validation(eval_dir: Path, evaluator, collector: CaseCollector, config: dict[str, Any]) -> None:
+def write_validation(eval_dir: Path, evaluator, collector: CaseCollector, config: dict[str, Any],
+                     names: dict[str, str] | None = None) -> None:
     """eval/cases.csv: image, then per label the truth, the prediction (0.5 / argmax), per output the probability."""
     from mmar.classification_metrics import predicted
 
@@ -300,7 +303,8 @@ class PredictionWriter:
     leaves the previous predictions.csv as it was.
     """
 
-    def __init__(self, eval_dir: Path, config: dict[str, Any]):
+    def __init__(self, eval_dir: Path, config: dict[str, Any], names: dict[str, str] | None = None):
+        # rows name each image by its full path: images sharing a file name stay apart (names unused)
         self.path = Path(eval_dir) / PREDICTIONS_FILE
         self.format = config_format(config)
         self.image_key = config.get("image_key", "image")

@@ -13,10 +13,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mmar.eval_output import name_of, short_names
 from mmar.io import atomic_path, atomic_write
 
 NAME = "segmentation"
 KEY_METRIC = "val_mean_dice"
+# what `mmar validate` writes beside metrics.json, replaced as one set (mmar.eval_output)
+VALIDATION_OUTPUTS = ("cases.csv", "overlays")
 
 
 def _keys(with_label: bool = True) -> list[str]:
@@ -248,13 +251,10 @@ def default_configs(
 # ---- outputs -------------------------------------------------------------------------------------
 
 
-def prediction_path(out_dir: Path, image_file: str, postfix: str, ext: str) -> Path:
-    name = Path(image_file).name
-    for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return out_dir / f"{name}_{postfix}{ext}"
+def prediction_path(out_dir: Path, case_name: str, postfix: str, ext: str) -> Path:
+    """`case_name` is the image's unique relative name (mmar.eval_output.case_names): 'case_a/imaging'
+    -> out_dir/case_a/imaging_seg.nii.gz."""
+    return Path(out_dir) / f"{case_name}_{postfix}{ext}"
 
 
 def write_mask(mask: np.ndarray, reference_file: str, path: Path) -> None:
@@ -371,7 +371,10 @@ def summarize(evaluator, collector: CaseCollector, config: dict[str, Any]) -> di
     return {"dice_per_class": {str(first + i): value for i, value in enumerate(per_class)}}
 
 
-def write_validation(eval_dir: Path, evaluator, collector: CaseCollector, config: dict[str, Any]) -> None:
+def write_validation(eval_dir: Path, evaluator, collector: CaseCollector, config: dict[str, Any],
+                     names: dict[str, str] | None = None) -> None:
+    """eval/cases.csv (a row per case, the image's full path first) and overlays of the best and worst cases,
+    each named after its case's shortest distinct path tail (`case_a_imaging`, not two `imaging`)."""
     key = config["validate"]["key_metric"]
     details = evaluator.state.metric_details.get(key)
     first = 0 if config["validate"]["metrics"][key].get("include_background", True) else 1
@@ -391,9 +394,10 @@ def write_validation(eval_dir: Path, evaluator, collector: CaseCollector, config
         return
     order = sorted(range(len(rows)), key=lambda i: np.nan_to_num(rows[i]["mean_dice"], nan=-1.0))
     chosen = {("worst", i) for i in order[:count]} | {("best", i) for i in order[-count:]}
+    overlay_names = short_names([name_of(names or {}, row["image"]) for row in rows])
     for kind, index in sorted(chosen):
         image, label, pred, z = collector.cases[index]["slice"]
-        name = Path(rows[index]["image"]).name.split(".")[0]
+        name = overlay_names[index]
         title = f"{kind}: {name} slice {z} Dice {rows[index]['mean_dice']:.3f} (green truth, red prediction)"
         overlay_png(image, label, pred, title, eval_dir / "overlays" / f"{kind}_{name}.png")
 
@@ -407,11 +411,13 @@ def inference_postprocessing(parser):
 
 
 class PredictionWriter:
-    """One mask per case, on the input's grid (affine, spacing, orientation) and in its voxel order."""
+    """One mask per case, on the input's grid (affine, spacing, orientation) and in its voxel order, at
+    the image's unique relative name (`names`, from mmar.eval_output.case_names)."""
 
-    def __init__(self, eval_dir: Path, config: dict[str, Any]):
+    def __init__(self, eval_dir: Path, config: dict[str, Any], names: dict[str, str] | None = None):
         infer = config.get("infer", {})
         self.eval_dir = Path(eval_dir)
+        self.names = names or {}
         self.postfix = infer.get("output_postfix", "seg")
         self.ext = infer.get("output_ext", ".nii.gz")
         self.written: list[Path] = []
@@ -430,7 +436,7 @@ class PredictionWriter:
                     f"prediction for {reference} has shape {mask.shape}, the image {expected}: the validation "
                     "preprocessing changes the voxel grid (remove spatial transforms or add invertible ones)"
                 )
-            path = prediction_path(self.eval_dir, reference, self.postfix, self.ext)
+            path = prediction_path(self.eval_dir, name_of(self.names, reference), self.postfix, self.ext)
             write_mask(mask, reference, path)
             self.written.append(path)
 
