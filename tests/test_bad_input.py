@@ -74,6 +74,23 @@ def test_shape_mismatch(mmar_copy, tmp_path):
                   match=["shape mismatch", case["image"], case["label"]])
 
 
+@pytest.mark.slow
+def test_label_on_another_grid(mmar_copy, tmp_path):
+    """Same shape, the voxels stored in the other order along x (as another tool may write the label): the
+    shapes agree, so only the affines tell that every label voxel would pair with the wrong image voxel."""
+    protected = _protected(mmar_copy)
+
+    def reverse_x(image, label):
+        source = nib.load(label)
+        # the same voxels in the same places, stored from the other end along x
+        nib.save(source.as_reoriented(np.array([[0, -1], [1, 1], [2, 1]])), str(label))
+
+    datalist, case = _datalist_with(mmar_copy, tmp_path, reverse_x)
+    for command, settings in (("validate", []), ("train", ["epochs=1"])):
+        _assert_fails(mmar_copy, protected, command, str(mmar_copy), "--set", f"DATASET_JSON={datalist}", *settings,
+                      match=["grid mismatch", case["image"], case["label"], "validation[0]"])
+
+
 def test_label_values_beyond_the_classes(mmar_copy, tmp_path):
     protected = _protected(mmar_copy)
 

@@ -38,6 +38,51 @@ def test_bad_inputs_get_messages_and_good_series_still_convert(tmp_path, capsys)
     assert (tmp_path / "out" / "good.nii.gz").exists()
 
 
+def _cut_point(data: bytes, where: str) -> int:
+    """Where to cut one file of a generated (explicit VR little endian) series."""
+    if where == "after the file meta header":  # nothing of the data set is left: its series UID neither
+        return 132 + 12 + int.from_bytes(data[140:144], "little")
+    if where == "before Rows":  # the series UID is there, the image header is not
+        return data.index(b"\x28\x00\x10\x00")
+    return data.index(b"\xe0\x7f\x10\x00")  # the whole header, no pixel data
+
+
+@pytest.mark.parametrize("where", ["after the file meta header", "before Rows", "before the pixel data"])
+def test_a_slice_cut_short_fails_its_series_instead_of_being_skipped(tmp_path, capsys, where):
+    """A slice that cannot be read is not 'not an image': the series would convert one slice short, with the
+    gap interpolated, and exit 0. It fails instead, naming the file, and no volume is written."""
+    paths = make_series(pydicom_file("MR_small.dcm"), tmp_path / "in" / "series", count=5)
+    data = paths[2].read_bytes()
+    paths[2].write_bytes(data[:_cut_point(data, where)])
+    assert run(tmp_path, "-d", tmp_path / "in", "-o", tmp_path / "out") == 1
+    text = capsys.readouterr().out
+    assert f"series/{paths[2].name}: image slice cannot be read" in text
+    assert "not an image" not in text and "missing slices" not in text
+    assert "0 converted, 0 skipped, 2 failed" in text  # the file, and its series not converted
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_files_that_are_not_images_are_still_skipped(tmp_path, capsys):
+    import pydicom
+
+    root = tmp_path / "in"
+    make_series(pydicom_file("MR_small.dcm"), root / "mr", count=3)
+    (root / "mr" / "DICOMDIR").write_bytes(pydicom_file("DICOMDIR").read_bytes())
+    (root / "mr" / "report.dcm").write_bytes(pydicom_file("reportsi.dcm").read_bytes())
+    (root / "mr" / "README").write_text("scanner export, see the PACS\n")
+    csa = pydicom.dcmread(pydicom_file("reportsi.dcm"))  # a private non-image object, like Siemens' CSA files
+    csa.SOPClassUID = csa.file_meta.MediaStorageSOPClassUID = "1.3.12.2.1107.5.9.1"
+    csa.Modality = "MR"
+    csa.save_as(root / "mr" / "csa.dcm", enforce_file_format=True)
+    assert run(tmp_path, "-d", root, "-o", tmp_path / "out") == 0
+    text = capsys.readouterr().out
+    assert "mr/DICOMDIR: not an image: DICOMDIR (media directory)" in text
+    assert "mr/report.dcm: not an image: structured report" in text
+    assert "mr/csa.dcm: not an image: private SOP class 1.3.12.2.1107.5.9.1 without an image header" in text
+    assert "summary: 1 converted, 3 skipped, 0 failed (1 non-DICOM file(s) ignored)" in text
+    assert sitk.ReadImage(str(tmp_path / "out" / "mr.nii.gz")).GetSize() == (64, 64, 3)
+
+
 def test_folder_without_dicom_is_an_error(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "readme.txt").write_text("no images here")

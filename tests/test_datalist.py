@@ -86,3 +86,52 @@ def test_configurable_keys(tmp_path):
     path = _datalist(tmp_path, {"training": [{"img": "a.nii.gz", "seg": "a.nii.gz"}]})
     [item] = load_items(path, "training", image_key="img", label_key="seg")
     assert item["img"].endswith("a.nii.gz") and item["seg"].endswith("a.nii.gz")
+
+
+def test_a_label_on_another_grid_is_refused_naming_both_files(tmp_path):
+    """Same shape, the voxels in another order (as another tool may write it): refused from the headers."""
+    _nifti(tmp_path / "lists" / "img.nii.gz", affine=np.diag([0.8, 0.8, 2.0, 1.0]))
+    label = nib.Nifti1Image(np.zeros((4, 5, 6), np.uint8), np.diag([0.8, 0.8, 2.0, 1.0]))
+    reversed_x = label.as_reoriented(np.array([[0, -1], [1, 1], [2, 1]]))  # same places, stored from the other end
+    nib.save(reversed_x, str(tmp_path / "lists" / "lab.nii.gz"))
+    path = _datalist(tmp_path, {"training": [{"image": "img.nii.gz", "label": "lab.nii.gz"}]})
+    with pytest.raises(MMARError) as error:
+        load_items(path, "training")
+    message = str(error.value)
+    assert "datalist.json: training[0]: grid mismatch" in message
+    assert str(tmp_path / "lists" / "lab.nii.gz") in message and str(tmp_path / "lists" / "img.nii.gz") in message
+    assert "axes RAS" in message and "axes LAS" in message
+
+
+def test_a_one_hot_label_on_the_image_grid_is_accepted(tmp_path):
+    affine = np.array([[0, -1.0, 0, 10], [1.0, 0, 0, -5], [0, 0, 2.5, 3], [0, 0, 0, 1]])
+    _nifti(tmp_path / "lists" / "img.nii.gz", affine=affine)
+    _nifti(tmp_path / "lists" / "onehot.nii.gz", shape=(4, 5, 6, 3), affine=affine)  # one channel per class
+    _nifti(tmp_path / "lists" / "shifted.nii.gz", shape=(4, 5, 6, 3), affine=affine + _shift(0.5))
+    path = _datalist(tmp_path, {"training": [{"image": "img.nii.gz", "label": "onehot.nii.gz"}],
+                                "validation": [{"image": "img.nii.gz", "label": "shifted.nii.gz"}]})
+    [item] = load_items(path, "training")
+    assert item["label"].endswith("onehot.nii.gz")
+    with pytest.raises(MMARError, match=r"validation\[0\]: grid mismatch"):
+        load_items(path, "validation")
+
+
+def _shift(mm):
+    shift = np.zeros((4, 4))
+    shift[:3, 3] = mm
+    return shift
+
+
+def test_lists_present_names_only_lists_of_items(tmp_path):
+    path = _datalist(tmp_path, {"label_format": [1, 3], "label_names": ["a", "b"], "description": "x",
+                                "validation": [{"image": "a.png", "label": [0, 1]}], "test": ["a.png"]})
+    with pytest.raises(MMARError, match=r"no list 'training' \(lists present: validation, test\)"):
+        load_items(path, "training")
+
+
+@pytest.mark.parametrize("label", ["1", ["0", "2"], "0.0"])
+def test_a_quoted_number_label_is_a_value_not_a_file(tmp_path, label):
+    _nifti(tmp_path / "lists" / "a.nii.gz")
+    path = _datalist(tmp_path, {"training": [{"image": "a.nii.gz", "label": label}]})
+    [item] = load_items(path, "training")
+    assert item["label"] == label  # left for the label check (label_format) to read as numbers

@@ -49,7 +49,9 @@ def test_bad_names_are_refused():
         ([0, 3, 0], r"label\[1\] \(view\) is 3; .*categorical label with 3 classes \(0..2\)"),
         ([0, 1, -1], r"label\[2\] \(b\) is -1"),
         ([0, 1.5, 0], r"label\[1\] \(view\) is 1.5"),
-        ([0, "1", 0], r"label\[1\] \(view\) is '1'"),
+        ([0, "one", 0], r"label\[1\] \(view\) is 'one'"),
+        ([0, "1.5", 0], r"label\[1\] \(view\) is '1.5'"),
+        ("1", "label must be a list of 3 numbers"),
         (1, "label must be a list of 3 numbers"),
     ],
 )
@@ -59,6 +61,19 @@ def test_label_mismatches_name_the_item(label, message):
         lf.check_items([{"image": "ok.png", "label": [0, 0, 0]}, {"image": "bad.png", "label": label}], fmt,
                        "dl.json: training")
     assert "dl.json: training[1] (bad.png)" in str(caught.value)
+
+
+def test_quoted_numbers_are_labels_as_clara_datalists_write_them():
+    fmt = lf.parse([1, 3, 1], ["a", "view", "b"])
+    assert lf.check_label(["0", "2", "1"], fmt, "x") == [0, 2, 1]
+    assert lf.check_label(["1.0", 2, " 0 "], fmt, "x") == [1, 2, 0]
+    single = lf.parse([3], ["view"])  # one label: the bare value, quoted or not, is that label
+    for label in ("2", 2, ["2"], [2.0]):
+        assert lf.check_label(label, single, "x") == [2]
+    with pytest.raises(MMARError, match=r"label\[0\] \(view\) is '3'; .*3 classes"):
+        lf.check_label("3", single, "x")
+    with pytest.raises(MMARError, match=r"label\[0\] \(view\) is 'nan'"):
+        lf.check_label("nan", single, "x")
 
 
 def test_datalist_without_label_format_is_explained():

@@ -89,3 +89,43 @@ def test_multi_channel_labels_that_are_not_one_hot_are_refused():
 def test_a_case_without_label_is_left_alone():
     data = {"image": torch.zeros(SHAPE)}
     assert SegmentationCased(num_classes=3)(data) == data
+
+
+def _affine(flip_first_axis=False, shift=0.0):
+    affine = torch.eye(4, dtype=torch.float64)
+    if flip_first_axis:  # the same grid in the other voxel order along x: what another tool may write
+        affine[0, 0], affine[0, 3] = -1.0, SHAPE[1] - 1.0
+    affine[:3, 3] += shift
+    return affine
+
+
+def on_grids(label, image_affine, label_affine):
+    image = MetaTensor(torch.zeros(SHAPE), affine=image_affine, meta={"filename_or_obj": "imagesTr/case_007.nii.gz"})
+    label = MetaTensor(label, affine=label_affine, meta={"filename_or_obj": "labelsTr/case_007.nii.gz"})
+    return {"image": image, "label": label}
+
+
+def test_a_label_on_another_grid_names_both_files():
+    """Same shape, other voxel order: every label voxel would pair with the wrong image voxel."""
+    with pytest.raises(MMARError) as error:
+        SegmentationCased(num_classes=3)(on_grids(index_label(), _affine(), _affine(flip_first_axis=True)))
+    message = str(error.value)
+    assert "grid mismatch" in message and "tensor(" not in message
+    assert "labelsTr/case_007.nii.gz" in message and "imagesTr/case_007.nii.gz" in message
+    assert "axes RAS" in message and "axes LAS" in message
+
+
+def test_a_label_shifted_by_a_voxel_is_refused_and_header_rounding_is_not():
+    with pytest.raises(MMARError, match="grid mismatch"):
+        SegmentationCased(num_classes=3)(on_grids(index_label(), _affine(), _affine(shift=1.0)))
+    out = SegmentationCased(num_classes=3)(on_grids(index_label(), _affine(), _affine(shift=1e-5)))
+    assert torch.equal(torch.as_tensor(out["label"]), index_label())
+
+
+def test_a_one_hot_label_is_compared_by_its_spatial_affine():
+    index = index_label()[0].long()
+    one_hot = torch.stack([(index == c).float() for c in range(3)])
+    out = SegmentationCased(num_classes=3)(on_grids(one_hot, _affine(), _affine()))
+    assert torch.equal(torch.as_tensor(out["label"]), index_label())
+    with pytest.raises(MMARError, match="grid mismatch"):
+        SegmentationCased(num_classes=3)(on_grids(one_hot, _affine(), _affine(flip_first_axis=True)))

@@ -5,7 +5,9 @@
 
 `image` may be a list of files (channels, concatenated; spatially aligned). Relative paths are relative
 to the base folder (`--file_root` > config `image_base_dir` > `DATA_ROOT` > the datalist's folder).
-`label` may be absent where no ground truth is needed (inference). Every error names the datalist, the
+`label` may be absent where no ground truth is needed (inference). A label file must lie on its image's
+grid: same affine (voxel -> world), read from the headers, so a label written in another voxel order by
+another tool is refused instead of training on misaligned voxels. Every error names the datalist, the
 list, the item and the field.
 """
 
@@ -16,6 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from mmar.errors import MMARError
+from mmar.label_format import label_number
+
+# Two headers describe one grid when their affines agree to this many mm (direction cosines likewise):
+# far below any voxel, far above the float32 rounding of a NIfTI header.
+AFFINE_TOLERANCE = 1e-3
+# lists a classification datalist holds beside its item lists (mmar.label_format)
+NOT_ITEM_LISTS = {"label_format", "label_names"}
 
 
 def load_json(path: str | Path) -> dict[str, Any]:
@@ -48,7 +57,7 @@ def load_items(
     path = Path(path).resolve()
     data = load_json(path)
     if list_key not in data:
-        present = ", ".join(k for k, v in data.items() if isinstance(v, list)) or "none"
+        present = ", ".join(k for k, v in data.items() if k not in NOT_ITEM_LISTS and _is_item_list(v)) or "none"
         raise MMARError(f"{path}: no list '{list_key}' (lists present: {present})")
     items = data[list_key]
     if not isinstance(items, list):
@@ -75,12 +84,24 @@ def _check_item(item, where, base, image_key, label_key, require_label, check_fi
     checked[image_key] = _resolve(item[image_key], f"{where}.{image_key}", base, check_files)
     if label_key in item and isinstance(item[label_key], (str, list)) and _looks_like_files(item[label_key]):
         checked[label_key] = _resolve(item[label_key], f"{where}.{label_key}", base, check_files)
+        if check_files:
+            check_label_aligned(checked, image_key, label_key, where)
     return checked
 
 
+def _is_item_list(value: Any) -> bool:
+    """A list of items (objects, or file names for inference), not a list of numbers like label_format.
+
+    Item lists may be empty."""
+    return isinstance(value, list) and all(isinstance(v, (dict, str)) for v in value)
+
+
 def _looks_like_files(value: Any) -> bool:
-    # A classification label is a list of numbers; a segmentation label is a file (or channel files).
-    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    # A classification label is a number or a list of numbers, quoted or not ("1" is the class 1, as Clara's
+    # datalists often write it); a segmentation label is a file (or channel files).
+    if isinstance(value, list):
+        return bool(value) and all(isinstance(v, str) and label_number(v) is None for v in value)
+    return isinstance(value, str) and label_number(value) is None
 
 
 def _resolve(value: Any, where: str, base: Path, check_files: bool):
@@ -104,7 +125,6 @@ def check_channels_aligned(item: dict[str, Any], key: str, where: str) -> None:
     if not isinstance(files, list) or len(files) < 2:
         return
     import nibabel as nib
-    import numpy as np
 
     reference = None
     for name in files:
@@ -115,8 +135,62 @@ def check_channels_aligned(item: dict[str, Any], key: str, where: str) -> None:
         grid = (header.shape[:3], header.affine)
         if reference is None:
             reference = (name, grid)
-        elif grid[0] != reference[1][0] or not np.allclose(grid[1], reference[1][1], atol=1e-3):
+        elif grid[0] != reference[1][0] or not same_grid(grid[1], reference[1][1]):
             raise MMARError(
                 f"{where}: channel {name} (shape {grid[0]}) is not aligned with {reference[0]} "
                 f"(shape {reference[1][0]}); channels must share shape and affine"
             )
+
+
+def same_grid(affine_a: Any, affine_b: Any) -> bool:
+    """Whether two voxel -> world affines describe one grid. Both are spatial (4x4 for 3D): a one-hot label's
+    channel axis is not in its affine, so it compares like an index label."""
+    import numpy as np
+
+    def as_array(affine: Any):
+        affine = affine.detach().cpu() if hasattr(affine, "detach") else affine  # a MetaTensor's, on any device
+        return np.asarray(affine, dtype=float)
+
+    a, b = as_array(affine_a), as_array(affine_b)
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=0.0, atol=AFFINE_TOLERANCE))
+
+
+def describe_grid(affine: Any) -> str:
+    """An affine for a person: axis directions (nibabel's codes, RAS+), voxel size and the first voxel."""
+    import nibabel as nib
+    import numpy as np
+
+    matrix = np.asarray(affine, dtype=float)[:4, :4]
+    axes = "".join(str(code) for code in nib.orientations.aff2axcodes(matrix))
+    spacing = "x".join(f"{v:g}" for v in np.round(np.linalg.norm(matrix[:3, :3], axis=0), 4))
+    origin = ", ".join(f"{v:g}" for v in np.round(matrix[:3, 3], 3))
+    return f"axes {axes}, voxels {spacing} mm, first voxel at ({origin})"
+
+
+def check_label_aligned(item: dict[str, Any], image_key: str, label_key: str, where: str) -> None:
+    """The label file lies on the image's grid (affines from the headers only, no voxel data read).
+
+    A one-hot label (one channel per class, 4D) is compared by its spatial affine. Files nibabel cannot
+    read are left to the loader, which names them, and to SegmentationCased, which checks the loaded pair.
+    """
+    image, label = item.get(image_key), item.get(label_key)
+    image = image[0] if isinstance(image, list) else image  # channels share the grid (check_channels_aligned)
+    label = label[0] if isinstance(label, list) else label
+    if not isinstance(image, str) or not isinstance(label, str):
+        return
+    import nibabel as nib
+
+    try:
+        image_affine, label_affine = nib.load(image).affine, nib.load(label).affine
+    except Exception:  # not a format nibabel reads, or unreadable: the loader reports it with its cause
+        return
+    if not same_grid(image_affine, label_affine):
+        raise MMARError(grid_mismatch(image, image_affine, label, label_affine, where))
+
+
+def grid_mismatch(image: str, image_affine: Any, label: str, label_affine: Any, where: str = "") -> str:
+    """The message for a label that is not on its image's grid (shared by the datalist and the per-case check)."""
+    return (f"{where + ': ' if where else ''}grid mismatch: label {label} is not on the grid of image {image} "
+            f"(image: {describe_grid(image_affine)}; label: {describe_grid(label_affine)}); its voxels would "
+            "pair with the wrong image voxels. Resample the label onto the image's grid (e.g. with the tool "
+            "that made it), or fix its header")

@@ -11,6 +11,7 @@ as `name=class`). This module only parses, checks and lays out; it imports no to
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -69,7 +70,13 @@ def parse(value: Any, names: Any = None, where: str = "label_format") -> LabelFo
 
 
 def check_label(label: Any, fmt: LabelFormat, where: str) -> list[int]:
-    """An item's `label` as a list of ints, checked against the format (length, integer values, range)."""
+    """An item's `label` as a list of ints, checked against the format (length, integer values, range).
+
+    Clara's datalists often quote their labels: "1" is the number 1, and a format of one label takes the
+    bare value ("label": 1 or "1") as well as a list of one.
+    """
+    if len(fmt.sizes) == 1 and (label_number(label) is not None or isinstance(label, str)):
+        label = [label]
     if not isinstance(label, (list, tuple)):
         raise MMARError(f"{where}: label must be a list of {len(fmt.sizes)} numbers (label_format {list(fmt.sizes)}), got {label!r}")
     if len(label) != len(fmt.sizes):
@@ -78,13 +85,28 @@ def check_label(label: Any, fmt: LabelFormat, where: str) -> list[int]:
         )
     values = []
     for index, (value, size) in enumerate(zip(label, fmt.sizes)):
-        integral = isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer()
-        if not integral or not 0 <= int(value) < max(2, size):
+        number = label_number(value)
+        if number is None or not number.is_integer() or not 0 <= int(number) < max(2, size):
             raise MMARError(
                 f"{where}: label[{index}] ({fmt.names[index]}) is {value!r}; label_format says it is {fmt.describe(index)}"
             )
-        values.append(int(value))
+        values.append(int(number))
     return values
+
+
+def label_number(value: Any) -> float | None:
+    """A label value as a number: a real number, or a string holding one ("1", "0.0"); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
 
 
 def check_items(items: Iterable[dict[str, Any]], fmt: LabelFormat, where: str, *, image_key: str = "image",

@@ -14,6 +14,7 @@ from monai.transforms import AsDiscrete, LoadImaged, MapTransform
 from monai.transforms import AsDiscreted as MONAIAsDiscreted
 from monai.utils import convert_to_tensor
 
+from mmar.datalist import grid_mismatch, same_grid
 from mmar.errors import MMARError
 
 
@@ -59,15 +60,32 @@ class LoadCased(MapTransform):
                 root = error
                 while root.__cause__ is not None:
                     root = root.__cause__
-                raise MMARError(f"cannot read {key} {_describe(data[key])}: {_one_line(root)}") from None
+                raise MMARError(f"cannot read {key} {_describe(data[key])}: {self._why(key, data[key], root)}") from None
         return d
+
+    def _why(self, key: Hashable, files: Any, error: BaseException) -> str:
+        """The cause in one line. When MONAI tried every reader, the one asked for in the config is the one
+        whose error says what is wrong with the file: the fallbacks fail on something else (pydicom's
+        `dcmread() got an unexpected keyword argument 'converter'` for a PNG that is not one)."""
+        loader = getattr(self.loaders[key], "_loader", None)  # LoadImaged's LoadImage
+        if ("cannot find a suitable reader" not in str(error) or loader is None or loader.auto_select
+                or not loader.readers):
+            return _one_line(error)
+        chosen = loader.readers[-1]  # registered last, tried first: the reader the config names
+        try:
+            chosen.read(files if isinstance(files, (list, tuple)) else str(files))
+        except Exception as own_error:
+            return f"not a readable image ({type(chosen).__name__}: {_one_line(own_error)})"
+        return _one_line(error)
 
 
 class SegmentationCased(MapTransform):
     """Check a loaded (channel-first) image/label pair and bring the label to one index channel.
 
     Clara labels are either an integer index mask, or one-hot with one channel per class (with or without
-    the background channel). Image and label must share the spatial shape; label values must be classes.
+    the background channel). Image and label must share the grid: the spatial shape and the affine (a label
+    written in another voxel order has the image's shape and pairs every voxel with the wrong one); label
+    values must be classes.
     """
 
     def __init__(self, image_key: str = "image", label_key: str = "label", num_classes: int = 2) -> None:
@@ -86,6 +104,9 @@ class SegmentationCased(MapTransform):
                 f"shape mismatch: image {source_file(image)} has spatial shape {tuple(image.shape[1:])}, "
                 f"label {source_file(label)} has {tuple(label.shape[1:])}"
             )
+        image_affine, label_affine = getattr(image, "affine", None), getattr(label, "affine", None)
+        if image_affine is not None and label_affine is not None and not same_grid(image_affine, label_affine):
+            raise MMARError(grid_mismatch(source_file(image), image_affine, source_file(label), label_affine))
         if label.shape[0] > 1:
             label = self._one_hot_to_index(label)
         bad = self._values_outside_classes(label)

@@ -261,7 +261,8 @@ def _decode(path: Path, cache: dict) -> tuple[np.ndarray, bool]:
     try:
         ds = pydicom.dcmread(path)
         if "PixelData" not in ds:
-            raise SeriesError(f"{path.name}: no pixel data")
+            raise SeriesError(f"{path.name}: image slice cannot be read: no pixel data (the file ends after "
+                              f"{path.stat().st_size} bytes: truncated?)")
         expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
         if not ds.file_meta.TransferSyntaxUID.is_compressed and len(ds.PixelData) < expected:
             raise SeriesError(f"{path.name}: truncated pixel data ({len(ds.PixelData)} of {expected} bytes)")

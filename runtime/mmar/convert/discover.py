@@ -23,6 +23,9 @@ NON_IMAGE_MODALITIES = {
     "RWV": "real world value map", "FID": "fiducials", "PLAN": "plan",
 }
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd")
+# Standard SOP classes that hold pixel data although their name lacks "Image Storage".
+IMAGE_SOP_CLASSES = {"RT Dose Storage", "Parametric Map Storage", "Enhanced US Volume Storage",
+                     "Ophthalmic Thickness Map Storage", "Corneal Topography Map Storage"}
 
 
 @dataclass
@@ -93,6 +96,9 @@ def scan_dicom(root: Path, files: list[Path]) -> tuple[list[Series], list[Skippe
     skipped: list[Skipped] = []
     ignored = 0
     non_image: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    # image files that cannot be read: by series UID, or by folder where the UID is lost with the header
+    unreadable: dict[str, list[Path]] = defaultdict(list)
+    lost: list[Path] = []
     for path in files:
         rel = path.relative_to(root)
         try:
@@ -100,17 +106,30 @@ def scan_dicom(root: Path, files: list[Path]) -> tuple[list[Series], list[Skippe
         except InvalidDicomError:
             if _looks_like_dicom(path):
                 skipped.append(Skipped(str(rel), "not a readable DICOM file (no DICOM header)", failed=True))
+                lost.append(rel)
             else:
                 ignored += 1
             continue
         except Exception as error:  # truncated or corrupt header: name the file, go on with the rest
             skipped.append(Skipped(str(rel), f"corrupt or truncated DICOM file: {error}", failed=True))
+            lost.append(rel)
             continue
-        modality = str(ds.get("Modality", "")).upper()
-        sop_name = getattr(ds.get("SOPClassUID"), "name", "") or ""
-        if modality in NON_IMAGE_MODALITIES or "Rows" not in ds or "Columns" not in ds:
-            kind = NON_IMAGE_MODALITIES.get(modality) or sop_name or "no pixel data"
-            non_image[(str(ds.get("SeriesInstanceUID", "")), kind)].append(rel)
+        after_header = _bytes_after_header(ds, path.stat().st_size)  # first: reading values loses the offsets
+        cut_short = after_header is not None and after_header < 0
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if "Rows" not in ds or "Columns" not in ds or str(ds.get("Modality", "")).upper() in NON_IMAGE_MODALITIES:
+            kind = _non_image_kind(ds, cut_short)
+            if kind is not None:
+                non_image[(uid, kind)].append(rel)
+            else:
+                skipped.append(Skipped(str(rel), _why_no_image_header(ds, path), failed=True))
+                unreadable[uid].append(rel)
+            continue
+        if after_header is not None and after_header < 8:  # an image header, and the file ends with it
+            size = path.stat().st_size
+            skipped.append(Skipped(str(rel), f"image slice cannot be read: the file ends after {size} bytes, "
+                                   "before its pixel data: truncated", failed=True))
+            unreadable[uid].append(rel)
             continue
         try:
             infos = slices_from_header(ds, path)
@@ -124,6 +143,12 @@ def scan_dicom(root: Path, files: list[Path]) -> tuple[list[Series], list[Skippe
         what = paths[0].parent.as_posix() + (f" ({len(paths)} files)" if len(paths) > 1 else f"/{paths[0].name}")
         skipped.append(Skipped(what, f"not an image: {kind} (nothing to convert)", failed=False))
 
+    # a series UID that no image has is lost (absent, or itself cut short): the folder is all that is left
+    for uid in [uid for uid in unreadable if uid not in {key[0] for key in groups}]:
+        lost.extend(unreadable.pop(uid))
+    lost_in_folder: dict[Path, list[Path]] = defaultdict(list)
+    for rel in lost:
+        lost_in_folder[rel.parent].append(rel)
     series: list[Series] = []
     parts_per_uid: dict[str, int] = defaultdict(int)
     for (uid, _key), members in groups.items():
@@ -147,15 +172,89 @@ def scan_dicom(root: Path, files: list[Path]) -> tuple[list[Series], list[Skippe
             seen_part[uid] += 1
             part = seen_part[uid]
             notes.append(f"series UID holds images on {parts_per_uid[uid]} different grids: split into parts")
-        series.append(
-            Series(
-                uid=uid,
-                number=str(first_ds.get("SeriesNumber", "") or ""),
-                description=str(first_ds.get("SeriesDescription", "") or "").strip(),
-                folder=unique[0].path.parent.relative_to(root),
-                slices=unique,
-                notes=notes,
-                part=part,
-            )
+        found = Series(
+            uid=uid,
+            number=str(first_ds.get("SeriesNumber", "") or ""),
+            description=str(first_ds.get("SeriesDescription", "") or "").strip(),
+            folder=unique[0].path.parent.relative_to(root),
+            slices=unique,
+            notes=notes,
+            part=part,
         )
+        missing = _unreadable_members(found, root, unreadable, lost_in_folder)
+        if missing:  # converting the rest would fill the gap by interpolation: a volume that looks right
+            skipped.append(Skipped(found.label, f"not converted: {missing}", failed=True))
+            continue
+        series.append(found)
     return series, skipped, ignored
+
+
+def _unreadable_members(series: Series, root: Path, by_uid: dict[str, list[Path]],
+                        lost_in_folder: dict[Path, list[Path]]) -> str:
+    """Why `series` cannot be complete ('' if nothing says so): image files of it that cannot be read, or
+    unreadable files beside its images whose series UID was lost with the rest of their header."""
+    if series.uid in by_uid:
+        names = [rel.as_posix() for rel in by_uid[series.uid]]
+        return f"{len(names)} of its image file(s) cannot be read ({_some(names)})"
+    folders = {info.path.parent.relative_to(root) for info in series.slices}
+    lost = [rel.as_posix() for folder in sorted(folders) for rel in lost_in_folder.get(folder, [])]
+    if lost:
+        return f"{_some(lost)} beside its images cannot be read and may be slices of it (their series UID is lost)"
+    return ""
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _sop_class(ds):
+    """The SOP Class UID of a dataset, from the data set or (DICOMDIR, cut-short files) its file meta."""
+    sop = ds.get("SOPClassUID")
+    if sop is None:
+        sop = getattr(ds, "file_meta", None) and ds.file_meta.get("MediaStorageSOPClassUID")
+    return sop or None
+
+
+def _non_image_kind(ds, cut_short: bool) -> str | None:
+    """What a file without an image header is, if it is truly not an image (an SR, a DICOMDIR, a private
+    non-image object such as Siemens' CSA files); None when it is an image whose header cannot be read."""
+    modality = str(ds.get("Modality", "")).upper()
+    if modality in NON_IMAGE_MODALITIES:
+        return NON_IMAGE_MODALITIES[modality]
+    sop = _sop_class(ds)
+    if sop is None:  # no SOP class at all: the file ends before the data set begins
+        return None
+    if sop.type == "SOP Class":  # a standard class: its name says whether it holds pixels
+        if "Image Storage" in sop.name or sop.name in IMAGE_SOP_CLASSES:
+            return None
+        return "DICOMDIR (media directory)" if sop.name == "Media Storage Directory Storage" else sop.name
+    # a private class (Siemens CSA non-image files...): no image header is normal for it, unless the file
+    # is visibly cut short; an unknown UID under the DICOM root is a cut-short standard one
+    if sop.is_private and sop.is_valid and not cut_short:
+        return f"private SOP class {sop} without an image header"
+    return None
+
+
+def _why_no_image_header(ds, path: Path) -> str:
+    sop = _sop_class(ds)
+    what = f"{sop.name} file" if sop is not None and sop.type == "SOP Class" else "DICOM file"
+    size = path.stat().st_size
+    return (f"image slice cannot be read: the {what} ends after {size} bytes, before its image header "
+            "(Rows/Columns): truncated or corrupt")
+
+
+def _bytes_after_header(ds, size: int) -> int | None:
+    """File bytes after the last element pydicom read (stop_before_pixels): negative when the file stops
+    inside that element (or holds no element at all), under 8 when not even the pixel data's element header
+    can follow; None when the last element does not say where it ends.
+
+    pydicom reads a cut-short file without error, so this is how one is told. Only raw (unread) elements
+    know their place in the file: call it before reading any value from `ds`."""
+    tags = list(ds.keys())
+    if not tags:
+        return -1
+    element = ds.get_item(tags[-1])
+    length, tell = getattr(element, "length", None), getattr(element, "value_tell", None)
+    if length is None or tell is None or length == 0xFFFFFFFF:
+        return None
+    return size - (tell + length)
