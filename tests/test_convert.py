@@ -96,6 +96,20 @@ def test_missing_input_folder_is_an_error(tmp_path, capsys):
     assert "not a folder" in capsys.readouterr().err
 
 
+def test_an_error_is_the_step_result_the_operator_reads(tmp_path, monkeypatch, capsys):
+    """The termination message carries the error line itself, not a log tail that may end elsewhere."""
+    import json
+
+    from mmar import results
+
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("MMAR_TERMINATION_LOG", str(log))
+    assert main(["-d", str(tmp_path / "nope"), "-o", str(tmp_path / "out")]) == 1
+    message = json.loads(log.read_text())
+    assert message["command"] == "convert" and "not a folder" in message["error"]
+    assert results.error_line(capsys.readouterr().err).endswith(message["error"])
+
+
 def test_non_image_only_folder_is_skipped_not_failed(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.dcm").write_bytes(pydicom_file("reportsi.dcm").read_bytes())

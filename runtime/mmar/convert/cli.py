@@ -162,10 +162,23 @@ def main(argv: list[str] | None = None) -> int:
         return convert(list(argv), prog)
     except MMARError as error:
         print(f"error: {error}", file=sys.stderr)
+        _report_failure(str(error))
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        _report_failure("interrupted", "SIGINT")
         return 130
+
+
+def _report_failure(line: str, signal_name: str | None = None) -> None:
+    """The failure as the step's result (termination message), so the operator and `mmar run` show this line
+    whatever the log ends with."""
+    from mmar.report import write_failure
+
+    try:
+        write_failure("convert", line, signal_name)
+    except OSError:
+        pass  # nowhere to report: the error line above is still printed
 
 
 if __name__ == "__main__":
