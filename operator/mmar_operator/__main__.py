@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -41,6 +40,14 @@ def render_manifest(path: Path, step: str | None, config: Config) -> str:
     return yaml.safe_dump_all(objects, sort_keys=False, width=120)
 
 
+def configure_logging(verbose: bool) -> None:
+    """One handler on the root logger, kopf's (its format, with each object's namespace/name), at INFO or,
+    with -v, DEBUG. Not also `logging.basicConfig`: that is a second root handler, so every line printed twice."""
+    import kopf
+
+    kopf.configure(verbose=verbose)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = Config.from_env()
@@ -53,15 +60,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 1
         return 0
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
+    configure_logging(args.verbose)
 
     import kopf  # imported here so `--help` works without the operator extras
 
-    from mmar_operator import handlers  # registers the handlers with kopf's default registry
+    # both register their handlers with kopf's default registry
+    from mmar_operator import handlers, tuning  # noqa: F401 - tuning: kopf's settings for bursts
 
     handlers.RUNTIME.config = config
     handlers.RUNTIME.metrics.serve(config.metrics_port)
-    kopf.configure(verbose=args.verbose)
     namespaces = args.namespace or list(config.namespaces)
     kopf.run(
         # one replica (the chart runs a Deployment of 1, strategy Recreate): no peering objects to manage

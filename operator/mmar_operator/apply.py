@@ -4,12 +4,18 @@
 in-memory fakes with the same method names). It creates children by deterministic name and adopts what is
 already there, so a replayed event or a restarted operator never makes a duplicate; it retries transient
 errors (429, 5xx, connection resets) with exponential back-off and jitter.
+
+With the real client, responses are read as JSON into plain dicts (`_preload_content=False`): the typed
+client would build pydantic models of every Job and list only for `_serialize` to turn them back into
+dicts. Requests still go through the typed client (its validation and serialization of what we send).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import threading
 import time
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -51,22 +57,53 @@ def _serialize(obj: Any) -> Any:
     return ApiClient().sanitize_for_serialization(obj)
 
 
+def _is_real_client(api: Any) -> bool:
+    try:
+        from kubernetes.client import ApiClient
+    except ImportError:  # pragma: no cover - the operator extras always bring it
+        return False
+    return isinstance(getattr(api, "api_client", None), ApiClient)
+
+
 class Cluster:
     def __init__(self, batch: Any, core: Any, custom: Any, *, attempts: int = 5, base_delay: float = 0.5,
                  max_delay: float = 10.0, sleep: Callable[[float], None] = time.sleep):
         self.batch, self.core, self.custom = batch, core, custom
         self.attempts, self.base_delay, self.max_delay, self.sleep = attempts, base_delay, max_delay, sleep
+        # in-memory fakes take no transport options and return dicts already
+        self.raw_json = all(_is_real_client(api) for api in (batch, core, custom))
+        # (namespace, name) -> resourceVersion of each Job this operator created, until the watch echoes it
+        self._created: dict[tuple[str, str], str] = {}
+        self._created_lock = threading.Lock()
 
     @classmethod
-    def from_kubeconfig(cls) -> "Cluster":
-        """In a pod: the service account; elsewhere: ~/.kube/config or $KUBECONFIG."""
+    def from_kubeconfig(cls, connections: int | None = None) -> "Cluster":
+        """In a pod: the service account; elsewhere: ~/.kube/config or $KUBECONFIG.
+
+        `connections`: the HTTP keep-alive pool (default Config.workers, one per handler thread); the
+        client's default (5 per CPU) made busy threads drop connections and open new ones, TLS and all."""
         from kubernetes import client, config
 
+        from mmar_operator.config import Config
+
+        configuration = client.Configuration()
         try:
-            config.load_incluster_config()
+            config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
-            config.load_kube_config()
-        return cls(client.BatchV1Api(), client.CoreV1Api(), client.CustomObjectsApi())
+            config.load_kube_config(client_configuration=configuration)
+        configuration.connection_pool_maxsize = connections or Config.from_env().workers
+        api = client.ApiClient(configuration)  # one client, one pool, for all three APIs
+        return cls(client.BatchV1Api(api), client.CoreV1Api(api), client.CustomObjectsApi(api))
+
+    def fetch(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`call`, with the response as plain JSON data (dicts, lists)."""
+        if not self.raw_json:
+            return _serialize(self.call(fn, *args, **kwargs))
+        response = self.call(fn, *args, _preload_content=False, **kwargs)
+        try:
+            return json.loads(response.data)
+        finally:
+            response.release_conn()
 
     # ------------------------------------------------------------------------------------------ retries
 
@@ -93,11 +130,17 @@ class Cluster:
             "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service, self.core.patch_namespaced_service),
         }[kind]
         try:
-            return _serialize(self.call(create, namespace, obj))
+            created = self.fetch(create, namespace, obj)
         except Exception as error:  # noqa: BLE001
             if _status_of(error) != 409:
                 raise
-        live = _serialize(self.call(read, name, namespace))
+        else:
+            version = (created.get("metadata") or {}).get("resourceVersion")
+            if kind == "Job" and version:
+                with self._created_lock:
+                    self._created[(namespace, name)] = version
+            return created
+        live = self.fetch(read, name, namespace)
         owner = meta["ownerReferences"][0]
         refs = (live.get("metadata") or {}).get("ownerReferences") or []
         controller = next((r for r in refs if r.get("controller")), None)
@@ -107,25 +150,40 @@ class Cluster:
             raise AdoptionError(f"{kind} {namespace}/{name} exists and is controlled by {controller.get('kind')} {controller.get('name')}")
         log.info("adopting %s %s/%s", kind, namespace, name)
         body = {"metadata": {"ownerReferences": [*refs, owner], "labels": meta.get("labels", {})}}
-        return _serialize(self.call(patch, name, namespace, body, _content_type=MERGE_PATCH))
+        return self.fetch(patch, name, namespace, body, _content_type=MERGE_PATCH)
+
+    def is_own_create(self, namespace: str, name: str, resource_version: str | None) -> bool:
+        """Whether a Job's watch event shows it exactly as this operator's create returned it: the echo of our
+        own write, which the reconcile that made it has already accounted for. True once per create (the
+        entry goes with it); resourceVersions are opaque, so only equality says anything."""
+        with self._created_lock:
+            if resource_version and self._created.get((namespace, name)) == resource_version:
+                del self._created[(namespace, name)]
+                return True
+            return False
+
+    def forget_job(self, namespace: str, name: str) -> None:
+        """The Job is gone (its echo may never come: e.g. deleted at once)."""
+        with self._created_lock:
+            self._created.pop((namespace, name), None)
 
     def jobs_of(self, namespace: str, mmarjob: str) -> list[dict[str, Any]]:
-        result = _serialize(self.call(self.batch.list_namespaced_job, namespace, label_selector=f"{LABEL_JOB}={mmarjob}"))
+        result = self.fetch(self.batch.list_namespaced_job, namespace, label_selector=f"{LABEL_JOB}={mmarjob}")
         return list(result.get("items") or [])
 
     def pods_of(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
         # set by the Job controller on every pod it creates (both label spellings exist across versions)
-        result = _serialize(self.call(self.core.list_namespaced_pod, namespace, label_selector=f"job-name={job_name}"))
+        result = self.fetch(self.core.list_namespaced_pod, namespace, label_selector=f"job-name={job_name}")
         return list(result.get("items") or [])
 
     def set_suspend(self, namespace: str, job_name: str, suspend: bool) -> None:
-        self.call(self.batch.patch_namespaced_job, job_name, namespace, {"spec": {"suspend": suspend}}, _content_type=MERGE_PATCH)
+        self.fetch(self.batch.patch_namespaced_job, job_name, namespace, {"spec": {"suspend": suspend}}, _content_type=MERGE_PATCH)
 
     # -------------------------------------------------------------------------------------- MMARJobs
 
     def get_mmarjob(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return _serialize(self.call(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name))
+            return self.fetch(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
         except Exception as error:  # noqa: BLE001
             if _status_of(error) == 404:
                 return None
@@ -134,8 +192,8 @@ class Cluster:
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         """Through the status subresource: users' spec edits and the operator's status never collide."""
         try:
-            self.call(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)},
-                      _content_type=MERGE_PATCH)
+            self.fetch(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)},
+                       _content_type=MERGE_PATCH)
         except Exception as error:  # noqa: BLE001
             if _status_of(error) != 404:  # deleted meanwhile: nothing left to report on
                 raise

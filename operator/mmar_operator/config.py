@@ -18,6 +18,13 @@ def _int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
 
 
+def _positive(name: str, default: int) -> int:
+    value = _int(name, default)
+    if value < 1:
+        raise ValueError(f"environment variable {name} must be at least 1, got {value}")
+    return value
+
+
 def _resources(name: str) -> dict[str, Any]:
     raw = os.environ.get(name)
     if not raw:
@@ -48,6 +55,9 @@ class Config:
     namespaces: tuple[str, ...] = field(default_factory=tuple)
     # safety-net re-reconcile of unfinished MMARJobs, seconds
     resync_seconds: int = 30
+    # threads running reconciles at once, and HTTP connections to the API server (see tuning.py): a
+    # reconcile mostly waits on API round trips, so a burst of MMARJobs needs many at once
+    workers: int = 64
 
     @classmethod
     def from_env(cls) -> "Config":
@@ -61,4 +71,5 @@ class Config:
             liveness_port=_int("MMAR_OPERATOR_LIVENESS_PORT", cls.liveness_port),
             namespaces=namespaces,
             resync_seconds=_int("MMAR_OPERATOR_RESYNC_SECONDS", cls.resync_seconds),
+            workers=_positive("MMAR_OPERATOR_WORKERS", cls.workers),
         )

@@ -41,6 +41,21 @@ class Runtime:
         self.metrics = Metrics()
         self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._guard = threading.Lock()
+        self._waiting: set[tuple[str, str]] = set()  # MMARJobs with a reconcile waiting for their lock
+
+    def enqueue(self, namespace: str, name: str) -> bool:
+        """False when a reconcile of this MMARJob already waits for its lock: that one reads the cluster
+        after it gets the lock, so it also sees whatever prompted this call (a burst of child events
+        makes one reconcile, not one each)."""
+        with self._guard:
+            if (namespace, name) in self._waiting:
+                return False
+            self._waiting.add((namespace, name))
+            return True
+
+    def started(self, namespace: str, name: str) -> None:
+        with self._guard:
+            self._waiting.discard((namespace, name))
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         # kopf serializes handlers per object, but a child Job's event and the MMARJob's own handler
@@ -161,7 +176,10 @@ def reconcile_guarded(body: Mapping[str, Any], runtime: Runtime | None = None) -
     could make a finished step whose Job was garbage-collected look unstarted), one at a time."""
     runtime = runtime or RUNTIME
     meta = body["metadata"]
+    if not runtime.enqueue(meta["namespace"], meta["name"]):
+        return None
     with runtime.lock(meta["namespace"], meta["name"]):
+        runtime.started(meta["namespace"], meta["name"])
         try:
             fresh = runtime.cluster.get_mmarjob(meta["namespace"], meta["name"])
             if fresh is None or (fresh.get("metadata") or {}).get("deletionTimestamp"):
@@ -249,9 +267,15 @@ async def _stop_resync(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_JOB: kopf.PRESENT}, id="child-job")
 def _on_child(type: str, body: kopf.Body, **_: Any) -> None:  # noqa: A002 - kopf's keyword
-    namespace, parent = body["metadata"]["namespace"], body["metadata"]["labels"][render.LABEL_JOB]
-    if RUNTIME.cluster is not None:
-        reconcile_guarded({"metadata": {"namespace": namespace, "name": parent}})
+    meta = body["metadata"]
+    namespace, parent, cluster = meta["namespace"], meta["labels"][render.LABEL_JOB], RUNTIME.cluster
+    if cluster is None:
+        return
+    if type == "DELETED":
+        cluster.forget_job(namespace, meta["name"])
+    elif cluster.is_own_create(namespace, meta["name"], meta.get("resourceVersion")):
+        return  # the echo of the create: the reconcile that made it has put it in the status already
+    reconcile_guarded({"metadata": {"namespace": namespace, "name": parent}})
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True, id="delete")  # optional: no finalizer ever blocks deletion

@@ -37,17 +37,19 @@ class Metrics:
             self.jobs.labels(phase=phase).set(0)
 
     def set_phase(self, namespace: str, name: str, phase: str | None) -> None:
-        """Record an MMARJob's phase (None: deleted) and refresh the per-phase gauge."""
+        """Record an MMARJob's phase (None: deleted) and move it between the per-phase gauges.
+
+        Called by every reconcile: only the gauges that change are touched, not a recount of every MMARJob."""
         with self._lock:
-            if phase is None:
-                self._phases.pop((namespace, name), None)
-            else:
+            old = self._phases.pop((namespace, name), None) if phase is None else self._phases.get((namespace, name))
+            if phase is not None:
                 self._phases[(namespace, name)] = phase
-            counts = {p: 0 for p in PHASES}
-            for value in self._phases.values():
-                counts[value] = counts.get(value, 0) + 1
-            for value, count in counts.items():
-                self.jobs.labels(phase=value).set(count)
+            if old == phase:
+                return
+            if old is not None:
+                self.jobs.labels(phase=old).dec()
+            if phase is not None:
+                self.jobs.labels(phase=phase).inc()
 
     def observe_finished(self, steps: Iterable[Mapping[str, Any]]) -> None:
         for step in steps:

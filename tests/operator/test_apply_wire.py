@@ -21,6 +21,7 @@ class Response:
     def __init__(self, status: int, data: dict):
         self.status, self.reason, self.data = status, "OK" if status < 400 else "Error", json.dumps(data).encode()
         self.headers = {"content-type": "application/json"}
+        self.response = self  # what `_preload_content=False` hands back: urllib3's response, `.data` the body
 
     def getheaders(self):
         return self.headers
@@ -31,6 +32,9 @@ class Response:
     def read(self):
         return self.data
 
+    def release_conn(self):
+        pass
+
 
 class Transport:
     """Records requests; answers creates with the body, patches and reads with the stored object."""
@@ -39,6 +43,7 @@ class Transport:
         self.requests: list[tuple[str, str, str | None, object]] = []
         self.store: dict[str, dict] = {}
         self.errors: dict[tuple[str, str], int] = {}  # (method, path) -> HTTP status to answer
+        self.version = 0
 
     def __call__(self, method, url, headers=None, body=None, post_params=None, _request_timeout=None, **_):
         self.requests.append((method, url, (headers or {}).get("Content-Type"), body))
@@ -47,6 +52,8 @@ class Transport:
             status = self.errors[(method, path)]
             return Response(status, {"kind": "Status", "code": status, "message": "stubbed"})
         if method == "POST":
+            self.version += 1  # as the API server: every write gets a new resourceVersion
+            body = {**body, "metadata": {**body["metadata"], "resourceVersion": str(self.version)}}
             self.store[f"{path}/{body['metadata']['name']}"] = body
             return Response(201, body)
         if method == "GET" and path in self.store:
@@ -87,6 +94,7 @@ def test_rendered_objects_go_over_the_wire_unchanged(wire):
         prefix = "/apis/batch/v1" if obj["kind"] == "Job" else "/api/v1"
         assert (method, urlparse(url).path) == ("POST", f"{prefix}/namespaces/{obj['metadata']['namespace']}/{plural}")
         assert sent == obj  # nothing dropped, renamed or retyped by the client
+        live["metadata"].pop("resourceVersion")
         assert live == obj  # and read back as the same plain data
 
 
@@ -123,7 +131,7 @@ def test_http_errors_are_classified(wire):
     job = next(o for o in all_objects() if o["kind"] == "Job")
     cluster.ensure(job)
     transport.errors[("POST", "/apis/batch/v1/namespaces/ns/jobs")] = 409
-    assert cluster.ensure(job) == job
+    assert cluster.ensure(job) == {**job, "metadata": {**job["metadata"], "resourceVersion": "1"}}
     assert [r[0] for r in transport.requests[-2:]] == ["POST", "GET"]
     # transient: 503 is retried until the attempts run out
     transport.errors[("GET", "/apis/batch/v1/namespaces/ns/jobs")] = 503
@@ -131,3 +139,58 @@ def test_http_errors_are_classified(wire):
     with pytest.raises(client.ApiException) as info:
         cluster.jobs_of("ns", "spleen")
     assert info.value.status == 503 and len(transport.requests) - before == cluster.attempts
+
+
+def test_responses_are_plain_json_not_models(wire, monkeypatch):
+    """The typed client's model layer is skipped for responses (built only to be turned back into dicts)."""
+    cluster, _ = wire
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a response went through the model layer")
+
+    monkeypatch.setattr(client.ApiClient, "response_deserialize", no_models)
+    assert cluster.raw_json
+    job = next(o for o in all_objects() if o["kind"] == "Job")
+    assert cluster.ensure(job)["metadata"]["name"] == job["metadata"]["name"]
+    assert [j["metadata"]["name"] for j in cluster.jobs_of("ns", "spleen")] == [job["metadata"]["name"]]
+    assert cluster.get_mmarjob("ns", "missing") is not None  # the stub answers any GET
+
+
+def test_the_echo_of_our_own_create_is_recognised_once(wire):
+    cluster, transport = wire
+    job = next(o for o in all_objects() if o["kind"] == "Job")
+    name = job["metadata"]["name"]
+    version = cluster.ensure(job)["metadata"]["resourceVersion"]
+    assert not cluster.is_own_create("ns", name, "999")  # a later change of the Job: news
+    assert not cluster.is_own_create("other", name, version)
+    assert cluster.is_own_create("ns", name, version)
+    assert not cluster.is_own_create("ns", name, version)  # once: a replay is reconciled again
+    # an adopted Job (409) was not written by this create: its events are all news
+    transport.errors[("POST", "/apis/batch/v1/namespaces/ns/jobs")] = 409
+    adopted = cluster.ensure(job)
+    assert not cluster.is_own_create("ns", name, adopted["metadata"]["resourceVersion"])
+    # a Job deleted before its echo came leaves nothing behind
+    del transport.errors[("POST", "/apis/batch/v1/namespaces/ns/jobs")]
+    version = cluster.ensure(job)["metadata"]["resourceVersion"]
+    cluster.forget_job("ns", name)
+    assert not cluster.is_own_create("ns", name, version)
+
+
+def test_from_kubeconfig_keeps_a_connection_per_worker(tmp_path, monkeypatch):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": "https://k8s.example:6443"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+    }))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    # the client reads $KUBECONFIG once, at import
+    monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    monkeypatch.setenv("MMAR_OPERATOR_WORKERS", "48")
+    cluster = Cluster.from_kubeconfig()
+    api_client = cluster.batch.api_client
+    assert cluster.core.api_client is api_client and cluster.custom.api_client is api_client  # one pool
+    assert api_client.configuration.host == "https://k8s.example:6443"
+    assert api_client.rest_client.pool_manager.connection_pool_kw["maxsize"] == 48
+    assert cluster.raw_json

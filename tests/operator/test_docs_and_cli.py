@@ -37,3 +37,19 @@ def test_render_cli(tmp_path):
 def test_operator_help_does_not_need_a_cluster():
     proc = subprocess.run([sys.executable, "-m", "mmar_operator", "--help"], capture_output=True, text=True, check=True)
     assert "--namespace" in proc.stdout
+
+
+def test_tuning_sizes_kopf_handler_threads(monkeypatch):
+    import kopf
+    import pytest
+
+    from mmar_operator import tuning
+
+    settings = kopf.OperatorSettings()
+    tuning.tune(settings, Config(workers=40))
+    assert settings.execution.max_workers == 40 and settings.execution.executor._max_workers == 40
+    monkeypatch.setenv("MMAR_OPERATOR_WORKERS", "12")
+    assert Config.from_env().workers == 12
+    monkeypatch.setenv("MMAR_OPERATOR_WORKERS", "0")
+    with pytest.raises(ValueError, match="MMAR_OPERATOR_WORKERS must be at least 1"):
+        Config.from_env()

@@ -27,3 +27,22 @@ def test_each_local_rank_has_a_metrics_port():
 def test_single_process_steps_have_one_metrics_port():
     ports = [p["name"] for p in _container("validate")["ports"]]
     assert ports == ["metrics"]
+
+
+def test_phase_gauges_follow_each_mmarjob():
+    from mmar_operator.metrics import Metrics
+
+    metrics = Metrics()
+
+    def gauges():
+        return {p: metrics.registry.get_sample_value("mmar_operator_jobs", {"phase": p}) for p in ("Pending", "Running", "Succeeded")}
+
+    metrics.set_phase("ns", "a", "Pending")
+    metrics.set_phase("ns", "b", "Pending")
+    metrics.set_phase("ns", "a", "Running")
+    metrics.set_phase("ns", "a", "Running")  # unchanged: counted once
+    assert gauges() == {"Pending": 1, "Running": 1, "Succeeded": 0}
+    metrics.set_phase("ns", "a", None)
+    metrics.set_phase("ns", "gone", None)  # never seen: nothing to take away
+    metrics.set_phase("other", "b", "Succeeded")  # another namespace, another MMARJob
+    assert gauges() == {"Pending": 1, "Running": 0, "Succeeded": 1}
