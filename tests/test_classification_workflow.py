@@ -72,7 +72,7 @@ def test_train_keeps_best_and_final_models_and_logs_per_label_auc(trained_cls_mm
         assert {"auc/disk", "auc/bar", "auc/square_position", "val_accuracy", "val_mean_auc"} <= set(record)
         aucs = [record[f"auc/{n}"] for n in ("disk", "bar", "square_position")]
         assert math.isclose(record["val_mean_auc"], float(np.mean(aucs)), abs_tol=1e-6)
-    assert list(models.glob("events.out.tfevents.*"))
+    assert list(models.glob("runs/train-*/events.out.tfevents.*"))
 
 
 def test_validate_writes_auc_accuracy_and_a_row_per_image(trained_cls_mmar, cls_data):

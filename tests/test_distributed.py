@@ -91,9 +91,9 @@ def test_two_processes_follow_the_single_process_loss_trajectory(runs):
 def test_only_rank_0_writes(runs):
     models = runs["double"] / "models"
     # a second writer would show as a second event file (named by pid) or temp files left behind
-    assert sorted(p.name for p in models.iterdir() if not p.name.startswith("events.")) == [
-        "model.ckpt", "model_final.ckpt", "train_state.pt", "training_curves.png"]
-    assert len(list(models.glob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in models.iterdir()) == [
+        ".mmar.lock", "model.ckpt", "model_final.ckpt", "runs", "train_state.pt", "training_curves.png"]
+    assert len(list(models.glob("runs/*/events.out.tfevents.*"))) == 1
     out = runs["double_out"].stdout
     for epoch in range(1, EPOCHS + 1):
         assert out.count(f"epoch {epoch}/{EPOCHS} loss") == 1, out

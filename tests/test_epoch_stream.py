@@ -147,3 +147,18 @@ def test_loader_workers_die_with_the_process_they_serve():
     items = [batch[0] for batch in loader]
     assert sorted(int(worker) for _, worker in items) == [0, 1]  # both workers answered
     assert all(int(signum) == signal.SIGKILL for signum, _ in items)
+
+
+def test_a_last_batch_of_one_is_left_out_when_asked_and_every_case_is_seen_over_the_epochs():
+    data = list(range(9))  # batch 4: 4, 4 and a batch of one
+    stream = _stream(data, 4, epochs=6)
+    lone = EpochBatches(stream.sampler, 4, 6, drop_lone=True)
+    assert lone.drops_a_case and lone.batches_per_epoch == 2 and len(lone) == 12
+    batches = list(lone)
+    assert [len(b) for b in batches] == [4] * 12
+    assert batches == [b for b in _per_epoch_batches(data, 4, range(1, 7)) if len(b) > 1]
+    assert set(sum(batches, [])) == set(data)  # a different case is left out each epoch
+    # nothing is left out where no batch of one remains, nor with batches of one
+    assert not EpochBatches(_stream(list(range(10)), 4, 1).sampler, 4, 1, drop_lone=True).drops_a_case
+    assert not EpochBatches(_stream(data, 1, 1).sampler, 1, 1, drop_lone=True).drops_a_case
+    assert not stream.drops_a_case and stream.batches_per_epoch == 3

@@ -39,7 +39,7 @@ def test_train_writes_models_and_training_outputs(trained_seg_mmar):
     assert best["key_metric"] == "val_mean_dice" and 0.0 <= best["metric"] <= 1.0
     assert final["epoch"] == 2 and state["complete"] and state["trainer"]["epoch"] == 2
     assert len(state["progress"]["history"]) == 2
-    assert list(models.glob("events.out.tfevents.*")), "TensorBoard events"
+    assert list(models.glob("runs/train-*/events.out.tfevents.*")), "TensorBoard events (one folder per run)"
     assert (models / "training_curves.png").stat().st_size > 1000
     # the default averages the weights (train#ema): the average is what was validated and is saved, the
     # trained network (which goes on training on a resume) is in the state beside it

@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from _tools import require_tool
-from kubelet import Kubelet, Outcome
-from operator_process import OperatorProcess
+from e2e.kubelet import Kubelet, Outcome
+from e2e.operator_process import OperatorProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "mmar-operator"

@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
-from kubelet import Kubelet, Outcome, realistic_result, termination_message
-from operator_process import OperatorProcess
+from e2e.kubelet import Kubelet, Outcome, realistic_result, termination_message
+from e2e.operator_process import OperatorProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

@@ -1,4 +1,7 @@
-"""`mmar train DIR [--finetune] [--ckpt PATH] [--gpus N] [--set KEY=VALUE ...]`
+"""`mmar train DIR [--finetune] [--restart] [--ckpt PATH] [--gpus N] [--set KEY=VALUE ...]`
+
+A re-run resumes an unfinished run and leaves a finished one alone unless `epochs` is raised or
+`--restart` is given (docs/runs.md). `mmar.cli` holds the MMAR's lock around this command.
 
 `--gpus N` (N > 1) re-launches this command under torchrun with N processes on this machine
 (DistributedDataParallel, one process per GPU; on a machine without CUDA, N CPU processes with gloo,
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 
 from mmar.commands._common import add_archive_arguments, open_archive
 from mmar.errors import MMARError, user_error
@@ -22,6 +26,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--finetune", action="store_true",
                         help="start from models/model.ckpt (or --ckpt / PRETRAIN_WEIGHTS_FILE) with a fresh optimizer")
     parser.add_argument("--ckpt", help="initial weights (with --finetune: the checkpoint to fine-tune)")
+    parser.add_argument("--restart", action="store_true",
+                        help="start over even if models/ holds a finished or unfinished run; its models are moved to "
+                             "models/previous/<UTC time>/, not deleted")
     parser.add_argument("--gpus", type=int, default=1, metavar="N",
                         help="data-parallel processes on this machine, one per GPU (torchrun; gloo CPU processes "
                              "where there is no GPU). train#batch_size is per process. Ignored under torchrun")
@@ -33,7 +40,12 @@ def main(argv: list[str]) -> int:
 
     if args.gpus > 1 and not distributed.under_torchrun():
         distributed.options(archive.config)  # the multi_gpu section is checked before N processes start
-        return distributed.relaunch(args.gpus, ["train", *argv])
+        # Ctrl-C reaches torchrun too; this process waits for it (and holds the MMAR's lock) until it ends
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            return distributed.relaunch(args.gpus, ["train", *argv])
+        finally:
+            signal.signal(signal.SIGINT, previous)
     if distributed.under_torchrun():
         return _as_rank(archive, args)
     return _train(archive, args)
@@ -42,7 +54,7 @@ def main(argv: list[str]) -> int:
 def _train(archive, args) -> int:
     from mmar.engine.train import train
 
-    write_result(train(archive, finetune=args.finetune, ckpt=args.ckpt))
+    write_result(train(archive, finetune=args.finetune, ckpt=args.ckpt, restart=args.restart))
     return 0
 
 

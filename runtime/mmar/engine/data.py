@@ -121,14 +121,26 @@ class EpochBatches(Sampler):
     The batches are exactly those of a per-epoch `BatchSampler` over `sampler` after `set_epoch(epoch)`
     (epochs count from 1, as ignite's, and as MONAI's workflow used to set them), so a single process and
     every rank of a data-parallel run see the same shards as before. A resumed run sets `first_epoch`.
+
+    `drop_lone`: an epoch whose last batch would hold a single case ends one case early. Batch norm cannot
+    train on one case (`Expected more than 1 value per channel`: 33 images in batches of 32); the case
+    left out is the last of that epoch's permutation, a different one every epoch, so every case is still
+    trained on over the run. Every rank's shard has the same length, so all ranks drop alike.
     """
 
-    def __init__(self, sampler, batch_size: int, epochs: int, first_epoch: int = 1):
+    def __init__(self, sampler, batch_size: int, epochs: int, first_epoch: int = 1, *, drop_lone: bool = False):
         self.sampler, self.batch_size, self.epochs, self.first_epoch = sampler, batch_size, epochs, first_epoch
+        self.drop_lone = drop_lone
+
+    @property
+    def drops_a_case(self) -> bool:
+        """Whether each epoch leaves out its last case (see `drop_lone`)."""
+        cases = len(self.sampler)
+        return self.drop_lone and self.batch_size > 1 and cases > 1 and cases % self.batch_size == 1
 
     @property
     def batches_per_epoch(self) -> int:
-        return -(-len(self.sampler) // self.batch_size)
+        return len(self.sampler) // self.batch_size if self.drops_a_case else -(-len(self.sampler) // self.batch_size)
 
     def __len__(self) -> int:
         return self.batches_per_epoch * max(0, self.epochs - self.first_epoch + 1)
@@ -136,7 +148,7 @@ class EpochBatches(Sampler):
     def __iter__(self) -> Iterator[list[int]]:
         for epoch in range(self.first_epoch, self.epochs + 1):
             self.sampler.set_epoch(epoch)
-            yield from BatchSampler(self.sampler, self.batch_size, drop_last=False)
+            yield from BatchSampler(self.sampler, self.batch_size, drop_last=self.drops_a_case)
 
 
 DEFAULT_PREFETCH_BATCHES = 2  # per worker: torch's default
@@ -163,14 +175,19 @@ def make_loader(dataset: Dataset, *, num_workers: int, batch_size: int = 1, samp
 
 def start_worker(worker_id: int) -> None:
     """A loader worker's start: MONAI's (each worker's own random state for the transforms), and the worker
-    dies with the process it serves.
+    dies with the process it serves, and only then.
 
     Without the second, a training process killed hard (torchrun stopping the other ranks after one failed,
     the OOM killer, `kill -9`) leaves its workers to notice it only at their next 5-second check, and a
     worker stopped while it holds a batch nobody will read can wait on it for good, keeping the job's
     output pipes open after the job has exited.
+
+    Ctrl-C signals the whole process group, workers included: a worker that ended on it would fail the next
+    batch, which the main process, stopping at its next safe point (cli.StopSignals), may still need. So
+    workers ignore SIGINT. Not SIGTERM: it is how multiprocessing ends them at the main process's exit.
     """
     worker_init_fn(worker_id)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(signal.SIGKILL)
 
 

@@ -4,6 +4,13 @@ Written here rather than taken from MONAI's `CheckpointSaver` because Clara's co
 fixed names (`model.ckpt` only when the key metric improves, from a best that starts at -inf and survives
 a resume; `model_final.ckpt` at the end), every write atomic, and one resumable state file per epoch.
 
+Order at the end of an epoch (engine/train.py attaches them so): validation, the verdict on the model
+(`BestModelSaver.judge`), the summary (terminal, TensorBoard, curves), the learning-rate step, the state
+(`StateSaver`), then `model.ckpt` (`BestModelSaver.save`). The state is the record: a kill at any instant
+leaves either the previous epoch's state with the previous model.ckpt, or this epoch's state, which holds
+the weights a stale model.ckpt lacks (`checkpoint.repair_models`). TensorBoard points of an epoch written
+before its state are hidden on resume (`purge_step`), so no epoch is drawn twice.
+
 In a multi-process run every rank runs every handler (the bookkeeping must agree and the epoch summary
 gathers numbers from all ranks), but only the writing rank (`write=True`, rank 0) touches files.
 """
@@ -11,6 +18,7 @@ gathers numbers from all ranks), but only the writing rank (`write=True`, rank 0
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +27,9 @@ import torch
 from ignite.engine import Engine, Events
 
 from mmar import distributed
+from mmar.cli import StopSignals, Stopped
 from mmar.engine import checkpoint
+from mmar.errors import user_error
 from mmar.io import atomic_write
 
 
@@ -30,14 +40,17 @@ class Progress:
         self.key_metric = key_metric
         self.best_metric = -math.inf
         self.best_epoch = 0
+        self.model_epoch = 0  # the epoch whose weights model.ckpt holds (or is about to: see BestModelSaver)
         self.history: list[dict[str, Any]] = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_metric": self.best_metric, "best_epoch": self.best_epoch, "history": self.history}
+        return {"key_metric": self.key_metric, "best_metric": self.best_metric, "best_epoch": self.best_epoch,
+                "model_epoch": self.model_epoch, "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_metric = float(state.get("best_metric", -math.inf))
         self.best_epoch = int(state.get("best_epoch", 0))
+        self.model_epoch = int(state.get("model_epoch", self.best_epoch))
         self.history = list(state.get("history", []))
 
 
@@ -57,7 +70,10 @@ class EpochValidation:
 
 
 class BestModelSaver:
-    """`model.ckpt` whenever the key metric beats the best so far; the best starts at -inf."""
+    """`model.ckpt` whenever the key metric beats the best so far; the best starts at -inf.
+
+    Two steps, attached apart: `judge` decides (in `Progress`, which the state records) and `save` writes,
+    after the state. Without a validation list the latest epoch's model is the one to use."""
 
     def __init__(self, progress: Progress, evaluator: Engine | None, network, models_dir: Path, meta: dict, log=print,
                  *, write: bool = True):
@@ -66,25 +82,37 @@ class BestModelSaver:
         self.meta, self.log, self.write = meta, log, write
 
     def attach(self, trainer: Engine) -> None:
+        """Both steps at once: for a run without a state in between (tests)."""
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, trainer: Engine) -> None:
+        self.judge(trainer)
+        self.save(trainer)
+
+    def judge(self, trainer: Engine) -> None:
         epoch = trainer.state.epoch
-        if self.evaluator is None:  # no validation list: the latest model is the one to use
-            if self.write:
-                checkpoint.save_model(self.path, self.network, epoch=epoch, **self.meta)
+        if self.evaluator is None:
+            self.progress.model_epoch = epoch
             return
         if self.evaluator.state.epoch != epoch or not self.evaluator.state.metrics:
             return  # no validation this epoch
         value = float(self.evaluator.state.metrics[self.progress.key_metric])
         if value > self.progress.best_metric:
             self.progress.best_metric, self.progress.best_epoch = value, epoch
-            if not self.write:
-                return
-            checkpoint.save_model(
-                self.path, self.network, epoch=epoch, key_metric=self.progress.key_metric, metric=value, **self.meta
-            )
-            self.log(f"epoch {epoch}: new best {self.progress.key_metric} {value:.4f} -> {self.path}")
+            self.progress.model_epoch = epoch
+
+    def save(self, trainer: Engine) -> None:
+        epoch = trainer.state.epoch
+        if not self.write or self.progress.model_epoch != epoch:
+            return
+        if self.evaluator is None:
+            checkpoint.save_model(self.path, self.network, epoch=epoch, **self.meta)
+            return
+        value = self.progress.best_metric
+        checkpoint.save_model(
+            self.path, self.network, epoch=epoch, key_metric=self.progress.key_metric, metric=value, **self.meta
+        )
+        self.log(f"epoch {epoch}: new best {self.progress.key_metric} {value:.4f} -> {self.path}")
 
 
 CURVES_INTERVAL_S = 30.0
@@ -182,9 +210,11 @@ class EpochSummary:
 class StateSaver:
     """Everything needed to resume, written atomically after every epoch (after validation)."""
 
-    def __init__(self, path: Path, objects: dict[str, Any], progress: Progress, mode: str, *, write: bool = True):
+    def __init__(self, path: Path, objects: dict[str, Any], progress: Progress, mode: str, *, write: bool = True,
+                 extra: dict[str, Any] | None = None, saved_epoch: int = 0):
         self.path, self.objects, self.progress, self.mode = Path(path), objects, progress, mode
-        self.write = write
+        self.write, self.extra = write, dict(extra or {})
+        self.saved_epoch = saved_epoch  # the epoch the state file on disk holds (0: none of this run)
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -203,7 +233,56 @@ class StateSaver:
         state["progress"] = self.progress.state_dict()
         state["mode"] = self.mode
         state["complete"] = trainer.state.epoch >= trainer.state.max_epochs
+        state.update(self.extra)
         checkpoint.save_state(self.path, state)
+        self.saved_epoch = trainer.state.epoch
+
+
+class StopAtSafePoint:
+    """Ends the run at the next step boundary once SIGTERM or SIGINT was received (`cli.StopSignals`): after
+    a training step, after a validation step (the partial validation counts for nothing), or after the
+    end-of-epoch handlers (attach it last). The run then ends with `Stopped`, whose message says which
+    epoch the resume state holds; nothing is half-written (every write is atomic and done, or undone)."""
+
+    def __init__(self, signals: StopSignals, state: StateSaver):
+        self.signals, self.state = signals, state
+
+    def attach(self, trainer: Engine, evaluator: Engine | None = None) -> None:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._check, trainer, "in")
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._check, trainer, "after")
+        if evaluator is not None:
+            evaluator.add_event_handler(Events.ITERATION_COMPLETED, self._check, trainer, "in the validation of")
+
+    def _check(self, _engine: Engine, trainer: Engine, where: str) -> None:
+        if self.signals.requested is None:
+            return
+        raise Stopped(self.signals.requested, self.describe(trainer.state.epoch, where))
+
+    def describe(self, epoch: int, where: str) -> str:
+        saved = self.state.saved_epoch
+        if not saved:
+            kept = "no epoch had finished, so there is nothing to resume: the same command starts over"
+        else:
+            kept = f"{self.state.path} holds epoch {saved}: run the same command again to go on from there"
+        return f"training ended {where} epoch {epoch}; {kept}"
+
+
+def quiet_engine_errors(*engines: Engine | None) -> None:
+    """ignite logs `... run is terminating due to exception: ...` before it re-raises: for a data-loader
+    worker's error that is the worker's whole traceback (80 lines), for Ctrl-C an empty message. A stop and
+    a user error are reported by the CLI in one line: their log record is dropped (other errors keep it)."""
+    for engine in engines:
+        if engine is not None:
+            engine.logger.addFilter(_not_reported_by_the_cli)
+
+
+def _not_reported_by_the_cli(record) -> bool:
+    if "terminating due to exception" not in str(record.msg):
+        return True
+    error = sys.exc_info()[1]
+    if isinstance(error, (Stopped, KeyboardInterrupt)):
+        return False
+    return error is None or user_error(error) is None
 
 
 def loss_tensor(output: Any) -> torch.Tensor:

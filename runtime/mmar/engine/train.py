@@ -4,6 +4,12 @@ Batches, an optimizer minimizing the loss, validation every `num_training_epoch_
 whole validation list, `model.ckpt` when the key metric improves, `model_final.ckpt` at the end, training
 state every epoch so that re-running resumes after a crash or a kill.
 
+What a run does with what `models/` already holds (`plan_run`, docs/runs.md): an unfinished run of the same
+kind is resumed; a finished one is left alone (exit 0, nothing changed) unless `epochs` is raised (it goes
+on) or `--restart` is given; a new run first moves the models it would replace to `models/previous/STAMP/`.
+SIGTERM / SIGINT stop the loop at the next step (`handlers.StopAtSafePoint`); the state of the last
+finished epoch is what a re-run resumes from.
+
 Under torchrun (several processes, see `mmar.distributed`) the same loop runs data-parallel: the network
 is wrapped in DistributedDataParallel, each rank trains on its shard of every epoch's permutation and
 validates its share of the validation list (MONAI's metrics gather the per-case values), the learning rate
@@ -13,11 +19,14 @@ broadcast, so only rank 0 needs to see `models/`.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.handlers import LrScheduleHandler
@@ -26,9 +35,12 @@ from monai.utils import set_determinism
 
 from mmar import distributed
 from mmar.archive import Archive, num_training_epoch_per_valid
+from mmar.cli import STOP
 from mmar.engine import checkpoint, precision
 from mmar.engine.data import AUTO_WORKERS, EpochBatches, InBackground, loader_workers, make_dataset, make_loader
-from mmar.engine.handlers import BestModelSaver, EpochSummary, EpochValidation, Progress, StateSaver
+from mmar.engine.handlers import (
+    BestModelSaver, EpochSummary, EpochValidation, Progress, StateSaver, StopAtSafePoint, quiet_engine_errors,
+)
 from mmar.engine.weight_average import WeightAverage, ema_decay
 from mmar.engine.workflow import (
     KeyedBatch, build_evaluator, dataset_transforms, device_for, has_list, keys_of, section_items, validation_loader,
@@ -37,7 +49,8 @@ from mmar.errors import MMARError
 from mmar.tasks import get_task
 
 
-def train(archive: Archive, *, finetune: bool = False, ckpt: str | None = None, log=print) -> dict[str, Any]:
+def train(archive: Archive, *, finetune: bool = False, ckpt: str | None = None, restart: bool = False,
+          log=print) -> dict[str, Any]:
     config = archive.config
     task = get_task(archive.task)
     epochs = int(config.get("epochs", 1))
@@ -47,7 +60,7 @@ def train(archive: Archive, *, finetune: bool = False, ckpt: str | None = None, 
     opts = distributed.options(config)
     ctx = distributed.setup(config)
     result = _train(archive, config, task, epochs, interval, opts, ctx, finetune=finetune, ckpt=ckpt,
-                    log=log if ctx.is_main else _silent)
+                    restart=restart, log=log if ctx.is_main else _silent)
     # only after success: on an error this process exits and torchrun stops the others
     distributed.cleanup(ctx)
     return result
@@ -58,13 +71,16 @@ def _silent(*_args, **_kwargs) -> None:
 
 
 def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx: distributed.Context, *,
-           finetune: bool, ckpt: str | None, log) -> dict[str, Any]:
+           finetune: bool, ckpt: str | None, restart: bool, log) -> dict[str, Any]:
     seed = config.get("determinism", {}).get("random_seed")
     if seed is not None:
         set_determinism(seed=int(seed))
     models_dir = archive.models_dir
     if ctx.is_main:
         models_dir.mkdir(parents=True, exist_ok=True)
+    state_path = models_dir / checkpoint.STATE_FILE
+    mode = "finetune" if finetune else "train"
+    meta = {"task": archive.task, "network_config": config.get("network")}
     image_key, label_key = keys_of(config)
     keys = [image_key, label_key]
 
@@ -72,45 +88,52 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     train_items = section_items(archive, "train")
     val_key = config.get("validate", {}).get("datalist_key", "validation")
     val_items = section_items(archive, "validate") if has_list(archive, val_key) else None
-    if val_items is None:
-        log(f"no '{val_key}' list in the datalist: no validation; model.ckpt is the latest epoch's model")
-    else:
-        val_items = distributed.shard(val_items, ctx)
 
-    # --- the caches fill in a background thread while the network, the optimizer and, on a GPU, the CUDA
-    # context are set up (reading and decompressing volumes release the GIL); the transforms are
-    # instantiated here first, so that a config error in them is reported before anything is read
+    # --- the transforms are instantiated first, so that a config error in them is reported before anything
+    # is read; so is the rest of the train section
     parser = archive.parser()
     cache_jobs = [("training", train_items, dataset_transforms(parser, "train", keys=keys, with_augmentation=True),
                    config["train"].get("cache"))]
     if val_items is not None:
-        cache_jobs.append(("validation", val_items,
+        cache_jobs.append(("validation", distributed.shard(val_items, ctx),
                            dataset_transforms(parser, "validate", keys=keys, with_augmentation=False, plain=True),
                            config["validate"].get("cache")))
-    caching = InBackground(lambda: _cache_datasets(keys, cache_jobs, log), name="mmar-cache")
-
-    # --- components, from the config
     device = device_for(archive)
-    network = parser.get_parsed_content("network").to(device)
-    loss = parser.get_parsed_content("train#loss")
-    optimizer = parser.get_parsed_content("train#optimizer")
-    factor = distributed.lr_factor(opts, ctx)
-    distributed.scale_lr(optimizer, factor)  # before the scheduler reads the rates
     section = config["train"]
-    scheduler = parser.get_parsed_content("train#lr_scheduler") if section.get("lr_scheduler") else None
-    wants_amp = bool(config.get("amp", False))
     workers = loader_workers(section.get("num_workers", 0), device.type, where="train#num_workers")
     batch_size = section.get("batch_size", 2)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MMARError(f"config: train#batch_size must be a whole number of cases (1 or more), got {batch_size!r}")
     decay = ema_decay(section.get("ema"))
+
+    # --- what models/ holds decides what this run does: rank 0 reads the state (and writes what a kill
+    # left unwritten); the others get its plan, state included (their weights come from rank 0, via DDP)
+    plan = distributed.broadcast_object(
+        _prepare(models_dir, mode, epochs, restart=restart, log=log) if ctx.is_main else None, ctx)
+    if plan.action == "finished":
+        for key in ("network", "train#loss", "train#optimizer"):  # a config error is an error still
+            parser.get_parsed_content(key)
+        log(plan.message)
+        return _finished_result(plan.state, mode, models_dir)
+    resume = plan.state if plan.action == "resume" else None
+    if val_items is None:
+        log(f"no '{val_key}' list in the datalist: no validation; model.ckpt is the latest epoch's model")
+
+    # --- the caches fill in a background thread while the network, the optimizer and, on a GPU, the CUDA
+    # context are set up (reading and decompressing volumes release the GIL)
+    caching = InBackground(lambda: _cache_datasets(keys, cache_jobs, log), name="mmar-cache")
+
+    # --- components, from the config
+    network = parser.get_parsed_content("network").to(device)
+    loss = parser.get_parsed_content("train#loss")
+    optimizer = parser.get_parsed_content("train#optimizer")
+    factor = distributed.lr_factor(opts, ctx)
+    distributed.scale_lr(optimizer, factor)  # before the scheduler reads the rates
+    scheduler = parser.get_parsed_content("train#lr_scheduler") if section.get("lr_scheduler") else None
+    wants_amp = bool(config.get("amp", False))
     if section.get("num_workers") == AUTO_WORKERS:
         log(f"loader: {workers} worker processes (train#num_workers {AUTO_WORKERS!r} on {device.type})")
 
-    state_path = models_dir / checkpoint.STATE_FILE
-    mode = "finetune" if finetune else "train"
-    # rank 0 decides and reads; the others get its copy (their weights also come from rank 0, via DDP)
-    resume = distributed.broadcast_object(_resumable_state(state_path, mode, log) if ctx.is_main else None, ctx)
     if ctx.is_main and finetune and resume is None:
         start = Path(ckpt) if ckpt else Path(archive.env.get("PRETRAIN_WEIGHTS_FILE") or models_dir / checkpoint.MODEL_FILE)
         checkpoint.load_weights(network, start)
@@ -133,15 +156,19 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     train_dataset, val_dataset = datasets[0], (datasets[1] if val_items is not None else None)
     sampler = distributed.train_sampler(train_dataset, ctx, distributed.shared_seed(seed, ctx))
     # all epochs through one loader iterator: the workers prepare the next epoch during validation
-    train_batches = EpochBatches(sampler, batch_size, epochs)
+    train_batches = EpochBatches(sampler, batch_size, epochs, drop_lone=_has_batch_norm(network))
+    if train_batches.drops_a_case:
+        log(f"batches: {len(sampler)} cases in batches of {batch_size} would leave one alone, which batch norm cannot "
+            "train on: each epoch leaves out its last case (a different one every epoch)")
     train_loader = make_loader(train_dataset, batch_sampler=train_batches, num_workers=workers)
     if ctx.enabled:
-        log(_parallel_summary(ctx, batch_size, factor, opts["warmup_epochs"]))
+        log(distributed.parallel_summary(ctx, batch_size, factor, opts["warmup_epochs"],
+                                         learning_rate=optimizer.param_groups[0]["lr"]))
 
     evaluator = None
     if val_items is not None:
         eval_precision = precision.for_device(model, device, wants_amp)
-        val_loader = validation_loader(parser, val_items, keys=keys, device=device, dataset=val_dataset,
+        val_loader = validation_loader(parser, cache_jobs[1][1], keys=keys, device=device, dataset=val_dataset,
                                        inferer=parser.get_parsed_content("validate#inferer"), log=log)
         evaluator = build_evaluator(parser, eval_precision.network, val_loader, device,
                                     amp=eval_precision.cuda_amp, amp_kwargs=eval_precision.amp_kwargs)
@@ -177,16 +204,29 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
         distributed.LinearWarmUp(optimizer, factor, opts["warmup_epochs"] * train_batches.batches_per_epoch).attach(trainer)
     if evaluator is not None:
         EpochValidation(evaluator, interval).attach(trainer)
-    meta = {"task": archive.task, "network_config": config.get("network")}
-    BestModelSaver(progress, evaluator, model, models_dir, meta, log, write=ctx.is_main).attach(trainer)
-    writer = _tensorboard(models_dir) if ctx.is_main else None
+    if ctx.is_main and resume is None:
+        # last thing before the first write: a run that failed on its input has moved nothing
+        _move_aside_logged(models_dir, restart, log)
+    best = BestModelSaver(progress, evaluator, model, models_dir, meta, log, write=ctx.is_main)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, best.judge)
+    saved_epoch = int(resume["trainer"]["epoch"]) if resume is not None else 0
+    run_name = resume.get("tensorboard_run") if resume is not None else None
+    run_name = run_name or f"{mode}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    # a resume hides the points its killed predecessor wrote after the saved epoch (they are redone)
+    writer = _tensorboard(models_dir / RUNS_DIR / run_name, purge_step=saved_epoch + 1 if resume else None) \
+        if ctx.is_main else None
     extra = getattr(task, "extra_scalars", None)
     EpochSummary(progress, optimizer, evaluator, models_dir, writer, extra, log, ctx=ctx).attach(trainer)
     if scheduler is not None:
         LrScheduleHandler(scheduler, print_lr=False).attach(trainer)
     objects = {"model": network, "optimizer": optimizer, "lr_scheduler": scheduler,
                "scaler": getattr(trainer, "scaler", None), "ema": averaged}
-    StateSaver(state_path, objects, progress, mode, write=ctx.is_main).attach(trainer)
+    state_saver = StateSaver(state_path, objects, progress, mode, write=ctx.is_main, saved_epoch=saved_epoch,
+                             extra={"meta": meta, "tensorboard_run": run_name})
+    state_saver.attach(trainer)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, best.save)  # after the state: see engine/handlers.py
+    StopAtSafePoint(STOP, state_saver).attach(trainer, evaluator)  # last: an epoch's files are all written
+    quiet_engine_errors(trainer, evaluator)
     if ctx.is_main:
         _progress_bar(trainer)
     _attach_metrics(trainer, evaluator)
@@ -194,15 +234,18 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     if resume is not None:
         _restore(resume, objects, progress, trainer, epochs)
         train_batches.first_epoch = trainer.state.epoch + 1  # the loader's stream starts after the saved epoch
-        log(f"resuming {mode} from {state_path} after epoch {trainer.state.epoch}")
+        log(f"resuming {mode} from {state_path} after epoch {trainer.state.epoch}"
+            + (f" (epochs raised to {epochs})" if resume.get("complete") else ""))
 
     started = time.perf_counter()
-    with distributed.explain_timeouts(ctx):
-        trainer.run()
-    if ctx.is_main:
-        checkpoint.save_model(models_dir / checkpoint.FINAL_FILE, model, epoch=trainer.state.epoch, **meta)
-    if writer is not None:
-        writer.close()
+    try:
+        with distributed.explain_timeouts(ctx), STOP.graceful():
+            trainer.run()
+        if ctx.is_main:
+            checkpoint.save_model(models_dir / checkpoint.FINAL_FILE, model, epoch=trainer.state.epoch, **meta)
+    finally:
+        if writer is not None:
+            writer.close()
     minutes = (time.perf_counter() - started) / 60
     result = {
         "command": "finetune" if finetune else "train",
@@ -215,9 +258,121 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     }
     if ctx.enabled:
         result["processes"] = ctx.world_size
-    log(f"done: {trainer.state.epoch} epochs in {minutes:.1f} min; best {progress.key_metric} "
-        f"{result['best_metric']} at epoch {progress.best_epoch}; models in {models_dir}")
+    log(f"done: {trainer.state.epoch} epochs in {minutes:.1f} min; {_outcome(progress.state_dict())}; "
+        f"models in {models_dir}")
     return result
+
+
+def _outcome(progress: dict[str, Any]) -> str:
+    """What model.ckpt is, in words: the best validated epoch, or (without validation) the latest."""
+    best, best_epoch = progress.get("best_metric"), progress.get("best_epoch")
+    if best_epoch and best is not None and best != float("-inf"):
+        return f"best {progress.get('key_metric') or 'key metric'} {best:.4f} at epoch {best_epoch} (model.ckpt)"
+    return f"no validation: model.ckpt is the model of epoch {progress.get('model_epoch') or '?'}"
+
+
+def _has_batch_norm(network) -> bool:
+    return any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in network.modules())
+
+
+RUNS_DIR = "runs"  # TensorBoard: models/runs/<mode>-<UTC start>/, one folder per run (a resume continues its own)
+# what a new run replaces (TensorBoard runs are not replaced: each has its own folder under runs/)
+TRAINING_OUTPUTS = (checkpoint.MODEL_FILE, checkpoint.FINAL_FILE, checkpoint.STATE_FILE, "training_curves.png")
+PREVIOUS_DIR = "previous"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What this run does with what models/ holds: "fresh", "resume" (`state`) or "finished" (`message`)."""
+
+    action: str
+    state: dict[str, Any] | None = None
+    message: str = ""
+
+
+def plan_run(state: dict[str, Any] | None, mode: str, epochs: int, *, restart: bool,
+             models_dir: Path | str = "models") -> Plan:
+    """Decide from the state on disk (pure: nothing is read or written here).
+
+    - no state, or `--restart`: a new run;
+    - a run of the same kind (train / finetune) with fewer epochs than `epochs`: resume it (an unfinished
+      run after a crash or a stop; a finished one whose `epochs` was raised goes on);
+    - a run of the same kind with `epochs` or more: finished, nothing to do;
+    - `--finetune` over a training run: a new (fine-tuning) run, from its model.ckpt;
+    - `train` over a fine-tuning run: finished if that one is, else an error (resume it with --finetune).
+    """
+    if state is None or restart:
+        return Plan("fresh")
+    saved = int(state["trainer"]["epoch"])
+    kind = state.get("mode", "train")
+    what = "fine-tuning" if kind == "finetune" else "training"
+    command = "mmar train" + (" --finetune" if kind == "finetune" else "")
+    progress = state.get("progress", {})
+    done = (f"{what} in {models_dir} already finished {saved} epochs; {_outcome(progress)}" if state.get("complete")
+            else f"{what} in {models_dir} already has {saved} epochs (epochs={epochs} asked)")
+    advice = (f"To go on, raise epochs (e.g. `{command} ... --set epochs={saved + max(1, saved // 2)}` continues "
+              f"from epoch {saved + 1}); to start over, add --restart (the current models are moved to "
+              f"{models_dir}/{PREVIOUS_DIR}/, not deleted)")
+    if kind == mode:
+        if saved < epochs:
+            return Plan("resume", state)
+        return Plan("finished", state, f"{done}. Nothing to do, nothing changed. {advice}")
+    if mode == "finetune":
+        return Plan("fresh")
+    if state.get("complete"):
+        return Plan("finished", state, f"{done}. Nothing to do, nothing changed. {advice}")
+    raise MMARError(f"{models_dir}/{checkpoint.STATE_FILE} holds an unfinished fine-tuning ({saved} of "
+                    f"{state['trainer'].get('max_epochs', '?')} epochs): resume it with `mmar train --finetune`, or "
+                    "start training over with --restart (its models are moved aside, not deleted)")
+
+
+def _prepare(models_dir: Path, mode: str, epochs: int, *, restart: bool, log) -> Plan:
+    """Rank 0: read the state, write what a kill left unwritten, and decide."""
+    state = checkpoint.load_state(models_dir / checkpoint.STATE_FILE)
+    if state is not None:
+        checkpoint.repair_models(models_dir, state, log)
+    return plan_run(state, mode, epochs, restart=restart, models_dir=models_dir)
+
+
+def _move_aside_logged(models_dir: Path, restart: bool, log) -> None:
+    moved = move_aside(models_dir)
+    if moved:
+        where = Path(next(iter(moved.values()))).parent
+        log(f"{'--restart: ' if restart else ''}the models this run replaces are kept in {where}")
+
+
+def move_aside(models_dir: Path) -> dict[str, str]:
+    """Move the files a training run writes to models/previous/<UTC stamp>/ (old path -> new path)."""
+    present = [models_dir / name for name in TRAINING_OUTPUTS if (models_dir / name).exists()]
+    if not present:
+        return {}
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = models_dir / PREVIOUS_DIR / stamp
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = models_dir / PREVIOUS_DIR / f"{stamp}-{suffix}"
+    target.mkdir(parents=True)
+    moved = {}
+    for path in present:
+        os.replace(path, target / path.name)  # same file system: a rename, whole folders included
+        moved[str(path)] = str(target / path.name)
+    return moved
+
+
+def _finished_result(state: dict[str, Any], mode: str, models_dir: Path) -> dict[str, Any]:
+    """The result of a re-run that found the training finished: the finished run's own figures."""
+    progress = state.get("progress", {})
+    best = progress.get("best_metric")
+    return {
+        "command": mode,
+        "epochs": int(state["trainer"]["epoch"]),
+        "key_metric": progress.get("key_metric"),
+        "best_metric": None if best is None or best == float("-inf") else float(best),
+        "best_epoch": int(progress.get("best_epoch", 0)),
+        "minutes": 0.0,
+        "models_dir": str(models_dir),
+    }
 
 
 def _cache_datasets(keys, jobs, log) -> list:
@@ -239,39 +394,45 @@ def _log_cached(log, what: str, dataset, total: int, started: float) -> None:
         log(f"cache: {cached} of {total} {what} cases preprocessed in {time.perf_counter() - started:.1f} s")
 
 
-def _parallel_summary(ctx: distributed.Context, batch_size: int, factor: int, warmup_epochs: int) -> str:
-    line = (f"data-parallel: {ctx.world_size} processes ({ctx.backend}), batch {batch_size} per process, "
-            f"{batch_size * ctx.world_size} in all; ")
-    if factor == 1:
-        return line + "learning rate as configured (multi_gpu#lr_scaling is off)"
-    line += f"learning rate x{factor} (linear scaling, arXiv 1706.02677)"
-    return line + (f", reached after a {warmup_epochs}-epoch warm-up" if warmup_epochs else ", no warm-up")
-
-
-def _resumable_state(path: Path, mode: str, log) -> dict[str, Any] | None:
-    """An unfinished run of the same kind is resumed; a finished one is not (a new run starts)."""
-    state = checkpoint.load_state(path)
-    if state is None:
-        return None
-    if state.get("complete") or state.get("mode") != mode:
-        return None
-    return state
-
-
 def _restore(state, objects, progress: Progress, trainer, epochs: int) -> None:
     checkpoint.unwrap(objects["model"]).load_state_dict(state["model"])
+    saved = state["trainer"]
     for name in ("optimizer", "lr_scheduler", "scaler", "ema"):
         # an empty scaler state comes from a disabled (bf16) scaler: nothing to restore into an fp16 one
         if objects.get(name) is not None and state.get(name):
+            if name == "lr_scheduler" and saved.get("max_epochs", epochs) != epochs and _replays(objects[name]):
+                _replay_schedule(objects[name], objects["optimizer"], saved["epoch"])
+                continue
             objects[name].load_state_dict(state[name])
     if objects.get("ema") is not None and not state.get("ema"):
         objects["ema"].restart()  # train#ema was switched on for this resume: average from the restored weights
     progress.load_state_dict(state.get("progress", {}))
-    saved = state["trainer"]
     if saved["epoch"] >= epochs:
         raise MMARError(f"training state {saved['epoch']} epochs >= epochs={epochs}; nothing to resume")
     trainer.state.epoch = saved["epoch"]
     trainer.state.iteration = saved["iteration"]
+
+
+def _replays(scheduler) -> bool:
+    """Whether the schedule is a function of the epoch count (stepped once an epoch, no metric)."""
+    from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+    return isinstance(scheduler, LRScheduler) and not isinstance(scheduler, ReduceLROnPlateau)
+
+
+def _replay_schedule(scheduler, optimizer, epochs_done: int) -> None:
+    """`epochs` changed since the state was saved (a finished run extended): the learning rate follows the
+    schedule of a run of the new length, configured afresh (e.g. cosine's T_max = epochs), stepped through the
+    epochs done. Restoring the saved schedule would go on from the end of the old one: cosine at its minimum,
+    a learning rate of 0 for the first added epoch."""
+    import warnings
+
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("initial_lr", group["lr"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": a replay, on purpose
+        for _ in range(epochs_done):
+            scheduler.step()
 
 
 RANK_SEED_STRIDE = 1_000_003  # a prime: rank r's seeds never meet rank 0's for any sane number of epochs
@@ -297,12 +458,12 @@ def _reseed(seed: int, dataset, rank: int = 0):
     return handler
 
 
-def _tensorboard(models_dir: Path):
+def _tensorboard(folder: Path, purge_step: int | None = None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is an extra of monai; training goes on without event files
         return None
-    return SummaryWriter(log_dir=str(models_dir))
+    return SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
 
 def _progress_bar(trainer) -> None:
