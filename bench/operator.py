@@ -163,9 +163,11 @@ def vm_hwm_kb(pid: int) -> int:
 class Operator:
     """`python -m mmar_operator -n NS` as a subprocess, its peak memory sampled in a thread."""
 
-    def __init__(self, kubeconfig: str, namespace: str, log_path: Path):
+    def __init__(self, kubeconfig: str, namespace: str, log_path: Path, source: str | None = None):
         env = {**os.environ, "KUBECONFIG": kubeconfig, "MMAR_OPERATOR_METRICS_PORT": str(free_port()),
                "MMAR_OPERATOR_LIVENESS_PORT": str(free_port())}
+        if source:  # another copy of the mmar_operator package (--compare), ahead of the installed one
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
         self.log_path = log_path
         self._log = log_path.open("w")
         self.proc = subprocess.Popen([sys.executable, "-m", "mmar_operator", "-n", namespace], cwd=ROOT, env=env,
@@ -363,7 +365,8 @@ class Result:
     missing: int
 
 
-def one_run(kubeconfig: str, mode: str, n: int, clients: int, index: int, workdir: Path, settle: float, timeout: float) -> Result:
+def one_run(kubeconfig: str, mode: str, n: int, clients: int, index: int, workdir: Path, settle: float, timeout: float,
+            source: str | None = None) -> Result:
     from kubernetes import client, config
 
     api_client = config.new_client_from_config(config_file=kubeconfig)
@@ -371,7 +374,7 @@ def one_run(kubeconfig: str, mode: str, n: int, clients: int, index: int, workdi
     namespace = f"bench-operator-{os.getpid()}-{index}"
     core.create_namespace({"metadata": {"name": namespace}})
     arrivals, stop = Arrivals(), threading.Event()
-    operator = Operator(kubeconfig, namespace, workdir / f"{namespace}.log")
+    operator = Operator(kubeconfig, namespace, workdir / f"{namespace}.log", source)
     try:
         threads = start_watches(api_client, namespace, arrivals, stop)
         # the warm-up job: the operator's watches are up, its imports and client paid, once its Job appears
@@ -460,36 +463,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every MMARJob's Job")
     parser.add_argument("--show-requests", action="store_true", help="print the operator's API requests by verb and resource")
     parser.add_argument("--keep-logs", action="store_true", help="keep the operator's logs (their folder is printed)")
+    parser.add_argument("--compare", metavar="DIR",
+                        help="also run, alternating with this tree's, the operator package in DIR/mmar_operator (e.g. a copy "
+                             "of an older version): same machine, same moments, so the two are comparable")
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.clients < 1 or args.repeats < 1:
         parser.error("--jobs, --clients and --repeats must be positive")
     workdir = Path(tempfile.mkdtemp(prefix="bench-operator-"))
-    results: dict[str, list[Result]] = {m: [] for m in args.modes}
+    if args.compare and not (Path(args.compare) / "mmar_operator" / "__main__.py").is_file():
+        parser.error(f"--compare {args.compare}: no mmar_operator package there")
+    variants = [("", None)] + ([(f"{args.compare}: ", str(Path(args.compare).resolve()))] if args.compare else [])
+    results: dict[str, list[Result]] = {f"{label}{m}": [] for label, _ in variants for m in args.modes}
     with control_plane(args.kubeconfig, args.port_base) as kubeconfig:
         install_crd(kubeconfig)
         print(f"cluster: {kubeconfig}; {args.jobs} MMARJobs per run, {args.repeats} repeats, modes {' '.join(args.modes)}"
               f" ({args.clients} clients); nproc {os.cpu_count()}, load {os.getloadavg()[0]:.2f}")
-        for repeat in range(args.repeats):  # modes alternate, so that a busy moment of the machine hits both
-            for mode in args.modes:
-                result = one_run(kubeconfig, mode, args.jobs, args.clients, len(results[mode]) * 10 + repeat * 100 + args.modes.index(mode),
-                                 workdir, args.settle, args.timeout)
-                results[mode].append(result)
-                print(f"  run {repeat + 1} {describe(result)}", flush=True)
+        for repeat in range(args.repeats):  # modes (and variants) alternate, so that a busy moment of the machine hits all
+            for (label, source), mode in [(v, m) for v in (variants if repeat % 2 == 0 else variants[::-1]) for m in args.modes]:
+                key = f"{label}{mode}"
+                result = one_run(kubeconfig, mode, args.jobs, args.clients, sum(map(len, results.values())),
+                                 workdir, args.settle, args.timeout, source)
+                results[key].append(result)
+                print(f"  run {repeat + 1} {label}{describe(result)}", flush=True)
                 if args.show_requests:
                     print("    per MMARJob: " + ", ".join(f"{verb} {resource}{'/' + sub if sub else ''} {count / n_of(result):.2f}"
                                                       for (verb, resource, sub), count in result.requests.most_common()))
     print("medians over the repeats:")
     ok = True
-    for mode, rs in results.items():
+    for key, rs in results.items():
+        variant, mode = key.rsplit(" ", 1)[0] + " " if " " in key else "", key.rsplit(" ", 1)[-1]
         med = lambda f: statistics.median(f(r) for r in rs)  # noqa: E731
         p50, p95 = med(lambda r: percentile(r.from_request, 50)), med(lambda r: percentile(r.from_request, 95))
         worst, until_all = med(lambda r: max(r.from_request, default=float("nan"))), med(lambda r: r.until_all)
         rss, dups, missing = max(r.rss_mb for r in rs), sum(r.duplicates for r in rs), sum(r.missing for r in rs)
-        label = f"{args.clients} clients" if mode == "clients" else "1 kubectl apply"
+        label = variant + (f"{args.clients} clients" if mode == "clients" else "1 kubectl apply")
         print(f"  {label:<16} p50 {p50:.2f} s  p95 {p95:.2f} s  max {worst:.2f} s  all {until_all:.2f} s"
               f"  | operator's share p95 {med(lambda r: percentile(r.from_arrival, 95)):.2f} s"
               f"  | operator CPU {med(lambda r: r.cpu_s):.2f} s, API requests per MMARJob {med(lambda r: r.requests.total() / n_of(r)):.1f}  | RSS peak {rss:.1f} MB  duplicates {dups}" + (f"  missing {missing}" if missing else ""))
-        if mode == "clients":
+        if mode == "clients" and not variant:
             goal = p95 < GOAL_P95_S and rss < GOAL_RSS_MB and dups == 0 and missing == 0
             ok &= goal
             print(f"  goal ({args.jobs} jobs, {args.clients} clients: p95 < {GOAL_P95_S:g} s, RSS < {GOAL_RSS_MB:g} MB, 0 duplicates): "

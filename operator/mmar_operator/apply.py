@@ -121,25 +121,36 @@ class Cluster:
 
     # --------------------------------------------------------------------------------------- children
 
-    def ensure(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Create `obj`, or adopt the object already there under its name (409). Returns the live object."""
-        kind, meta = obj["kind"], obj["metadata"]
-        namespace, name = meta["namespace"], meta["name"]
-        create, read, patch = {
+    def _methods(self, kind: str) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+        return {
             "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job, self.batch.patch_namespaced_job),
             "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service, self.core.patch_namespaced_service),
         }[kind]
+
+    def create(self, obj: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Create `obj`; None when its name is taken (409), for the caller to adopt or to look closer."""
+        kind, meta = obj["kind"], obj["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
         try:
-            created = self.fetch(create, namespace, obj)
+            created = self.fetch(self._methods(kind)[0], namespace, obj)
         except Exception as error:  # noqa: BLE001
             if _status_of(error) != 409:
                 raise
-        else:
-            version = (created.get("metadata") or {}).get("resourceVersion")
-            if kind == "Job" and version:
-                with self._created_lock:
-                    self._created[(namespace, name)] = version
+            return None
+        version = (created.get("metadata") or {}).get("resourceVersion")
+        if kind == "Job" and version:
+            with self._created_lock:
+                self._created[(namespace, name)] = version
+        return created
+
+    def ensure(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Create `obj`, or adopt the object already there under its name (409). Returns the live object."""
+        created = self.create(obj)
+        if created is not None:
             return created
+        kind, meta = obj["kind"], obj["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        _, read, patch = self._methods(kind)
         live = self.fetch(read, name, namespace)
         owner = meta["ownerReferences"][0]
         refs = (live.get("metadata") or {}).get("ownerReferences") or []

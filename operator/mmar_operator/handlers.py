@@ -1,8 +1,14 @@
 """kopf handlers: a few lines each, gluing observe -> status.compute -> render -> apply.
 
-Every trigger (MMARJob created, resumed after an operator restart, spec updated, a child Job changed, a
-periodic resync) runs the same idempotent `reconcile`: it reads what exists, computes the status, creates
-the next step's objects by deterministic name (adopting any that exist) and patches the status.
+Every trigger (MMARJob created, seen first after an operator restart, spec or labels edited, a child Job
+changed, a periodic resync) runs the same idempotent `reconcile`: it reads what exists, computes the
+status, creates the next step's objects by deterministic name (adopting any that exist) and patches the
+status. One shortcut: a just-created MMARJob (its ADDED event, no status) has nothing to read yet, so its
+first step is created straight from the event (`reconcile_new`); a name already taken sends it the full way.
+
+MMARJobs are watched with kopf.on.event, not on.create/on.update/on.resume: those make kopf diff a deep copy
+of every event's body and PATCH its bookkeeping annotations onto every MMARJob (a third of the operator's
+CPU and one request per MMARJob in bench/operator.py). `Triggers` tells the cases apart in memory instead.
 
 No handler here makes kopf add a finalizer (no timers or daemons, the delete handler is optional):
 deleting an MMARJob is never blocked, even while no operator runs. The periodic resync is therefore not a
@@ -32,6 +38,98 @@ from mmar_operator.metrics import Metrics
 log = logging.getLogger(__name__)
 
 
+CREATED, RESUMED, UPDATED = "created", "resumed", "updated"
+
+
+def _uid(meta: Mapping[str, Any]) -> str:
+    return meta.get("uid") or f"{meta['namespace']}/{meta['name']}"
+
+
+class Triggers:
+    """Which MMARJob events need a reconcile, from what this process last saw of each MMARJob (by uid): its
+    generation (bumped by every spec edit) and labels (Kueue's pass through to the Jobs). Status changes,
+    our own status patches included, need none. The first event of an MMARJob is a creation when it is an
+    ADDED event without a status; otherwise (kopf's initial listing after a start, type None) a resume."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[Any, tuple[tuple[str, str], ...]]] = {}
+        self._guard = threading.Lock()
+
+    def classify(self, event_type: str | None, body: Mapping[str, Any]) -> str | None:
+        meta = body["metadata"]
+        signature = (meta.get("generation"), tuple(sorted((meta.get("labels") or {}).items())))
+        with self._guard:
+            before = self._seen.get(_uid(meta))
+            self._seen[_uid(meta)] = signature
+        if meta.get("deletionTimestamp"):
+            return None  # being deleted: its children go with it
+        if before is None:
+            return CREATED if event_type == "ADDED" and not body.get("status") else RESUMED
+        return UPDATED if before != signature else None
+
+    def forget(self, uid: str) -> None:
+        with self._guard:
+            self._seen.pop(uid, None)
+
+
+class Known:
+    """What this process knows of each MMARJob without asking the API server: its latest body from the watch,
+    the status its last reconcile left on the API server (this operator is the status's only writer, and
+    the watch may not have brought that write back yet), and the latest body of each of its Jobs from the
+    watch. A child Job's event is reconciled from these (no GET, no LIST); a status is known only after a
+    reconcile of this process succeeded (a failure forgets it), so after a start the first one reads.
+    Finished MMARJobs are not kept (their Jobs rarely change again): memory grows with the unfinished ones.
+    A Job missing here (seen before its MMARJob) looks uncreated: creating it meets 409 and adopts it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._bodies: dict[tuple[str, str], Mapping[str, Any]] = {}
+        self._status: dict[tuple[str, str], dict[str, Any]] = {}
+        self._jobs: dict[tuple[str, str], dict[str, Mapping[str, Any]]] = defaultdict(dict)
+
+    def saw_mmarjob(self, body: Mapping[str, Any]) -> None:
+        if ((body.get("status") or {}).get("phase")) in status.TERMINAL:
+            return
+        with self._guard:
+            self._bodies[(body["metadata"]["namespace"], body["metadata"]["name"])] = body
+
+    def saw_job(self, body: Mapping[str, Any], deleted: bool) -> None:
+        meta = body["metadata"]
+        parent = (meta["namespace"], meta["labels"][render.LABEL_JOB])
+        with self._guard:
+            if deleted:
+                self._jobs.get(parent, {}).pop(meta["name"], None)
+            elif parent in self._bodies:
+                self._jobs[parent][meta["name"]] = body
+
+    def left_status(self, namespace: str, name: str, current: dict[str, Any] | None) -> None:
+        """What the API server now holds as the MMARJob's status (None: not known)."""
+        if current is not None and current.get("phase") in status.TERMINAL:
+            self.forget(namespace, name)
+            return
+        with self._guard:
+            if current is None:
+                self._status.pop((namespace, name), None)
+            else:
+                self._status[(namespace, name)] = current
+
+    def mmarjob(self, namespace: str, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        """The MMARJob (with the status we left) and its Jobs, or None when this process does not know them."""
+        with self._guard:
+            body, current = self._bodies.get((namespace, name)), self._status.get((namespace, name))
+            jobs = list(self._jobs.get((namespace, name), {}).values())
+        if body is None or current is None:
+            return None
+        # the watch's own dicts, not copies (nothing here changes them; `reconcile` copies what it changes)
+        return {**body, "status": copy.deepcopy(current)}, jobs
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._guard:
+            self._bodies.pop((namespace, name), None)
+            self._status.pop((namespace, name), None)
+            self._jobs.pop((namespace, name), None)
+
+
 class Runtime:
     """What handlers need, set at startup (or by tests): the API wrapper, settings, metrics."""
 
@@ -39,9 +137,14 @@ class Runtime:
         self.cluster: Cluster | None = None
         self.config = Config.from_env()
         self.metrics = Metrics()
+        self.triggers = Triggers()
+        self.known = Known()
         self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._guard = threading.Lock()
         self._waiting: set[tuple[str, str]] = set()  # MMARJobs with a reconcile waiting for their lock
+        # MMARJobs whose last reconcile failed: the resync retries them (kopf retries no on.event handler),
+        # finished ones too (e.g. a step appended after success)
+        self.failed: set[tuple[str, str]] = set()
 
     def enqueue(self, namespace: str, name: str) -> bool:
         """False when a reconcile of this MMARJob already waits for its lock: that one reads the cluster
@@ -80,11 +183,22 @@ def plain(value: Any) -> Any:
     return value
 
 
-def observe(job: Mapping[str, Any], previous: Mapping[str, Any], cluster: Cluster) -> dict[int, status.Observed]:
-    """Each step's Job, and for a step that just finished its termination message and, if it failed, why
-    its pod failed (pods are read only then)."""
+def _foreign(child: Mapping[str, Any], job: Mapping[str, Any]) -> bool:
+    """A Job with our labels that another object controls (e.g. one left by an earlier MMARJob of the same
+    name, not collected yet): not this MMARJob's step; creating the step then fails with AdoptionError."""
+    uid = job["metadata"].get("uid")
+    refs = (child.get("metadata") or {}).get("ownerReferences") or []
+    return bool(uid) and any(r.get("controller") and r.get("uid") != uid for r in refs)
+
+
+def observe(job: Mapping[str, Any], previous: Mapping[str, Any], cluster: Cluster,
+            jobs: list[dict[str, Any]] | None = None) -> dict[int, status.Observed]:
+    """Each step's Job (`jobs`: the MMARJob's Jobs as already known; else listed), and for a step that just
+    finished its termination message and, if it failed, why its pod failed (pods are read only then)."""
     namespace = job["metadata"]["namespace"]
-    children = {c["metadata"]["name"]: c for c in cluster.jobs_of(namespace, contract.name_of(job))}
+    if jobs is None:
+        jobs = cluster.jobs_of(namespace, contract.name_of(job))
+    children = {c["metadata"]["name"]: c for c in jobs if not _foreign(c, job)}
     recorded = {s.get("jobName"): s.get("phase") for s in previous.get("steps") or []}
     observed: dict[int, status.Observed] = {}
     for index in range(len(contract.steps_of(job))):
@@ -137,9 +251,20 @@ def _expire_recorded(job: Mapping[str, Any], new: Mapping[str, Any], observed: M
                          {"spec": {"ttlSecondsAfterFinished": ttl}}, _content_type=MERGE_PATCH)
 
 
-def reconcile(body: Mapping[str, Any], cluster: Cluster, config: Config, metrics: Metrics, now: str | None = None) -> dict[str, Any]:
-    """One idempotent pass over an MMARJob; returns the status it patched."""
-    body = plain(body)
+class NameTaken(Exception):
+    """`reconcile(new=True)` found a child's name taken: something of this MMARJob already exists."""
+
+
+def reconcile(body: Mapping[str, Any], cluster: Cluster, config: Config, metrics: Metrics, now: str | None = None,
+              *, new: bool = False, jobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One idempotent pass over an MMARJob; returns the status it patched. `jobs`: its Jobs as already
+    known (else listed).
+
+    `new`: `body` is a just-created MMARJob as its ADDED event shows it (no status): no child of it can exist
+    yet, so nothing is read, and a child's name already taken raises NameTaken (no adoption)."""
+    body = body if isinstance(body, dict) else plain(body)
+    # managedFields: the largest part of a body and of no use here (mmar.job.load deep-copies the body)
+    body = {**body, "metadata": {k: v for k, v in body["metadata"].items() if k != "managedFields"}}
     now = now or now_iso()
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     previous = body.get("status") or {}
@@ -148,27 +273,30 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, config: Config, metrics
     try:
         job = contract.parse(body)
     except MMARError as error:  # slipped past the schema (or an older CRD): Failed, not a crash loop
-        new = status.invalid(body, previous, str(error), now)
+        current = status.invalid(body, previous, str(error), now)
     else:
-        observed = observe(job, previous, cluster)
-        _sync_suspend(job, observed, cluster)
-        new = status.compute(job, previous, observed, now)
-        index = status.next_step(job, new)
+        if not new:
+            observed = observe(job, previous, cluster, jobs)
+            _sync_suspend(job, observed, cluster)
+        current = status.compute(job, previous, observed, now)
+        index = status.next_step(job, current)
         if index is not None:
             created = None
             for obj in render.render_step(job, index, config):
-                created = cluster.ensure(obj)
+                created = cluster.create(obj) if new else cluster.ensure(obj)
+                if created is None:
+                    raise NameTaken(f"{obj['kind']} {namespace}/{obj['metadata']['name']} exists")
                 metrics.children_created.labels(kind=obj["kind"]).inc()
             observed[index] = status.Observed(job=created)
-            new = status.compute(job, previous, observed, now)
-        metrics.observe_finished(status.finished_steps(previous, new))
-    metrics.set_phase(namespace, name, new["phase"])
-    if new != previous:
+            current = status.compute(job, previous, observed, now)
+        metrics.observe_finished(status.finished_steps(previous, current))
+    metrics.set_phase(namespace, name, current["phase"])
+    if current != previous:
         # a merge patch keeps keys it does not mention: clear the ones the new status dropped
-        cluster.patch_status(namespace, name, {**{k: None for k in previous if k not in new}, **new})
+        cluster.patch_status(namespace, name, {**{k: None for k in previous if k not in current}, **current})
     if job is not None:
-        _expire_recorded(job, new, observed, cluster)
-    return new
+        _expire_recorded(job, current, observed, cluster)
+    return current
 
 
 def reconcile_guarded(body: Mapping[str, Any], runtime: Runtime | None = None) -> dict[str, Any] | None:
@@ -180,20 +308,90 @@ def reconcile_guarded(body: Mapping[str, Any], runtime: Runtime | None = None) -
         return None
     with runtime.lock(meta["namespace"], meta["name"]):
         runtime.started(meta["namespace"], meta["name"])
+        return _reconcile_fresh(meta["namespace"], meta["name"], runtime)
+
+
+def _reconcile_fresh(namespace: str, name: str, runtime: Runtime) -> dict[str, Any] | None:
+    """Read the MMARJob, reconcile it (its lock held by the caller)."""
+    with _failures_counted(namespace, name, runtime):
+        fresh = runtime.cluster.get_mmarjob(namespace, name)
+        if fresh is None or (fresh.get("metadata") or {}).get("deletionTimestamp"):
+            runtime.known.left_status(namespace, name, None)
+            return None  # deleted: its children go with it
+        current = reconcile(fresh, runtime.cluster, runtime.config, runtime.metrics)
+        runtime.known.left_status(namespace, name, current)
+        return current
+
+
+def reconcile_known(namespace: str, name: str, runtime: Runtime | None = None) -> dict[str, Any] | None:
+    """Reconcile an MMARJob from what this process knows (`Known`: the watch's bodies, the status we left),
+    one at a time; read from the API server (`reconcile_guarded`) when it knows too little."""
+    runtime = runtime or RUNTIME
+    if not runtime.enqueue(namespace, name):
+        return None
+    with runtime.lock(namespace, name):
+        runtime.started(namespace, name)
+        known = runtime.known.mmarjob(namespace, name)
+        if known is None:
+            return _reconcile_fresh(namespace, name, runtime)
+        body, jobs = known
+        if body["metadata"].get("deletionTimestamp"):
+            return None
+        with _failures_counted(namespace, name, runtime):
+            current = reconcile(body, runtime.cluster, runtime.config, runtime.metrics, jobs=jobs)
+            runtime.known.left_status(namespace, name, current)
+            return current
+
+
+def reconcile_new(body: Mapping[str, Any], runtime: Runtime | None = None) -> dict[str, Any] | None:
+    """A just-created MMARJob (its ADDED event, no status): its first step's objects are created from the
+    event's body, with no read of the MMARJob or its Jobs (the body cannot be stale in the way
+    `reconcile_guarded` fears: there is no status yet to be old). When a name is taken (an object left by an
+    earlier MMARJob of that name, or a reconcile that got there first), the full reconcile decides."""
+    runtime = runtime or RUNTIME
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    with runtime.lock(namespace, name):
         try:
-            fresh = runtime.cluster.get_mmarjob(meta["namespace"], meta["name"])
-            if fresh is None or (fresh.get("metadata") or {}).get("deletionTimestamp"):
-                return None  # deleted: its children go with it
-            return reconcile(fresh, runtime.cluster, runtime.config, runtime.metrics)
-        except Exception as error:
-            runtime.metrics.reconcile_errors.inc()
-            log.exception("reconcile of %s/%s failed", meta["namespace"], meta["name"])
-            raise kopf.TemporaryError(f"reconcile failed: {error}", delay=15) from error
+            with _failures_counted(namespace, name, runtime):
+                current = reconcile(body, runtime.cluster, runtime.config, runtime.metrics, new=True)
+                runtime.known.left_status(namespace, name, current)
+                return current
+        except NameTaken:
+            return _reconcile_fresh(namespace, name, runtime)
 
 
-def forget(namespace: str, name: str, runtime: Runtime | None = None) -> None:
+class _failures_counted:  # noqa: N801 - used as a `with` block, like contextlib's
+    """Count and log a failed reconcile, remember it for the resync to retry, and raise it as kopf's
+    TemporaryError; a success clears the retry. NameTaken passes through (not a failure)."""
+
+    def __init__(self, namespace: str, name: str, runtime: Runtime):
+        self.key, self.runtime = (namespace, name), runtime
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, error: BaseException | None, _tb: Any) -> bool:
+        if error is None:
+            self.runtime.failed.discard(self.key)
+            return False
+        if isinstance(error, NameTaken) or not isinstance(error, Exception):
+            return False
+        self.runtime.failed.add(self.key)
+        self.runtime.known.left_status(*self.key, None)  # a patch may or may not have landed
+        self.runtime.metrics.reconcile_errors.inc()
+        log.error("reconcile of %s/%s failed", *self.key, exc_info=(kind, error, _tb))
+        raise kopf.TemporaryError(f"reconcile failed: {error}", delay=15) from error
+
+
+def forget(namespace: str, name: str, runtime: Runtime | None = None, uid: str | None = None) -> None:
     """The MMARJob is gone; its Jobs and Services go with it through their ownerReferences."""
-    (runtime or RUNTIME).metrics.set_phase(namespace, name, None)
+    runtime = runtime or RUNTIME
+    runtime.metrics.set_phase(namespace, name, None)
+    runtime.failed.discard((namespace, name))
+    runtime.known.forget(namespace, name)
+    if uid:
+        runtime.triggers.forget(uid)
 
 
 # ------------------------------------------------------------------------------------------ kopf glue
@@ -208,24 +406,38 @@ def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     # kopf's bookkeeping in annotations only: the structural schema would prune a status.kopf field
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = NoDiffBase()
 
 
-# Explicit handler ids: kopf derives them from the function name, and a leading underscore makes an
-# annotation key (`mmar.dev/_on_create`) that the API server refuses (422) when a handler is retried.
-@kopf.on.create(GROUP, VERSION, PLURAL, id="create")
-def _on_create(body: kopf.Body, **_: Any) -> None:
-    reconcile_guarded(body)
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No diff base at all. kopf builds one for every event of every watched resource (a deep copy of the
+    body: the largest share of the operator's CPU in a profile of bench/operator.py) for on.create/on.update
+    handlers and daemons; this operator registers neither, so the diff would be thrown away."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL, id="resume")  # the operator (re)started: adopt what exists, create what is missing
-def _on_resume(body: kopf.Body, **_: Any) -> None:
-    reconcile_guarded(body)
-
-
-@kopf.on.update(GROUP, VERSION, PLURAL, id="update")  # spec or labels edited (e.g. runPolicy.suspend toggled)
-def _on_update(body: kopf.Body, **_: Any) -> None:
-    reconcile_guarded(body)
+# `event`: the watch's raw event, whose object is a plain dict (kopf's `body` is a view that would be copied)
+@kopf.on.event(GROUP, VERSION, PLURAL, id="mmarjob")
+def _on_mmarjob(event: Mapping[str, Any], **_: Any) -> None:
+    type, body = event["type"], event["object"]  # noqa: A001
+    meta = body["metadata"]
+    if type == "DELETED":
+        forget(meta["namespace"], meta["name"], uid=_uid(meta))
+        return
+    RUNTIME.known.saw_mmarjob(body)
+    trigger = RUNTIME.triggers.classify(type, body)
+    if trigger == CREATED:
+        reconcile_new(body)
+    elif trigger is not None:  # seen first after a start (adopt what exists), or its spec/labels edited
+        reconcile_guarded(body)
 
 
 def _unfinished(status: Mapping[str, Any] | None, **_: Any) -> bool:
@@ -241,12 +453,14 @@ def unfinished_mmarjobs(namespace: str, name: str, **_: Any) -> dict[tuple[str, 
 
 
 async def resync(index: Mapping[tuple[str, str], Any], interval: float, runtime: Runtime | None = None) -> None:
-    """A safety net for a missed watch event: every `interval` seconds, reconcile each unfinished MMARJob
-    (one at a time, in the thread pool). Finished MMARJobs are never touched again."""
+    """A safety net for a missed watch event and the retry of a failed reconcile: every `interval` seconds,
+    reconcile each unfinished MMARJob and each whose last reconcile failed (one at a time, in the thread
+    pool). Finished MMARJobs are not touched again unless they fail."""
     loop = asyncio.get_running_loop()
+    runtime = runtime or RUNTIME
     while True:
         await asyncio.sleep(interval)
-        for namespace, name in list(index):  # a snapshot: the index changes while we await
+        for namespace, name in {*index, *runtime.failed}:  # a snapshot: both change while we await
             try:
                 await loop.run_in_executor(None, reconcile_guarded, {"metadata": {"namespace": namespace, "name": name}}, runtime)
             except kopf.TemporaryError:
@@ -266,21 +480,18 @@ async def _stop_resync(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_JOB: kopf.PRESENT}, id="child-job")
-def _on_child(type: str, body: kopf.Body, **_: Any) -> None:  # noqa: A002 - kopf's keyword
+def _on_child(event: Mapping[str, Any], **_: Any) -> None:
+    type, body = event["type"], event["object"]  # noqa: A001
     meta = body["metadata"]
     namespace, parent, cluster = meta["namespace"], meta["labels"][render.LABEL_JOB], RUNTIME.cluster
     if cluster is None:
         return
+    RUNTIME.known.saw_job(body, deleted=type == "DELETED")
     if type == "DELETED":
         cluster.forget_job(namespace, meta["name"])
     elif cluster.is_own_create(namespace, meta["name"], meta.get("resourceVersion")):
         return  # the echo of the create: the reconcile that made it has put it in the status already
-    reconcile_guarded({"metadata": {"namespace": namespace, "name": parent}})
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True, id="delete")  # optional: no finalizer ever blocks deletion
-def _on_delete(body: kopf.Body, **_: Any) -> None:
-    forget(body["metadata"]["namespace"], body["metadata"]["name"])
+    reconcile_known(namespace, parent)
 
 
 @kopf.on.probe(id="reconciler")

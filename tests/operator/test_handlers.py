@@ -3,8 +3,6 @@ operator restart, suspend, Kueue, deletion, transient errors, adoption."""
 
 from __future__ import annotations
 
-import re
-
 import copy
 
 import kopf
@@ -275,7 +273,7 @@ def test_child_event_reconciles_the_parent(kube, cluster, metrics, monkeypatch):
     runtime = handlers.Runtime()
     runtime.cluster, runtime.metrics, runtime.config = cluster, metrics, CONFIG
     monkeypatch.setattr(handlers, "RUNTIME", runtime)
-    handlers._on_child(type="MODIFIED", body=kube.jobs()[0])
+    handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})
     assert kube.mmarjob()["status"]["phase"] == "Running"
 
 
@@ -343,16 +341,12 @@ def test_status_patch_of_a_deleted_mmarjob_is_ignored(kube, cluster):
 def test_kopf_handlers_are_registered():
     registry = kopf.get_default_registry()
     watching = {h.id: h.selector.any_name for h in registry._watching.get_all_handlers()}
-    assert watching.get("child-job") == "jobs"
-    changing = {(h.id, h.reason) for h in registry._changing.get_all_handlers() if h.selector.any_name == "mmarjobs"}
-    assert {("create", "create"), ("update", "update"), ("resume", None), ("delete", "delete")} <= changing
-    # ids become annotation keys (mmar.dev/<id>) when kopf retries a handler: valid label-name syntax only
-    assert all(re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", h.id) for h in registry._changing.get_all_handlers())
-    delete = next(h for h in registry._changing.get_all_handlers() if h.id == "delete")
-    assert delete.requires_finalizer is False  # optional: deleting an MMARJob is never blocked
+    assert watching.get("child-job") == "jobs" and watching.get("mmarjob") == "mmarjobs"
+    # no on.create/on.update/on.resume/on.delete: kopf would diff every event and PATCH its annotations onto
+    # every MMARJob (handlers.Triggers tells the cases apart instead)
+    assert list(registry._changing.get_all_handlers()) == []
     # no timers or daemons: kopf would add a finalizer to every MMARJob to stop them
     assert list(registry._spawning.get_all_handlers()) == []
-    assert not any(h.requires_finalizer for h in registry._changing.get_all_handlers())
     assert "unfinished_mmarjobs" in {h.id for h in registry._indexing.get_all_handlers()}
 
 
@@ -386,7 +380,8 @@ def test_startup_configures_kopf(kube, cluster, monkeypatch):
     settings = kopf.OperatorSettings()
     handlers._startup(settings=settings)
     assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
-    assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
+    assert isinstance(settings.persistence.diffbase_storage, handlers.NoDiffBase)
+    assert settings.persistence.diffbase_storage.build(body=kopf.Body(manifest())) == {}
     assert handlers._probe() == "ok"
 
 
@@ -427,3 +422,172 @@ def test_events_for_a_deleted_or_deleting_mmarjob_do_nothing(kube, cluster, metr
     kube.objects[("MMARJob", "ns", "spleen")]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     assert handlers.reconcile_guarded(mmarjob, runtime) is None
     assert kube.jobs() == []
+
+
+# ------------------------------------------------------------------------------- MMARJob events (on.event)
+
+
+def mmarjob_event(monkeypatch, kube, cluster, metrics):
+    """handlers._on_mmarjob wired to a fresh Runtime over the in-memory API server."""
+    runtime = handlers.Runtime()
+    runtime.cluster, runtime.metrics, runtime.config = cluster, metrics, CONFIG
+    monkeypatch.setattr(handlers, "RUNTIME", runtime)
+    return lambda type, body: handlers._on_mmarjob(event={"type": type, "object": body})
+
+
+def test_a_new_mmarjob_creates_its_first_job_without_reading_anything(kube, cluster, metrics, monkeypatch):
+    event = mmarjob_event(monkeypatch, kube, cluster, metrics)
+    added = body(kube)
+    event("ADDED", added)
+    assert kube.calls == ["create_job", "patch_status"]  # no GET of the MMARJob, no LIST of its Jobs
+    assert [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-0-train"]
+    assert kube.mmarjob()["status"]["steps"][0]["phase"] == "Pending"
+    # our own status patch comes back as MODIFIED: same generation and labels, nothing to do
+    event("MODIFIED", kube.mmarjob())
+    assert kube.calls == ["create_job", "patch_status"]
+
+
+def test_a_new_mmarjob_whose_job_name_is_taken_gets_the_full_reconcile(kube, cluster, metrics, monkeypatch):
+    """The ADDED event replayed after a reconcile already made the Job (409): adopted, read, not duplicated."""
+    event = mmarjob_event(monkeypatch, kube, cluster, metrics)
+    added = body(kube)
+    reconcile(kube, cluster, metrics)
+    kube.start("spleen-0-train")
+    kube.calls.clear()
+    event("ADDED", added)
+    assert kube.calls[:3] == ["create_job", "get_mmarjob", "list_jobs"]
+    assert [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-0-train"]
+    assert kube.mmarjob()["status"]["phase"] == "Running"  # what the Job shows, not the fast path's guess
+
+
+def test_a_name_held_by_another_owner_is_refused_through_the_full_reconcile(kube, cluster, metrics, monkeypatch):
+    event = mmarjob_event(monkeypatch, kube, cluster, metrics)
+    added = body(kube)
+    foreign = render.render_step(handlers.contract.parse(copy.deepcopy(added)), 0, CONFIG)[0]
+    foreign["metadata"]["ownerReferences"][0]["uid"] = "someone-else"
+    kube.create_namespaced_job("ns", foreign)
+    with pytest.raises(kopf.TemporaryError, match="controlled by"):
+        event("ADDED", added)
+    assert handlers.RUNTIME.failed == {("ns", "spleen")}  # the resync retries it
+    assert value(metrics, "mmar_operator_reconcile_errors_total") == 1
+
+
+def test_first_sight_after_a_start_is_a_full_reconcile(kube, cluster, metrics, monkeypatch):
+    body(kube)
+    reconcile(kube, cluster, metrics)
+    kube.start("spleen-0-train")
+    event = mmarjob_event(monkeypatch, kube, cluster, metrics)  # a new operator process
+    kube.calls.clear()
+    event(None, kube.mmarjob())  # kopf's initial listing
+    assert kube.calls[:2] == ["get_mmarjob", "list_jobs"] and "create_job" not in kube.calls
+    assert kube.mmarjob()["status"]["phase"] == "Running"
+
+
+def test_spec_and_label_edits_reconcile_status_changes_do_not(kube, cluster, metrics, monkeypatch):
+    event = mmarjob_event(monkeypatch, kube, cluster, metrics)
+    event("ADDED", body(kube))
+    kube.calls.clear()
+    event("MODIFIED", kube.mmarjob())  # status only
+    assert kube.calls == []
+    edited = kube.objects[("MMARJob", "ns", "spleen")]
+    edited["spec"]["runPolicy"] = {**edited["spec"].get("runPolicy", {}), "suspend": True}
+    edited["metadata"]["generation"] = 2
+    event("MODIFIED", kube.mmarjob())
+    assert kube.calls[:2] == ["get_mmarjob", "list_jobs"] and "patch_job" in kube.calls  # the Job suspended
+    kube.calls.clear()
+    edited["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "q"}
+    event("MODIFIED", kube.mmarjob())
+    assert kube.calls[:1] == ["get_mmarjob"]
+
+
+def test_deleted_or_deleting_mmarjobs_are_forgotten(kube, cluster, metrics, monkeypatch):
+    event = mmarjob_event(monkeypatch, kube, cluster, metrics)
+    added = body(kube)
+    added["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    event("ADDED", added)
+    assert kube.calls == [] and kube.jobs() == []
+    event("DELETED", added)
+    assert handlers.RUNTIME.triggers.classify("ADDED", manifest()) == handlers.CREATED  # a new one of that name
+
+
+def test_a_failed_reconcile_is_retried_by_the_resync_even_when_finished(kube, cluster, metrics):
+    import asyncio
+
+    body(kube, {"type": "train"})
+    runtime = handlers.Runtime()
+    runtime.cluster, runtime.metrics, runtime.config = cluster, metrics, CONFIG
+    kube.fail_next = [ApiException(status=403, reason="Forbidden")]
+    with pytest.raises(kopf.TemporaryError):
+        handlers.reconcile_new(kube.mmarjob(), runtime)
+    assert runtime.failed == {("ns", "spleen")} and kube.jobs() == []
+
+    async def one_round():
+        task = asyncio.get_running_loop().create_task(handlers.resync({}, 0.01, runtime))  # not in the unfinished index
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(one_round())
+    assert [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-0-train"] and runtime.failed == set()
+
+
+def test_a_child_event_is_reconciled_from_what_the_watch_brought(kube, cluster, metrics, monkeypatch):
+    """After this process's own reconcile, a child's event needs no GET of the MMARJob nor LIST of its Jobs."""
+    event = mmarjob_event(monkeypatch, kube, cluster, metrics)
+    event("ADDED", body(kube))
+    event("MODIFIED", kube.mmarjob())  # the watch brings our status patch back
+    kube.start("spleen-0-train")
+    kube.calls.clear()
+    handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})
+    assert kube.calls == ["patch_status"] and kube.mmarjob()["status"]["phase"] == "Running"
+    # the step finishes: pods are read for its result, the next step is created, nothing else is read
+    kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT)
+    kube.calls.clear()
+    handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})
+    assert kube.calls == ["list_pods", "create_job", "patch_status"]
+    st = kube.mmarjob()["status"]
+    assert [s["phase"] for s in st["steps"]] == ["Succeeded", "Pending"] and st["steps"][0]["result"]["best_metric"] == 0.91
+
+
+def test_the_known_status_wins_over_a_watch_body_that_lags_behind_our_patch(kube, cluster, metrics, monkeypatch):
+    """The watch has not brought back our patch recording train's success, and train's Job is gone (TTL):
+    the status we left, not the body's older one, says train is done; it is never run again."""
+    event = mmarjob_event(monkeypatch, kube, cluster, metrics)
+    event("ADDED", body(kube))
+    stale = kube.mmarjob()
+    event("MODIFIED", stale)  # status: train Pending
+    kube.start("spleen-0-train")
+    kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT)
+    handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})  # records train, creates export
+    train = kube.jobs()[0]
+    kube.delete("Job", "spleen-0-train")
+    handlers._on_child(event={"type": "DELETED", "object": train})
+    handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})  # export's event
+    assert [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-1-export"]
+    assert kube.mmarjob()["status"]["steps"][0]["phase"] == "Succeeded"
+
+
+def test_after_a_failed_reconcile_the_next_one_reads_the_api_server(kube, cluster, metrics, monkeypatch):
+    event = mmarjob_event(monkeypatch, kube, cluster, metrics)
+    event("ADDED", body(kube))
+    kube.start("spleen-0-train")
+    kube.fail_next = [ApiException(status=500, reason="x")] * 5  # patch_status fails through every retry
+    with pytest.raises(kopf.TemporaryError):
+        handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})
+    kube.calls.clear()
+    handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})
+    assert kube.calls[:2] == ["get_mmarjob", "list_jobs"] and kube.mmarjob()["status"]["phase"] == "Running"
+
+
+def test_finished_mmarjobs_are_not_kept_in_memory(kube, cluster, metrics, monkeypatch):
+    event = mmarjob_event(monkeypatch, kube, cluster, metrics)
+    event("ADDED", body(kube, {"type": "train"}))
+    event("MODIFIED", kube.mmarjob())
+    known = handlers.RUNTIME.known
+    assert known.mmarjob("ns", "spleen") is not None
+    kube.start("spleen-0-train")
+    kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT)
+    handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})
+    assert kube.mmarjob()["status"]["phase"] == "Succeeded"
+    event("MODIFIED", kube.mmarjob())
+    handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})  # e.g. the echo of its TTL patch
+    assert known.mmarjob("ns", "spleen") is None and not known._bodies and not any(known._jobs.values())
