@@ -6,7 +6,7 @@
 #   tests/e2e/with-cluster.sh CMD...      e.g. tests/e2e/with-cluster.sh .venv/bin/pytest -m e2e tests/e2e
 #
 # Env: KUBECONFIG (use that cluster: kind, minikube, any), MMAR_CONTROL_PLANE (the control-plane
-# script; default ../shared/k8s/control-plane beside the checkout), PORT_BASE (its ports, default 26443),
+# script; default ../shared/k8s/control-plane beside the checkout, else /work/shared/k8s/control-plane), PORT_BASE (its ports, default 26443),
 # MMAR_E2E_CLUSTER_DIR (its state folder; default a fresh temporary one).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -17,8 +17,14 @@ if [[ -n "${KUBECONFIG:-}" ]]; then
   exec "$@"
 fi
 
-CONTROL_PLANE="${MMAR_CONTROL_PLANE:-$ROOT/../shared/k8s/control-plane}"
-if [[ ! -x "$CONTROL_PLANE" ]]; then
+CONTROL_PLANE="${MMAR_CONTROL_PLANE:-}"
+if [[ -z "$CONTROL_PLANE" ]]; then
+  # beside the checkout (the workspace's layout), else the workspace's shared folder (a clone elsewhere)
+  for candidate in "$ROOT/../shared/k8s/control-plane" /work/shared/k8s/control-plane; do
+    if [[ -x "$candidate" ]]; then CONTROL_PLANE="$candidate"; break; fi
+  done
+fi
+if [[ -z "$CONTROL_PLANE" || ! -x "$CONTROL_PLANE" ]]; then
   echo "with-cluster: no KUBECONFIG and no control plane at $CONTROL_PLANE (set MMAR_CONTROL_PLANE or KUBECONFIG)" >&2
   exit 2
 fi
