@@ -54,3 +54,21 @@ def test_a_data_error_with_caching_off_is_one_line(seg_mmar, seg_data, tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: cannot read image {broken}: Cannot work out file type of \"{broken}\""], result.stderr
+
+
+def test_a_data_error_in_validate_and_infer_with_caching_off_is_one_line(trained_seg_mmar, seg_data, tmp_path):
+    import shutil
+
+    mmar = tmp_path / "mmar"
+    shutil.copytree(trained_seg_mmar, mmar)  # the session's trained MMAR is shared: work on a copy
+    data = tmp_path / "data"
+    shutil.copytree(seg_data.parent, data)
+    listing = json.loads((data / seg_data.name).read_text())
+    broken = data / listing["validation"][0]["image"]
+    broken.write_bytes(broken.read_bytes()[:200])
+    for command in ("validate", "infer"):
+        result = run_mmar(command, str(mmar), "--set", f"DATASET_JSON={data / seg_data.name}", 'validate#cache={"rate":0}',
+                          check=False)
+        assert result.returncode == 1, (command, result.stdout, result.stderr)
+        assert result.stderr.strip().splitlines() == [
+            f"error: cannot read image {broken}: Cannot work out file type of \"{broken}\""], (command, result.stderr)

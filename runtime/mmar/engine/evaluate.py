@@ -19,6 +19,7 @@ from ignite.engine import Events
 
 from mmar.archive import Archive
 from mmar.engine import precision
+from mmar.engine.handlers import quiet_engine_errors
 from mmar.engine.workflow import base_dir, build_evaluator, device_for, keys_of, section_items, validation_loader
 from mmar.eval_output import Staging, case_names, remove_abandoned
 from mmar.io import write_json
@@ -44,6 +45,7 @@ def validate(archive: Archive, *, ckpt: str | None = None, model: str = "ckpt", 
     loader = validation_loader(parser, items, keys=[image_key, label_key], device=device, log=log)
     run = _precision(config, predictor, model, device, log)
     evaluator = build_evaluator(parser, run.network, loader, device, amp=run.cuda_amp, amp_kwargs=run.amp_kwargs)
+    quiet_engine_errors(evaluator)  # a data error is the CLI's one `error:` line, not a worker's traceback first
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, collector.on_iteration)
     started = time.perf_counter()
     evaluator.run()
@@ -92,6 +94,7 @@ def infer(archive: Archive, *, ckpt: str | None = None, model: str = "ckpt", lis
     evaluator = build_evaluator(parser, run.network, loader, device, with_metrics=False,
                                 postprocessing=task.inference_postprocessing(parser),
                                 amp=run.cuda_amp, amp_kwargs=run.amp_kwargs)
+    quiet_engine_errors(evaluator)
     # predictions move into eval/ once all are written: a failed run leaves the previous ones as they were
     with Staging(archive.eval_dir, "infer") as staging:
         writer = task.PredictionWriter(staging.path, config, names=names)
