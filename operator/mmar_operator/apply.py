@@ -190,6 +190,10 @@ class Cluster:
     def set_suspend(self, namespace: str, job_name: str, suspend: bool) -> None:
         self.fetch(self.batch.patch_namespaced_job, job_name, namespace, {"spec": {"suspend": suspend}}, _content_type=MERGE_PATCH)
 
+    def set_ttl(self, namespace: str, job_name: str, seconds: int) -> None:
+        self.fetch(self.batch.patch_namespaced_job, job_name, namespace, {"spec": {"ttlSecondsAfterFinished": seconds}},
+                   _content_type=MERGE_PATCH)
+
     # -------------------------------------------------------------------------------------- MMARJobs
 
     def get_mmarjob(self, namespace: str, name: str) -> dict[str, Any] | None:

@@ -31,7 +31,7 @@ from mmar import job as contract
 from mmar.errors import MMARError
 
 from mmar_operator import render, status
-from mmar_operator.apply import GROUP, MERGE_PATCH, PLURAL, VERSION, Cluster
+from mmar_operator.apply import GROUP, PLURAL, VERSION, Cluster
 from mmar_operator.config import Config
 from mmar_operator.metrics import Metrics
 
@@ -247,8 +247,7 @@ def _expire_recorded(job: Mapping[str, Any], new: Mapping[str, Any], observed: M
         if seen.job is None or name not in recorded or status.job_phase(seen.job)[0] not in status.TERMINAL:
             continue
         if (seen.job.get("spec") or {}).get("ttlSecondsAfterFinished") is None:
-            cluster.call(cluster.batch.patch_namespaced_job, name, job["metadata"]["namespace"],
-                         {"spec": {"ttlSecondsAfterFinished": ttl}}, _content_type=MERGE_PATCH)
+            cluster.set_ttl(job["metadata"]["namespace"], name, ttl)
 
 
 class NameTaken(Exception):
