@@ -29,11 +29,14 @@ COMMANDS = {
     "infer": "predict every image of a datalist -> eval/",
     "export": "export the model to TorchScript / ONNX / TensorRT",
     "convert": "convert DICOM / NIfTI / MHA to (isotropic) NIfTI",
+    "pull": "query a DICOMweb server (QIDO-RS), retrieve series (WADO-RS), convert them, write a datalist",
+    "push": "store the DICOM Segmentations `infer --dicom-seg` wrote to a DICOMweb server (STOW-RS)",
+    "gate": "run a command only if the MMAR's last validation reaches a threshold (else skip it, exit 0)",
     "run": "run an MMARJob manifest's steps on this machine",
     "demo-data": "generate a small synthetic dataset with its datalist",
 }
 LOCKING = ("train", "validate", "infer", "export")  # the commands that write models/ or eval/
-FLAGS = frozenset({"--finetune", "--restart", "-h", "--help"})  # their options that take no value
+FLAGS = frozenset({"--finetune", "--restart", "--dicom-seg", "--allow-stale-export", "-h", "--help"})  # their options that take no value
 
 
 def usage() -> str:
