@@ -88,7 +88,7 @@ BAD = [
     (lambda b: b["spec"].update(runPolicy={"backoffLimit": -1}), "spec.runPolicy.backoffLimit: must be >= 0"),
     (lambda b: b["spec"].update(runPolicy={"retries": 3}), "spec.runPolicy.retries: unknown field"),
     (lambda b: b["spec"].update(steps=[]), "spec.steps: must list at least one step"),
-    (lambda b: b["spec"].update(steps=[{"type": "deploy"}]), r"spec.steps\[0\].type: must be one of convert"),
+    (lambda b: b["spec"].update(steps=[{"type": "deploy"}]), r"spec.steps\[0\].type: must be one of pull, convert"),
     (lambda b: b["spec"].update(steps=[{"type": "infer", "nodes": 2}]), r"spec.steps\[0\].nodes: only train and finetune"),
     (lambda b: b["spec"].update(steps=[{"type": "train"}, {"type": "train"}]), r"spec.steps\[1\].name: 'train' is used by an earlier step"),
     (lambda b: b["spec"].update(steps=[{"type": "convert", "input": "dicom"}]), r"spec.steps\[0\].output: is required"),

@@ -208,7 +208,7 @@ def observe(job: Mapping[str, Any], previous: Mapping[str, Any], cluster: Cluste
             continue
         message = failure = None
         phase, _, _ = status.job_phase(child)
-        if phase in status.TERMINAL and recorded.get(name) not in status.TERMINAL:
+        if phase in status.TERMINAL and recorded.get(name) not in status.STEP_FINAL:
             pods = cluster.pods_of(namespace, name)
             message = status.termination_message(pods, phase == status.SUCCEEDED)
             failure = status.pod_failure(pods) if phase == status.FAILED else None
@@ -241,7 +241,7 @@ def _expire_recorded(job: Mapping[str, Any], new: Mapping[str, Any], observed: M
     ttl = job["spec"]["runPolicy"].get("ttlSecondsAfterFinished")
     if ttl is None:
         return
-    recorded = {s["jobName"] for s in new.get("steps") or [] if s["phase"] in status.TERMINAL}
+    recorded = {s["jobName"] for s in new.get("steps") or [] if s["phase"] in status.STEP_FINAL}
     for index, seen in observed.items():
         name = render.child_name(job, index)
         if seen.job is None or name not in recorded or status.job_phase(seen.job)[0] not in status.TERMINAL:

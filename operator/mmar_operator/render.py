@@ -124,6 +124,13 @@ def _env(job: Mapping[str, Any], index: int, config: Config) -> list[dict[str, A
             {"name": "PET_MASTER_ADDR", "value": f"{child_name(job, index)}-0.{service}"},
             {"name": "PET_MASTER_PORT", "value": str(contract.MASTER_PORT)},
         ]
+    secret = contract.credentials_secret(job, index)
+    if secret:
+        # DICOMweb credentials: the kubelet resolves the Secret, so no credential passes through the operator
+        # (it needs no RBAC on Secrets) and none appears in the spec, the Job's args or the status. Each key is
+        # optional: a Secret holds username + password, or token.
+        env += [{"name": variable, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+                for key, variable in contract.CREDENTIAL_ENV.items()]
     return env
 
 

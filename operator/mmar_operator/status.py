@@ -18,7 +18,10 @@ from mmar_operator.render import CONTAINER, KUEUE_PREFIX, child_name, passthroug
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
 WAITING = "Waiting"  # a step whose Job is not created yet
+SKIPPED = "Skipped"  # a step its gate held back, and every step after it (mmar.job: gate)
 TERMINAL = (SUCCEEDED, FAILED)
+DONE = (SUCCEEDED, SKIPPED)  # steps the job needs nothing more from
+STEP_FINAL = (SUCCEEDED, FAILED, SKIPPED)  # a step's phase that never changes again
 CONDITION_TYPES = (RUNNING, SUSPENDED, SUCCEEDED, FAILED)
 MESSAGE_MAX = 512
 
@@ -182,11 +185,18 @@ def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed
     results: dict[str, Any] = dict(previous.get("results") or {})
     steps: list[dict[str, Any]] = []
     queue = queue_of(job)
+    blocked: dict[str, Any] | None = None  # the step whose gate skipped it: every later step is skipped too
 
     for index, step in enumerate(contract.steps_of(job)):
         name = child_name(job, index)
         old = remembered.get(name)
-        if old and old.get("phase") in TERMINAL:
+        if blocked is not None and (old is None or old.get("phase") not in STEP_FINAL):
+            steps.append({"name": step["name"], "type": step["type"], "jobName": name, "phase": SKIPPED,
+                          "reason": contract.GATE_NOT_MET, "message": f"not run: step {blocked['name']} was skipped by its gate"})
+            continue
+        if old and old.get("phase") in STEP_FINAL:
+            if old.get("phase") == SKIPPED and blocked is None:
+                blocked = old
             # finished: never re-evaluated, even if its Job was garbage-collected
             steps.append({**old, **{k: rfc3339(old[k]) for k in ("startTime", "completionTime") if old.get(k)}})
             continue
@@ -207,6 +217,11 @@ def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed
                     entry["result"] = result
                     if phase == SUCCEEDED:
                         results = contract.merge_results(results, step["type"], result)
+                gate = contract.skipped_by_gate(result) if phase == SUCCEEDED else None
+                if gate is not None:
+                    entry.update(phase=SKIPPED, reason=contract.GATE_NOT_MET)
+                    message = f"skipped by its gate: {gate.get('message', '')}"
+                    blocked = entry
                 message = _step_message(message, seen.failure, seen.message) if phase == FAILED else message
             if message:
                 entry["message"] = message[:MESSAGE_MAX]
@@ -219,11 +234,16 @@ def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed
 
 def _summarize(job: Mapping[str, Any], previous: Mapping[str, Any], steps: list[dict[str, Any]], now: str, generation: int | None) -> dict[str, Any]:
     failed = next((s for s in steps if s["phase"] == FAILED), None)
-    current = next((s for s in steps if s["phase"] != SUCCEEDED), None)
+    current = next((s for s in steps if s["phase"] not in DONE), None)
+    gated = next((s for s in steps if s["phase"] == SKIPPED and s.get("result")), None)
     suspended = bool(job["spec"]["runPolicy"]["suspend"])
     queue = queue_of(job)
     if failed is not None:
         phase, reason, message = FAILED, "StepFailed", f"step {failed['name']} failed" + (f": {failed['message']}" if failed.get("message") else "")
+    elif current is None and gated is not None:
+        ran = sum(s["phase"] == SUCCEEDED for s in steps)
+        phase, reason = SUCCEEDED, contract.GATE_NOT_MET
+        message = f"step {gated['name']} {gated.get('message', 'was skipped by its gate')}; {ran} step(s) succeeded, {len(steps) - ran} skipped"
     elif current is None:
         phase, reason, message = SUCCEEDED, "AllStepsSucceeded", f"{len(steps)} step(s) succeeded"
     elif suspended and queue:  # Kueue owns the Jobs' suspend field: only the next step is held back
@@ -301,13 +321,13 @@ def next_step(job: Mapping[str, Any], status: Mapping[str, Any]) -> int | None:
     if status.get("phase") in TERMINAL or job["spec"]["runPolicy"]["suspend"]:
         return None
     for index, step in enumerate(status.get("steps") or []):
-        if step["phase"] == SUCCEEDED:
+        if step["phase"] in DONE:
             continue
         return index if step["phase"] == WAITING else None
     return None
 
 
 def finished_steps(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Steps that reached Succeeded/Failed in this reconcile (for metrics: observed exactly once)."""
+    """Steps that reached Succeeded/Failed/Skipped in this reconcile (for metrics: observed exactly once)."""
     before = {s.get("jobName"): s.get("phase") for s in (previous or {}).get("steps") or []}
-    return [s for s in current.get("steps") or [] if s["phase"] in TERMINAL and before.get(s["jobName"]) not in TERMINAL]
+    return [s for s in current.get("steps") or [] if s["phase"] in STEP_FINAL and before.get(s["jobName"]) not in STEP_FINAL]

@@ -31,12 +31,14 @@ COMMANDS = {
     "convert": "convert DICOM / NIfTI / MHA to (isotropic) NIfTI",
     "pull": "query a DICOMweb server (QIDO-RS), retrieve series (WADO-RS), convert them, write a datalist",
     "push": "store the DICOM Segmentations `infer --dicom-seg` wrote to a DICOMweb server (STOW-RS)",
-    "gate": "run a command only if the MMAR's last validation reaches a threshold (else skip it, exit 0)",
     "run": "run an MMARJob manifest's steps on this machine",
     "demo-data": "generate a small synthetic dataset with its datalist",
 }
 LOCKING = ("train", "validate", "infer", "export")  # the commands that write models/ or eval/
 FLAGS = frozenset({"--finetune", "--restart", "--dicom-seg", "--allow-stale-export", "-h", "--help"})  # their options that take no value
+
+
+GATE_OPTION = "--gate"  # `mmar --gate METRIC>=X infer|export|push ...` (mmar.gate)
 
 
 def usage() -> str:
@@ -158,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "--version":
         print(__version__)
         return 0
+    gate = None
+    if argv[0] == GATE_OPTION:
+        if len(argv) < 3:
+            print(f"error: {GATE_OPTION} needs a value and a command: mmar {GATE_OPTION} val_mean_dice>=0.85 infer MMAR_DIR ...",
+                  file=sys.stderr)
+            return 2
+        gate, argv = argv[1], argv[2:]
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
@@ -166,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         STOP.install()
     try:
         with mmar_lock(name, rest):
+            if gate is not None and not _gate_passes(gate, name, rest):
+                return 0
             module = importlib.import_module(f"mmar.commands.{name.replace('-', '_')}")
             return int(module.main(rest) or 0)
     except Exception as error:  # noqa: BLE001 - a user error wrapped by MONAI / DataLoader stays readable
@@ -184,6 +195,22 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         _report_failure(name, "interrupted", "SIGINT")
         return 130
+
+
+def _gate_passes(text: str, name: str, rest: list[str]) -> bool:
+    """Decide the gate (under the MMAR's lock, so a validation running beside it cannot change the answer
+    half-way). Not passed: the skip is this command's result, exit 0. Passed: the command's own result will
+    carry the gate's record (`mmar.report`)."""
+    from mmar import gate, report
+
+    record = gate.check(text, name, rest)
+    if not record["passed"]:
+        print(f"gate: {name} skipped: {record['message']}", flush=True)
+        report.write_result({"command": name, "gate": record})
+        return False
+    print(f"gate: {record['message']}: running {name}", flush=True)
+    report.GATE = record
+    return True
 
 
 def _report_failure(command: str, line: str, signal_name: str | None = None) -> None:

@@ -33,9 +33,12 @@ WORKSPACE_ROOT = "/workspace"  # the MMAR claim, mounted whole
 DATA_ROOT = "/data"  # the data claim, mounted whole
 MASTER_PORT = 29500  # torchrun's static rendezvous port (the PyTorch default)
 
-STEP_TYPES = ("convert", "train", "finetune", "validate", "infer", "export")
+STEP_TYPES = ("pull", "convert", "train", "finetune", "validate", "infer", "export", "push")
 TRAINING_TYPES = ("train", "finetune")  # the only steps that may span several nodes
-MMAR_TYPES = ("train", "finetune", "validate", "infer", "export")  # steps that read/write the MMAR
+MMAR_TYPES = ("train", "finetune", "validate", "infer", "export", "push")  # steps that read/write the MMAR
+DATA_WRITING_TYPES = ("pull", "convert")  # steps that write into the data claim
+CPU_TYPES = ("pull", "convert", "push")  # steps that ask for no GPU unless they say so
+GATED_TYPES = ("infer", "export", "push")  # steps that may carry a `gate`
 SET_TYPES = ("train", "finetune", "validate", "infer")  # steps taking `--set KEY=VALUE`
 TASKS = ("segmentation", "classification")
 MODEL_KINDS = ("ckpt", "ts", "onnx", "trt")
@@ -45,12 +48,14 @@ PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
 # Which optional fields each step type accepts (anything else is an error naming the field).
 STEP_FIELDS: dict[str, set[str]] = {
+    "pull": {"dicomweb", "query", "dicomOutput", "output", "key", "labelsFrom"},
     "convert": {"input", "output", "resolution", "inputExt", "outputExt", "force", "labels"},
     "train": {"set", "ckpt"},
     "finetune": {"set", "ckpt"},
     "validate": {"set", "ckpt", "model"},
-    "infer": {"set", "ckpt", "model", "key"},
-    "export": {"ckpt", "formats", "precision", "inputShape"},
+    "infer": {"set", "ckpt", "model", "key", "dicomSeg", "gate"},
+    "export": {"ckpt", "formats", "precision", "inputShape", "gate"},
+    "push": {"dicomweb", "gate"},
 }
 COMMON_STEP_FIELDS = {"name", "type", "nodes", "gpusPerNode", "resources"}
 
@@ -72,6 +77,25 @@ TOLERATIONS_MAX = 16
 TOLERATION_FIELDS = {"key": str, "operator": str, "value": str, "effect": str, "tolerationSeconds": int}
 TOLERATION_OPERATORS = ("Exists", "Equal")
 TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+# DICOMweb (pull/push): the server, and the query that picks what a pull retrieves
+URL_RE = re.compile(r"^https?://[^\s/@?#]+(/[^\s?#]*)?$")  # no userinfo: credentials never live in a spec
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # a DICOM UI value: digits and dots, at most 64 characters
+UID_MAX = 64
+UIDS_MAX = 100
+MODALITY_RE = re.compile(r"^[A-Z0-9]{1,16}$")
+DATE_RANGE_RE = re.compile(r"^[0-9]{8}(-[0-9]{8})?$")
+QUERY_TEXT_MAX = 64  # DICOM LO: AccessionNumber (SH, 16) and SeriesDescription (LO, 64) fit
+QUERY_FIELDS = ("studyInstanceUIDs", "modality", "studyDate", "accessionNumber", "seriesDescription")
+DICOMWEB_FIELDS = ("url", "credentialsSecret")
+DEFAULT_DICOM_OUTPUT = "dicom"  # where a pull step keeps the retrieved DICOM files (under the data path)
+# The Secret a dicomweb.credentialsSecret names: its keys -> the environment variables the runtime reads
+# (HTTP basic with username + password, or a bearer token). Never in argv, spec, status, events or logs.
+CREDENTIAL_ENV = {"username": "MMAR_DICOMWEB_USERNAME", "password": "MMAR_DICOMWEB_PASSWORD",
+                  "token": "MMAR_DICOMWEB_TOKEN"}
+# gate: run a step only if the MMAR's last validation reaches a threshold
+GATE_METRIC_RE = re.compile(r"^[A-Za-z0-9_.:/-]+$")
+GATE_BOUNDS = {"atLeast": ">=", "atMost": "<="}
+GATE_NOT_MET = "GateNotMet"  # the step's and the job's condition reason when a gate skips a step
 
 DEFAULTS: dict[str, Any] = {
     "imagePullPolicy": "IfNotPresent",
@@ -321,8 +345,87 @@ def validate(job: dict[str, Any]) -> None:
         if step["name"] in seen:
             _fail(f"spec.steps[{index}].name", f"{step['name']!r} is used by an earlier step; step names must be unique")
         seen.add(step["name"])
-    if spec["data"]["readOnly"] and any(s["type"] == "convert" for s in steps):
-        _fail("spec.data.readOnly", "a convert step writes into the data claim; it cannot be mounted read-only")
+    writer = next((s for s in steps if s["type"] in DATA_WRITING_TYPES), None)
+    if spec["data"]["readOnly"] and writer is not None:
+        _fail("spec.data.readOnly", f"a {writer['type']} step writes into the data claim; it cannot be mounted read-only")
+
+
+def _check_dicomweb(value: Any, field: str) -> None:
+    if not isinstance(value, dict):
+        _fail(field, "must be a mapping with url (and credentialsSecret)")
+    for key in value:
+        if key not in DICOMWEB_FIELDS:
+            _fail(f"{field}.{key}", f"unknown field (allowed: {', '.join(DICOMWEB_FIELDS)})")
+    url = value.get("url")
+    if not isinstance(url, str):
+        _fail(f"{field}.url", "is required: the DICOMweb service root, e.g. http://orthanc:8042/dicom-web")
+    _check_length(url, f"{field}.url", PATH_MAX)
+    if not URL_RE.match(url):
+        hint = ("credentials never go in the URL: put them in a Secret and name it in credentialsSecret"
+                if "@" in url.split("//", 1)[-1].split("/", 1)[0] else "must be an http:// or https:// URL without query or fragment")
+        _fail(f"{field}.url", f"{hint}; got {_redact_url(url)!r}")
+    if "credentialsSecret" in value:
+        secret = value["credentialsSecret"]
+        if not (isinstance(secret, str) and CLAIM_RE.match(secret) and len(secret) <= K8S_NAME_MAX):
+            _fail(f"{field}.credentialsSecret", f"must be the name of a Secret in the MMARJob's namespace (a DNS subdomain); got {secret!r}")
+
+
+def _redact_url(url: str) -> str:
+    """A URL fit for an error message: any userinfo replaced, so a password typed into a spec is never echoed."""
+    scheme, sep, rest = url.partition("//")
+    host, slash, path = rest.partition("/")
+    if "@" in host:
+        host = "***@" + host.rsplit("@", 1)[1]
+    return f"{scheme}{sep}{host}{slash}{path}"
+
+
+def _check_query(value: Any, field: str) -> None:
+    if not isinstance(value, dict) or not value:
+        _fail(field, f"must be a mapping with at least one of {', '.join(QUERY_FIELDS)}")
+    for key in value:
+        if key not in QUERY_FIELDS:
+            _fail(f"{field}.{key}", f"unknown field (allowed: {', '.join(QUERY_FIELDS)})")
+    if "studyInstanceUIDs" in value:
+        uids = value["studyInstanceUIDs"]
+        if not isinstance(uids, list) or not 1 <= len(uids) <= UIDS_MAX:
+            _fail(f"{field}.studyInstanceUIDs", f"must be a list of 1 to {UIDS_MAX} StudyInstanceUIDs")
+        for i, uid in enumerate(uids):
+            if not (isinstance(uid, str) and UID_RE.match(uid) and len(uid) <= UID_MAX):
+                _fail(f"{field}.studyInstanceUIDs[{i}]", f"must be a DICOM UID (digits and dots, at most {UID_MAX} characters); got {uid!r}")
+        if len(set(uids)) != len(uids):
+            _fail(f"{field}.studyInstanceUIDs", "lists a UID twice")
+    if "modality" in value and not (isinstance(value["modality"], str) and MODALITY_RE.match(value["modality"])):
+        _fail(f"{field}.modality", f"must be a DICOM modality code such as CT or MR; got {value['modality']!r}")
+    if "studyDate" in value:
+        date = value["studyDate"]
+        if not (isinstance(date, str) and DATE_RANGE_RE.match(date)):
+            _fail(f"{field}.studyDate", f"must be YYYYMMDD or a range YYYYMMDD-YYYYMMDD; got {date!r}")
+        first, _, last = date.partition("-")
+        if last and last < first:
+            _fail(f"{field}.studyDate", f"the range ends before it starts: {date!r}")
+    for key in ("accessionNumber", "seriesDescription"):
+        if key in value:
+            text = value[key]
+            if not (isinstance(text, str) and text.strip() and "\\" not in text):
+                _fail(f"{field}.{key}", f"must be a non-empty string without backslashes; got {text!r}")
+            _check_length(text, f"{field}.{key}", QUERY_TEXT_MAX)
+
+
+def _check_gate(value: Any, field: str) -> None:
+    if not isinstance(value, dict):
+        _fail(field, "must be a mapping such as {metric: val_mean_dice, atLeast: 0.85}")
+    for key in value:
+        if key not in ("metric", *GATE_BOUNDS):
+            _fail(f"{field}.{key}", "unknown field (allowed: metric, atLeast, atMost)")
+    metric = value.get("metric")
+    if not (isinstance(metric, str) and GATE_METRIC_RE.match(metric) and len(metric) <= KEY_MAX):
+        _fail(f"{field}.metric", f"is required: the name of a metric in the MMAR's eval/metrics.json, such as val_mean_dice; got {metric!r}")
+    bounds = [key for key in GATE_BOUNDS if key in value]
+    if len(bounds) != 1:
+        _fail(field, "needs exactly one of atLeast, atMost")
+    bound = value[bounds[0]]
+    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or bound != bound or bound in (float("inf"), float("-inf")):
+        _fail(f"{field}.{bounds[0]}", f"must be a number; got {bound!r}")
 
 
 def _validate_step(step: Any, field: str) -> None:
@@ -361,6 +464,25 @@ def _validate_step(step: Any, field: str) -> None:
         for key in ("force", "labels"):
             if key in step and not isinstance(step[key], bool):
                 _fail(f"{field}.{key}", "must be true or false")
+    if kind == "pull":
+        for key in ("dicomweb", "query", "output"):
+            if key not in step:
+                _fail(f"{field}.{key}", {"dicomweb": "is required for a pull step (url, credentialsSecret)",
+                                         "query": "is required for a pull step (studyInstanceUIDs, or attributes such as modality, studyDate)",
+                                         "output": "is required for a pull step (the NIfTI folder, relative to the data path)"}[key])
+        _check_query(step["query"], f"{field}.query")
+        _check_relative(step["output"], f"{field}.output")
+        for key in ("dicomOutput", "labelsFrom"):
+            if key in step:
+                _check_relative(step[key], f"{field}.{key}")
+    if kind == "push" and "dicomweb" not in step:
+        _fail(f"{field}.dicomweb", "is required for a push step (url, credentialsSecret)")
+    if "dicomweb" in step:
+        _check_dicomweb(step["dicomweb"], f"{field}.dicomweb")
+    if "dicomSeg" in step and not isinstance(step["dicomSeg"], bool):
+        _fail(f"{field}.dicomSeg", "must be true or false")
+    if "gate" in step:
+        _check_gate(step["gate"], f"{field}.gate")
     if "set" in step:
         overrides = step["set"]
         if not isinstance(overrides, dict) or not all(isinstance(k, str) and k and "=" not in k for k in overrides):
@@ -412,11 +534,12 @@ def datalist_path(job: Mapping[str, Any]) -> str:
 
 
 def gpus_of(job: Mapping[str, Any], index: int) -> int:
-    """GPUs per node for a step: its own value, else the job's; convert never asks for a GPU by default."""
+    """GPUs per node for a step: its own value, else the job's; pull, convert and push never ask for a GPU by
+    default (they move and convert files)."""
     step = steps_of(job)[index]
     if "gpusPerNode" in step:
         return step["gpusPerNode"]
-    return 0 if step["type"] == "convert" else job["spec"]["gpusPerNode"]
+    return 0 if step["type"] in CPU_TYPES else job["spec"]["gpusPerNode"]
 
 
 def resources_of(job: Mapping[str, Any], index: int) -> dict[str, Any]:
@@ -461,9 +584,36 @@ def step_argv(job: Mapping[str, Any], index: int) -> list[str]:
     address are Kubernetes `$(VAR)` references to the PET_* variables the operator sets in each pod (the
     convention of Kubeflow's PyTorchJob/TrainJob), expanded by the kubelet.
     """
+    argv = _step_argv(job, index)
+    gate = steps_of(job)[index].get("gate")
+    if gate:  # a global option of the runtime CLI, before the command: `mmar --gate METRIC>=X infer ...`
+        argv = [argv[0], "--gate", gate_text(gate), *argv[1:]]
+    return argv
+
+
+def _step_argv(job: Mapping[str, Any], index: int) -> list[str]:
     step = steps_of(job)[index]
     kind = step["type"]
     root = mmar_dir(job)
+    if kind == "pull":
+        data = data_dir(job)
+        argv = ["mmar", "pull", "--url", step["dicomweb"]["url"],
+                "--dicom-dir", _join(data, step.get("dicomOutput", DEFAULT_DICOM_OUTPUT)),
+                "--output", _join(data, step["output"]), "--datalist", datalist_path(job)]
+        if "key" in step:
+            argv += ["--key", step["key"]]
+        if "labelsFrom" in step:
+            argv += ["--labels", _join(data, step["labelsFrom"])]
+        query = step["query"]
+        for uid in query.get("studyInstanceUIDs", []):
+            argv += ["--study-uid", uid]
+        for key, flag in (("modality", "--modality"), ("studyDate", "--study-date"), ("accessionNumber", "--accession"),
+                          ("seriesDescription", "--series-description")):
+            if key in query:
+                argv += [flag, query[key]]
+        return argv
+    if kind == "push":
+        return ["mmar", "push", root, "--url", step["dicomweb"]["url"]]
     if kind == "convert":
         argv = ["mmar", "convert", "-d", _join(data_dir(job), step["input"]), "-o", _join(data_dir(job), step["output"])]
         if "resolution" in step:
@@ -499,6 +649,8 @@ def step_argv(job: Mapping[str, Any], index: int) -> list[str]:
         argv += ["--model", step["model"]]
     if "key" in step:
         argv += ["--key", step["key"]]
+    if step.get("dicomSeg"):
+        argv.append("--dicom-seg")
     # The manifest says where the data is, whatever the MMAR's environment.json was scaffolded with;
     # the step's own overrides come after so they win.
     overrides = {"DATASET_JSON": datalist_path(job), **step.get("set", {})}
@@ -513,6 +665,87 @@ def step_argv(job: Mapping[str, Any], index: int) -> list[str]:
     if kind in TRAINING_TYPES and gpus > 1:
         return ["torchrun", "--standalone", "--nnodes=1", f"--nproc_per_node={gpus}", "-m", "mmar", *argv]
     return ["mmar", *argv]
+
+
+def credentials_secret(job: Mapping[str, Any], index: int) -> str | None:
+    """The Secret whose keys (CREDENTIAL_ENV) become the step's DICOMweb credentials, or None."""
+    return (steps_of(job)[index].get("dicomweb") or {}).get("credentialsSecret")
+
+
+# ------------------------------------------------------------------------------------------------ gate
+#
+# `gate: {metric: val_mean_dice, atLeast: 0.85}` on an infer, export or push step: the step runs only if the
+# MMAR's last validation (its eval/metrics.json) reaches the threshold. The runtime decides, in the step's own
+# pod or process (`mmar --gate val_mean_dice>=0.85 infer ...`), because only it can read the MMAR's files;
+# below the threshold it writes a skip as its result and exits 0. The operator and `mmar run` read that
+# result the same way (`skipped_by_gate`): the step and every later one are Skipped, the job Succeeded with
+# reason GateNotMet: a gated push never sends what a later or earlier step should not have made.
+
+
+def gate_text(gate: Mapping[str, Any]) -> str:
+    """The gate as the runtime's `--gate` value: `val_mean_dice>=0.85` / `val_loss<=0.2`."""
+    (bound,) = [key for key in GATE_BOUNDS if key in gate]
+    return f"{gate['metric']}{GATE_BOUNDS[bound]}{_value(gate[bound])}"
+
+
+def parse_gate_text(text: str) -> dict[str, Any]:
+    """`--gate` text back into the spec's mapping; MMARError naming `--gate` when it is not one."""
+    for bound, operator in GATE_BOUNDS.items():
+        metric, sep, number = text.partition(operator)
+        if sep:
+            try:
+                value = float(number)
+            except ValueError:
+                break
+            gate = {"metric": metric.strip(), bound: int(value) if value.is_integer() and "." not in number else value}
+            try:
+                _check_gate(gate, "--gate")
+            except MMARError:
+                break
+            return gate
+    raise MMARError(f"--gate: expected METRIC>=NUMBER or METRIC<=NUMBER (e.g. val_mean_dice>=0.85), got {text!r}")
+
+
+def gate_decision(gate: Mapping[str, Any], metrics: Mapping[str, Any] | None, source: str = "eval/metrics.json",
+                  stale: str | None = None) -> dict[str, Any]:
+    """Whether `metrics` (the MMAR's last validation, or None when there is none) let a gated step run.
+
+    Returns the record kept in the step's result and the job's `status.results.gate`: metric, the bound,
+    value (None when missing or not a number), passed, and a message that says why. `stale` says why the
+    validation no longer speaks for the model (it was retrained since): then the gate does not pass.
+    Pure: the one rule every caller uses.
+    """
+    (bound,) = [key for key in GATE_BOUNDS if key in gate]
+    metric, threshold = gate["metric"], gate[bound]
+    record: dict[str, Any] = {"metric": metric, bound: threshold, "value": None, "passed": False}
+    wanted = f"{GATE_BOUNDS[bound]} {_value(threshold)}"
+    if metrics is None:
+        record["message"] = f"no validation result ({source} is missing): run a validate step first; {metric} {wanted} required"
+        return record
+    if metric not in metrics:
+        known = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        raise MMARError(f"gate.metric: {metric!r} is not in {source} (its metrics: {', '.join(known) or 'none'})")
+    value = metrics[metric]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        record["message"] = f"{metric} is undefined in {source} ({value!r}); {wanted} required"
+        return record
+    record["value"] = value
+    passed = value >= threshold if bound == "atLeast" else value <= threshold
+    relation = (">=" if passed else "<") if bound == "atLeast" else ("<=" if passed else ">")
+    record["message"] = f"{metric} {value:.4g} {relation} {_value(threshold)} ({source})"
+    if passed and stale:
+        passed = False
+        record["message"] += f", but {stale}"
+    record["passed"] = passed
+    return record
+
+
+def skipped_by_gate(result: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The gate record of a step that its gate skipped (its result carries a gate that did not pass), else None."""
+    gate = result.get("gate") if isinstance(result, Mapping) else None
+    if isinstance(gate, Mapping) and gate.get("passed") is False:
+        return dict(gate)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- results

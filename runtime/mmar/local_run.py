@@ -349,8 +349,11 @@ def _run_steps(job: Mapping[str, Any], commands: list[list[list[str]]], status_p
             out(f"{tag}: FAILED after {seconds:.1f}s (exit code {finished.code})" + (f": {line}" if line else "")
                 + f"; status in {status_path}")
             return finished.code
-        entry["phase"] = "Succeeded"
         status["results"] = contract.merge_results(status["results"], entry["type"], result)
+        gate = contract.skipped_by_gate(result)
+        if gate is not None:
+            return _gate_not_met(status, status_path, index, gate, tag, out)
+        entry["phase"] = "Succeeded"
         write_json(status_path, status)
         out(f"{tag}: succeeded in {seconds:.1f}s{_summary(entry['type'], result)}")
     if interrupt.signal is not None:  # the last step finished anyway; the run was still cut short
@@ -358,6 +361,24 @@ def _run_steps(job: Mapping[str, Any], commands: list[list[list[str]]], status_p
     status.update(phase="Succeeded", completionTime=_now(), message=f"{len(steps)} step(s) succeeded")
     write_json(status_path, status)
     out(f"{name}: all {len(steps)} step(s) succeeded; status in {status_path}")
+    return 0
+
+
+def _gate_not_met(status: dict[str, Any], status_path: Path, index: int, gate: Mapping[str, Any], tag: str,
+                  out: Callable[[str], None]) -> int:
+    """A step's gate held it back: it and every later step are Skipped, the job ends Succeeded (as the
+    operator records it: mmar_operator.status)."""
+    steps = status["steps"]
+    entry = steps[index]
+    entry.update(phase="Skipped", reason=contract.GATE_NOT_MET, message=f"skipped by its gate: {gate.get('message', '')}")
+    for later in steps[index + 1:]:
+        later.update(phase="Skipped", reason=contract.GATE_NOT_MET, message=f"not run: step {entry['name']} was skipped by its gate")
+    ran = sum(s["phase"] == "Succeeded" for s in steps)
+    status.update(phase="Succeeded", reason=contract.GATE_NOT_MET, completionTime=_now(),
+                  message=f"step {entry['name']} {entry['message']}; {ran} step(s) succeeded, {len(steps) - ran} skipped")
+    write_json(status_path, status)
+    out(f"{tag}: SKIPPED: {gate.get('message', 'its gate was not met')}")
+    out(f"{status['name']}: {ran} step(s) succeeded, {len(steps) - ran} skipped (GateNotMet); status in {status_path}")
     return 0
 
 

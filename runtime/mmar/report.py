@@ -15,6 +15,8 @@ from typing import Any, Mapping
 from mmar import results
 
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+# the gate this command passed (`mmar --gate ...`, set by mmar.cli): its record goes into the command's result
+GATE: dict[str, Any] | None = None
 
 
 def termination_log_path() -> Path | None:
@@ -36,6 +38,8 @@ def write_result(result: Mapping[str, Any]) -> None:
     raises ResultError, so tests catch it on any machine; in a user's run it is a warning and the result is
     written as read leniently, because the work it reports on (hours of training) is done and saved.
     """
+    if GATE is not None and "gate" not in result:
+        result = {**result, "gate": GATE}
     try:
         checked = results.check(result)
     except results.ResultError as error:

@@ -14,6 +14,7 @@ The summary, across steps:
     predictions: {cases, files, dir}            what the last infer step wrote, and where
     exported: [file, ...]                       the files the last export step wrote
     conversion: {converted, skipped, failed}    the last convert step's counts
+    gate: {metric, atLeast|atMost, value, passed, message}   the last gated step's gate (mmar.job.gate_decision)
 
 Imports nothing heavy: the operator image (no torch) imports this through `mmar.job`.
 """
@@ -43,6 +44,8 @@ class StepResult:
     hold a partial message (an older runtime, or fields dropped to fit the size cap)."""
 
     command: str | None = None
+    # `mmar --gate METRIC>=X COMMAND`: the gate's record (mmar.job.gate_decision): passed, or the skip itself
+    gate: dict[str, Any] | None = None
 
     COMMANDS: ClassVar[tuple[str, ...]] = ()  # the `command` values this definition is for
     REQUIRED: ClassVar[tuple[str, ...]] = ()  # keys a command must report (the value may be None where typed so)
@@ -152,6 +155,7 @@ class InferResult(StepResult):
     num_cases: int | None = None
     outputs: int | None = None
     eval_dir: str | None = None
+    dicom_segs: int | None = None  # DICOM Segmentation files written (`infer --dicom-seg` only)
 
     COMMANDS: ClassVar[tuple[str, ...]] = ("infer",)
     REQUIRED: ClassVar[tuple[str, ...]] = ("command", "num_cases", "outputs", "eval_dir")
@@ -185,6 +189,47 @@ class ExportResult(StepResult):
 
 
 @dataclass
+class PullResult(StepResult):
+    """`mmar pull`: image series matched on the DICOMweb server, series skipped (not images), instances
+    retrieved now and found already on disk (a resumed pull), and the datalist list written."""
+
+    series: int | None = None
+    skipped_series: int | None = None
+    retrieved: int | None = None
+    present: int | None = None
+    cases: int | None = None
+    datalist: str | None = None
+    key: str | None = None
+
+    COMMANDS: ClassVar[tuple[str, ...]] = ("pull",)
+    REQUIRED: ClassVar[tuple[str, ...]] = ("command", "series", "skipped_series", "retrieved", "present", "cases",
+                                           "datalist", "key")
+    DROP_ORDER: ClassVar[tuple[str, ...]] = ("datalist",)
+
+
+@dataclass
+class PushResult(StepResult):
+    """`mmar push`: DICOM Segmentation files found, stored now with STOW-RS, and skipped because the server
+    already holds their SOPInstanceUID."""
+
+    found: int | None = None
+    stored: int | None = None
+    skipped: int | None = None
+    url: str | None = None  # the service, as given (credentials are never in it)
+
+    COMMANDS: ClassVar[tuple[str, ...]] = ("push",)
+    REQUIRED: ClassVar[tuple[str, ...]] = ("command", "found", "stored", "skipped", "url")
+    DROP_ORDER: ClassVar[tuple[str, ...]] = ("url",)
+
+
+@dataclass
+class GateSkipped(StepResult):
+    """A gated command (infer, export, push) that did not run: its gate's record says why."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("command", "gate")
+
+
+@dataclass
 class Failure(StepResult):
     """Any command that did not finish: its error line and, when a signal stopped it, the signal's name."""
 
@@ -196,15 +241,19 @@ class Failure(StepResult):
 
 
 DEFINITIONS: dict[str, type[StepResult]] = {
-    command: cls for cls in (ConvertResult, TrainResult, ValidateResult, InferResult, ExportResult) for command in cls.COMMANDS
+    command: cls for cls in (ConvertResult, TrainResult, ValidateResult, InferResult, ExportResult, PullResult, PushResult)
+    for command in cls.COMMANDS
 }
 
 
 def definition_of(data: Mapping[str, Any], step_type: str | None = None) -> type[StepResult] | None:
-    """The definition a result dict follows: Failure when it carries an error, else its command's (or, for a
-    message without `command`, the step type's)."""
+    """The definition a result dict follows: Failure when it carries an error, GateSkipped when its gate held
+    the command back, else its command's (or, for a message without `command`, the step type's)."""
     if data.get("error") is not None:
         return Failure
+    gate = data.get("gate")
+    if isinstance(gate, Mapping) and gate.get("passed") is False:
+        return GateSkipped
     command = data.get("command")
     return DEFINITIONS.get(command if isinstance(command, str) and command in DEFINITIONS else step_type or "")
 
@@ -296,6 +345,8 @@ def fold(summary: Mapping[str, Any], step_type: str, data: Mapping[str, Any] | N
     result = read(step_type, data)
     if result is not None:
         result.fold(merged)
+        if result.gate:
+            merged["gate"] = dict(result.gate)
     return merged
 
 
@@ -325,6 +376,8 @@ def _conform(value: Any, hint: Any, where: str) -> Any:
         return [_conform(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict and isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
         return {k: _conform(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if hint is Any and (value is None or isinstance(value, (str, bool, numbers.Real))):
+        return _plain(float(value) if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)) else value)
     if hint is str and isinstance(value, str):
         return value
     if hint is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):

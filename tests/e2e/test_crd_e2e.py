@@ -43,6 +43,14 @@ def manifest(*steps: dict[str, Any], name: str = "spleen", **spec: Any) -> dict[
     return body
 
 
+def pull(**fields: Any) -> dict[str, Any]:
+    return {"type": "pull", "dicomweb": {"url": "http://orthanc:8042/dicom-web", "credentialsSecret": "pacs"},
+            "query": {"modality": "CT"}, "output": "images", **fields}
+
+
+PUSH = {"type": "push", "dicomweb": {"url": "https://pacs.example.org/dicom-web"}}
+
+
 def convert(**fields: Any) -> dict[str, Any]:
     return {"type": "convert", "input": "raw", "output": "nifti", **fields}
 
@@ -144,6 +152,25 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("export-input-shape-short", manifest({"type": "export", "inputShape": [96, 96]}), "spec.steps[0].inputShape"),
     ("export-input-shape-zero", manifest({"type": "export", "inputShape": [1, 1, 0]}), "spec.steps[0].inputShape[2]"),
     ("export-options-on-infer", manifest({"type": "infer", "precision": "fp16"}), "spec.steps[0]"),
+    ("pull-url-with-credentials", manifest(pull(dicomweb={"url": "http://ann:pw@pacs/dicom-web"})), "spec.steps[0].dicomweb.url"),
+    ("pull-url-scheme", manifest(pull(dicomweb={"url": "dicom://pacs:104"})), "spec.steps[0].dicomweb.url"),
+    ("pull-without-query", manifest({k: v for k, v in pull().items() if k != "query"}), "spec.steps[0]"),
+    ("pull-query-empty", manifest(pull(query={})), "spec.steps[0].query"),
+    ("pull-query-unknown", manifest(pull(query={"patientName": "DOE^J"})), "spec.steps[0].query.patientName"),
+    ("pull-study-uid", manifest(pull(query={"studyInstanceUIDs": ["1.2.abc"]})), "spec.steps[0].query.studyInstanceUIDs[0]"),
+    ("pull-modality", manifest(pull(query={"modality": "ct"})), "spec.steps[0].query.modality"),
+    ("pull-study-date", manifest(pull(query={"studyDate": "2026-11-01"})), "spec.steps[0].query.studyDate"),
+    ("pull-study-date-reversed", manifest(pull(query={"studyDate": "20261130-20261101"})), "spec.steps[0].query.studyDate"),
+    ("pull-secret-name", manifest(pull(dicomweb={"url": "http://pacs/dicom-web", "credentialsSecret": "PACS_Creds"})), "spec.steps[0].dicomweb.credentialsSecret"),
+    ("pull-dicom-output-escapes", manifest(pull(dicomOutput="../dicom")), "spec.steps[0].dicomOutput"),
+    ("pull-read-only-data", manifest(pull(), data={"claimName": "d", "readOnly": True}), "spec.data.readOnly"),
+    ("push-without-dicomweb", manifest({"type": "push"}), "spec.steps[0]"),
+    ("dicomweb-on-export", manifest({"type": "export", "dicomweb": {"url": "http://pacs/dicom-web"}}), "spec.steps[0].dicomweb"),
+    ("dicom-seg-not-bool", manifest({"type": "infer", "dicomSeg": "yes"}), "spec.steps[0].dicomSeg"),
+    ("gate-on-train", manifest({"type": "train", "gate": {"metric": "val_mean_dice", "atLeast": 0.9}}), "spec.steps[0].gate"),
+    ("gate-both-bounds", manifest({"type": "export", "gate": {"metric": "m", "atLeast": 0.5, "atMost": 0.9}}), "spec.steps[0].gate"),
+    ("gate-without-metric", manifest({"type": "export", "gate": {"atLeast": 0.5}}), "spec.steps[0].gate.metric"),
+    ("gate-bound-not-number", manifest({"type": "export", "gate": {"metric": "m", "atLeast": "high"}}), "spec.steps[0].gate.atLeast"),
 ]
 
 
@@ -207,12 +234,39 @@ CEL_CASES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
         manifest({"type": "validate", "outputExt": ".nii"})),
     ("spec.steps[]", "set is an option of"): (
         manifest({"type": "infer", "set": {"epochs": 1, "roi": [96, 96, 96], "amp": True}}), manifest({"type": "export", "set": {"a": 1}})),
-    ("spec.steps[]", "ckpt is not an option of convert steps"): (
+    ("spec.steps[]", "ckpt is an option of train, finetune, validate, infer and export steps only"): (
         manifest({"type": "finetune", "ckpt": "models/best.pt"}), manifest(convert(ckpt="models/best.pt"))),
     ("spec.steps[]", "model is an option of validate and infer steps only"): (
         manifest({"type": "infer", "model": "onnx"}), manifest({"type": "export", "model": "ts"})),
-    ("spec.steps[]", "key is an option of infer steps only"): (
-        manifest({"type": "infer", "key": "testing"}), manifest({"type": "train", "key": "testing"})),
+    ("spec.steps[]", "key is an option of infer and pull steps only"): (
+        manifest(pull(key="testing")), manifest({"type": "train", "key": "testing"})),
+    ("spec.steps[]", "output is an option of convert and pull steps only"): (
+        manifest(pull(output="nifti")), manifest({"type": "train", "output": "nifti"})),
+    ("spec.steps[]", "a pull step needs dicomweb, query and output"): (
+        manifest(pull()), manifest({k: v for k, v in pull().items() if k != "dicomweb"})),
+    ("spec.steps[]", "a push step needs dicomweb"): (manifest(PUSH), manifest({"type": "push"})),
+    ("spec.steps[]", "dicomweb is an option of pull and push steps only"): (
+        manifest(PUSH), manifest({"type": "infer", "dicomweb": PUSH["dicomweb"]})),
+    ("spec.steps[]", "query, dicomOutput and labelsFrom are options of pull steps only"): (
+        manifest(pull(dicomOutput="dicom/in", labelsFrom="masks")), manifest({**PUSH, "labelsFrom": "masks"})),
+    ("spec.steps[]", "dicomSeg is an option of infer steps only"): (
+        manifest({"type": "infer", "dicomSeg": True}), manifest({"type": "validate", "dicomSeg": True})),
+    ("spec.steps[]", "gate is an option of infer, export and push steps only"): (
+        manifest({**PUSH, "gate": {"metric": "val_mean_dice", "atLeast": 0.85}}),
+        manifest({"type": "validate", "gate": {"metric": "val_mean_dice", "atLeast": 0.85}})),
+    ("spec.steps[].gate", "needs exactly one of atLeast, atMost"): (
+        manifest({"type": "export", "gate": {"metric": "val_loss", "atMost": 0.3}}),
+        manifest({"type": "export", "gate": {"metric": "val_loss"}})),
+    ("spec.steps[].query.studyDate", "the range ends before it starts"): (
+        manifest(pull(query={"studyDate": "20261101-20261101"})), manifest(pull(query={"studyDate": "20261102-20261101"}))),
+    ("spec.steps[].query.accessionNumber", "must not contain backslashes"): (
+        manifest(pull(query={"accessionNumber": "ACC-17/b"})), manifest(pull(query={"accessionNumber": "A\\17"}))),
+    ("spec.steps[].query.seriesDescription", "must not contain backslashes"): (
+        manifest(pull(query={"seriesDescription": "*abdomen*"})), manifest(pull(query={"seriesDescription": "T1\\T2"}))),
+    ("spec.steps[].dicomOutput", "must be a relative path"): (
+        manifest(pull(dicomOutput="pacs/dicom")), manifest(pull(dicomOutput="/dicom"))),
+    ("spec.steps[].labelsFrom", "must be a relative path"): (
+        manifest(pull(labelsFrom="pacs/masks")), manifest(pull(labelsFrom="pacs/../../masks"))),
     ("spec.steps[]", "are options of export steps only"): (
         manifest({"type": "export", "formats": ["onnx"], "precision": "fp16", "inputShape": [1, 1, 96, 96, 96]}),
         manifest({"type": "validate", "inputShape": [1, 1, 96, 96, 96]})),
@@ -313,10 +367,15 @@ def test_server_defaults_match_the_contract_for_a_bare_manifest(api, crd):
 def test_printer_columns(kubectl, make_namespace):
     namespace = make_namespace("crd-columns")
     kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest(name="cols")))
+    gate = {"metric": "val_mean_dice", "atLeast": 0.85, "value": 0.81, "passed": False,
+            "message": "val_mean_dice 0.81 < 0.85 (eval/metrics.json)"}
     kubectl("patch", "mmarjob", "cols", "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps(
-        {"status": {"phase": "Running", "currentStep": "train", "results": {"epochs": 12, "bestMetric": 0.875}}}))
+        {"status": {"phase": "Running", "currentStep": "train", "results": {"epochs": 12, "bestMetric": 0.875, "gate": gate}}}))
+    stored = json.loads(kubectl("get", "mmarjob", "cols", "-n", namespace, "-o", "json").stdout)
+    assert stored["status"]["results"]["gate"] == gate  # typed in the schema: kept whole, nothing pruned
     for resource in ("mmarjobs", "mmarj", "mmar"):  # plural, short name, category
         lines = kubectl("get", resource, "-n", namespace, "-o", "wide").stdout.splitlines()
         header, row = lines[0].split(), lines[1].split()
-        assert header == ["NAME", "PHASE", "STEP", "EPOCHS", "BEST", "AGE"], lines
+        assert header == ["NAME", "PHASE", "STEP", "EPOCHS", "BEST", "GATE", "AGE"], lines
         assert row[:5] == ["cols", "Running", "train", "12", "0.875"], lines
+        assert gate["message"] in lines[1], lines

@@ -22,8 +22,9 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import yaml
+from mmar import job as contract
 
-from e2e.kubelet import Kubelet, Outcome, realistic_result, termination_message
+from e2e.kubelet import STANDIN_VALIDATION, Kubelet, Outcome, _key_metric, realistic_result, termination_message
 from e2e.operator_process import OperatorProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -207,6 +208,19 @@ def assert_no_duplicates(k8s: Cluster, namespace: str, name: str, steps: list[di
 # ------------------------------------------------------------------------------------------------ scenarios
 
 
+def expected_phases(body: dict[str, Any]) -> list[str]:
+    """Each step's final phase when the stand-in runs it: Succeeded, or Skipped from the first step whose gate
+    the stand-in MMAR's validation (kubelet.STANDIN_VALIDATION) does not reach."""
+    key = _key_metric(body["spec"].get("task", "segmentation"))
+    phases = []
+    for step in body["spec"]["steps"]:
+        blocked = bool(phases and phases[-1] == "Skipped")
+        if not blocked and "gate" in step:
+            blocked = not contract.gate_decision(step["gate"], {key: STANDIN_VALIDATION})["passed"]
+        phases.append("Skipped" if blocked else "Succeeded")
+    return phases
+
+
 def test_every_example_reaches_succeeded(kubectl, core, ns, kubelet, k8s):
     made = [n for n in sorted(example_namespaces()) if ensure_namespace(core, n)]
     applied: list[tuple[str, dict[str, Any]]] = []
@@ -223,9 +237,12 @@ def test_every_example_reaches_succeeded(kubectl, core, ns, kubelet, k8s):
             name, steps = body["metadata"]["name"], body["spec"]["steps"]
             status = k8s.wait_phase(namespace, name, "Succeeded", "Failed")
             assert status["phase"] == "Succeeded", yaml.safe_dump(status)
-            assert [s["phase"] for s in status["steps"]] == ["Succeeded"] * len(steps)
-            assert all(s.get("result", {}).get("command") for s in status["steps"]), "every step's result is recorded"
-            assert (condition(status, "Succeeded")["status"], condition(status, "Succeeded")["reason"]) == ("True", "AllStepsSucceeded")
+            phases = expected_phases(body)
+            assert [s["phase"] for s in status["steps"]] == phases
+            ran = [s for s in status["steps"] if not s.get("message", "").startswith("not run:")]
+            assert all(s.get("result", {}).get("command") for s in ran), "every step's result is recorded"
+            reason = "GateNotMet" if "Skipped" in phases else "AllStepsSucceeded"
+            assert (condition(status, "Succeeded")["status"], condition(status, "Succeeded")["reason"]) == ("True", reason)
             assert all(condition(status, kind)["status"] == "False" for kind in ("Running", "Suspended", "Failed"))
             assert status["observedGeneration"] == k8s.get(namespace, name)["metadata"]["generation"]
             times = [status["startTime"], status["completionTime"], *(c["lastTransitionTime"] for c in status["conditions"]),
@@ -236,9 +253,14 @@ def test_every_example_reaches_succeeded(kubectl, core, ns, kubelet, k8s):
             # kubectl's printer columns show the run
             table = kubectl("get", "mmarjobs", name, "-n", namespace, "-o", "wide").stdout.splitlines()
             header, row = table[0].split(), table[1].split()
-            assert header == ["NAME", "PHASE", "STEP", "EPOCHS", "BEST", "AGE"]
-            epochs = next(s["set"]["epochs"] for s in steps if s["type"] in ("train", "finetune"))
-            assert row[:5] == [name, "Succeeded", status["currentStep"], str(epochs), str(status["results"]["bestMetric"])]
+            assert header == ["NAME", "PHASE", "STEP", "EPOCHS", "BEST", "GATE", "AGE"]
+            epochs = next((s["set"]["epochs"] for s in steps if s["type"] in ("train", "finetune")), None)
+            if epochs is not None:
+                assert row[:5] == [name, "Succeeded", status["currentStep"], str(epochs), str(status["results"]["bestMetric"])]
+            else:  # no training step: the Epochs and Best cells are empty
+                assert row[:3] == [name, "Succeeded", status["currentStep"]]
+            if "gate" in status["results"]:
+                assert status["results"]["gate"]["message"] in table[1]
 
             queue = (body["metadata"].get("labels") or {}).get("kueue.x-k8s.io/queue-name")
             policy = body["spec"].get("runPolicy") or {}
@@ -478,7 +500,43 @@ def test_step_results_from_the_runtime_to_the_status(ns, kubelet, k8s):
     assert results["exported"] == export["files"] == ["/workspace/spleen/models/model.ts", "/workspace/spleen/models/model.onnx"]
 
 
+def test_a_gate_passes_or_skips_the_rest_of_the_job(ns, kubelet, k8s, kubectl):
+    """The gate as the operator runs it: the step's pod decides (the stand-in with the runtime's own rule,
+    mmar.job.gate_decision, over its validation's 0.8047); a pass runs on, a block skips the step and every
+    later one (no Job is created for those) and the job still ends Succeeded, reason GateNotMet."""
+    base = [{"type": "train", "set": {"epochs": 2}}, {"type": "validate"}]
+    passing = base + [{"type": "export", "formats": ["onnx"], "gate": {"metric": "val_mean_dice", "atLeast": 0.8}}]
+    blocking = base + [{"type": "infer", "dicomSeg": True, "gate": {"metric": "val_mean_dice", "atLeast": 0.9}},
+                       {"type": "push", "dicomweb": {"url": "http://orthanc:8042/dicom-web", "credentialsSecret": "pacs"}}]
+    k8s.create(ns, manifest("gate-pass", passing, task="segmentation"))
+    k8s.create(ns, manifest("gate-block", blocking, task="segmentation"))
+
+    passed = k8s.wait_phase(ns, "gate-pass", "Succeeded", "Failed")
+    assert [s["phase"] for s in passed["steps"]] == ["Succeeded"] * 3
+    assert condition(passed, "Succeeded")["reason"] == "AllStepsSucceeded"
+    assert passed["results"]["gate"] == {"metric": "val_mean_dice", "atLeast": 0.8, "value": 0.8047, "passed": True,
+                                         "message": "val_mean_dice 0.8047 >= 0.8 (eval/metrics.json)"}
+    assert passed["results"]["exported"]  # the export ran
+
+    blocked = k8s.wait_phase(ns, "gate-block", "Succeeded", "Failed")
+    assert [s["phase"] for s in blocked["steps"]] == ["Succeeded", "Succeeded", "Skipped", "Skipped"]
+    infer, push = blocked["steps"][2:]
+    assert infer["reason"] == push["reason"] == "GateNotMet"
+    assert infer["message"] == "skipped by its gate: val_mean_dice 0.8047 < 0.9 (eval/metrics.json)"
+    assert push["message"] == "not run: step infer was skipped by its gate" and "result" not in push
+    assert condition(blocked, "Succeeded")["reason"] == "GateNotMet"
+    assert "predictions" not in blocked["results"] and blocked["results"]["gate"]["passed"] is False
+    assert sorted(j.metadata.name for j in k8s.jobs(ns, "gate-block")) == ["gate-block-0-train", "gate-block-1-validate", "gate-block-2-infer"]
+    line = kubectl("get", "mmarjob", "gate-block", "-n", ns, "-o", "wide").stdout.splitlines()[1]
+    assert "val_mean_dice 0.8047 < 0.9 (eval/metrics.json)" in line
+
+
 @pytest.mark.parametrize("argv", [
+    ["mmar", "pull", "--url", "http://pacs/dicom-web", "--dicom-dir", "/data/dicom", "--output", "/data/images", "--datalist", "/data/d.json"],
+    ["mmar", "push", "/workspace/m", "--url", "http://pacs/dicom-web"],
+    ["mmar", "infer", "/workspace/m", "--dicom-seg"],
+    ["mmar", "--gate", "val_mean_dice>=0.99", "export", "/workspace/m"],
+    ["mmar", "--gate", "val_mean_dice>=0.5", "infer", "/workspace/m"],
     ["mmar", "convert", "-d", "/data/raw", "-o", "/data/nifti"],
     ["mmar", "train", "/workspace/m", "--set", "DATASET_JSON=/data/d.json", "epochs=4", "--file_root", "/data"],
     ["torchrun", "--nnodes=2", "--nproc_per_node=4", "-m", "mmar", "train", "/workspace/m", "--finetune", "--set", "epochs=2"],

@@ -65,6 +65,17 @@ def iter_rules(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, di
         yield from iter_rules(schema["additionalProperties"], f"{path}{{}}")
 
 
+def _substring(text, start, end=None):
+    import celpy
+
+    return celpy.celtypes.StringType(str(text)[int(start):] if end is None else str(text)[int(start):int(end)])
+
+
+# the functions of the Kubernetes CEL library (its strings extension) that the CRD's rules use and cel-python
+# lacks; the e2e tests check the same rules on a real API server
+K8S_CEL_EXTENSIONS = {"substring": _substring}
+
+
 def cel_failures(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
     """Evaluate every x-kubernetes-validations rule against `value` (cel-python); return failed messages."""
     import celpy
@@ -72,7 +83,7 @@ def cel_failures(schema: dict[str, Any], value: Any, path: str = "") -> list[str
     failures = []
     env = celpy.Environment()
     for rule in schema.get("x-kubernetes-validations") or []:
-        program = env.program(env.compile(rule["rule"]))
+        program = env.program(env.compile(rule["rule"]), functions=K8S_CEL_EXTENSIONS)
         result = program.evaluate({"self": celpy.json_to_cel(value)})
         if isinstance(result, Exception) or not bool(result):
             failures.append(f"{path or '.'}: {rule.get('message', rule['rule'])}")

@@ -71,7 +71,7 @@ def test_crd_names_columns_and_status():
     assert (crd["spec"]["group"], names["kind"], names["plural"], names["shortNames"]) == ("mmar.dev", "MMARJob", "mmarjobs", ["mmarj"])
     version = crd["spec"]["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Step", "Epochs", "Best", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Step", "Epochs", "Best", "Gate", "Age"]
     assert version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["phase"]["enum"] == ["Pending", "Running", "Succeeded", "Failed", "Suspended"]
 
 
@@ -105,6 +105,10 @@ def steps(*items):
     return manifest(*items)
 
 
+PULL = {"type": "pull", "dicomweb": {"url": "http://orthanc:8042/dicom-web", "credentialsSecret": "pacs"},
+        "query": {"modality": "CT"}, "output": "images"}
+PUSH = {"type": "push", "dicomweb": {"url": "https://pacs.example.org/dicom-web"}}
+
 CEL_CASES = [
     ("metadata.name must be a lower-case DNS label",
      manifest(), {**manifest(), "metadata": {"name": "Spleen_CT"}}),
@@ -121,12 +125,32 @@ CEL_CASES = [
      steps({"type": "convert", "input": "a", "output": "b", "labels": True}), steps({"type": "train", "labels": True})),
     ("set is an option of train, finetune, validate and infer steps only",
      steps({"type": "infer", "set": {"a": 1}}), steps({"type": "export", "set": {"a": 1}})),
-    ("ckpt is not an option of convert steps",
+    ("ckpt is an option of train, finetune, validate, infer and export steps only",
      steps({"type": "export", "ckpt": "models/m.pt"}), steps({"type": "convert", "input": "a", "output": "b", "ckpt": "m.pt"})),
     ("model is an option of validate and infer steps only",
      steps({"type": "validate", "model": "onnx"}), steps({"type": "train", "model": "onnx"})),
-    ("key is an option of infer steps only",
+    ("key is an option of infer and pull steps only",
      steps({"type": "infer", "key": "testing"}), steps({"type": "validate", "key": "testing"})),
+    ("output is an option of convert and pull steps only",
+     steps(PULL), steps({"type": "train", "output": "b"})),
+    ("a pull step needs dicomweb, query and output",
+     steps(PULL), steps({k: v for k, v in PULL.items() if k != "query"})),
+    ("a push step needs dicomweb",
+     steps(PUSH), steps({"type": "push"})),
+    ("dicomweb is an option of pull and push steps only",
+     steps(PUSH), steps({"type": "export", "dicomweb": PUSH["dicomweb"]})),
+    ("query, dicomOutput and labelsFrom are options of pull steps only",
+     steps({**PULL, "labelsFrom": "labels"}), steps({**PUSH, "labelsFrom": "labels"})),
+    ("dicomSeg is an option of infer steps only",
+     steps({"type": "infer", "dicomSeg": True}), steps({"type": "validate", "dicomSeg": True})),
+    ("gate is an option of infer, export and push steps only",
+     steps({"type": "export", "gate": {"metric": "val_mean_dice", "atLeast": 0.8}}), steps({"type": "train", "gate": {"metric": "val_mean_dice", "atLeast": 0.8}})),
+    ("needs exactly one of atLeast, atMost",
+     steps({**PUSH, "gate": {"metric": "val_loss", "atMost": 0.2}}), steps({**PUSH, "gate": {"metric": "val_loss", "atMost": 0.2, "atLeast": 0.1}})),
+    ("the range ends before it starts",
+     steps({**PULL, "query": {"studyDate": "20240101-20241231"}}), steps({**PULL, "query": {"studyDate": "20241231-20240101"}})),
+    ("must not contain backslashes",
+     steps({**PULL, "query": {"seriesDescription": "T1*"}}), steps({**PULL, "query": {"seriesDescription": "T1\\x"}})),
     ("are options of export steps only",
      steps({"type": "export", "precision": "fp16"}), steps({"type": "train", "precision": "fp16"})),
     ("must be a relative path without '..'",
