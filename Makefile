@@ -1,6 +1,7 @@
 # mmar: the two commands of the README, and the pieces they are made of.
 #   make demo   set everything up, then convert -> train -> validate -> infer -> export on generated data
 #   make test   set everything up, then run the test suite (what CI runs)
+#   make images build both container images and smoke-test them (docs/deploy.md, "Images")
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ DEMO ?= demo
 DEMO_EPOCHS ?= 30
 PYTEST_ARGS ?=
 
-.PHONY: install tools demo test test-slow test-all test-e2e clean
+.PHONY: install tools demo test test-slow test-all test-e2e images clean
 
 $(STAMP): pyproject.toml docker/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +52,21 @@ test-e2e: install tools
 
 tools:
 	bash .ci/tools.sh
+
+# Container images, tagged with pyproject's version, built with Docker or else podman (CONTAINER_ENGINE),
+# then smoke-tested (the demo job runs inside the runtime image). E.g. the CPU build without TensorRT:
+#   make images IMAGE_BUILD_ARGS="--build-arg TORCH_VARIANT=cpu"
+CONTAINER_ENGINE ?=
+RUNTIME_IMAGE ?= mmar
+OPERATOR_IMAGE ?= mmar-operator
+PYTHON_IMAGE ?=
+IMAGE_BUILD_ARGS ?=
+IMAGES_TMP ?= /var/tmp
+
+images:
+	CONTAINER_ENGINE="$(CONTAINER_ENGINE)" RUNTIME_IMAGE="$(RUNTIME_IMAGE)" OPERATOR_IMAGE="$(OPERATOR_IMAGE)" \
+	PYTHON_IMAGE="$(PYTHON_IMAGE)" IMAGE_BUILD_ARGS="$(IMAGE_BUILD_ARGS)" IMAGES_TMP="$(IMAGES_TMP)" \
+	bash docker/images.sh
 
 test-all: install
 	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS) tests

@@ -1,13 +1,16 @@
 """The container images: Dockerfile lint and structure, and docker/install.sh (what the images install).
 
-The Docker engine can't run here, so the install script the Dockerfile calls is exercised in a
-venv instead, and the Dockerfile is checked to do nothing but call it.
+These are static checks (fast suite): the install script the Dockerfile calls is exercised in a venv,
+the Dockerfile is checked to do nothing but call it, and its label values and build arguments are
+resolved the way the builder resolves them. Building and running the images is `make images`
+(docker/images.sh; CI: .ci/images.sh).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -56,6 +59,31 @@ def labels_of(stage: list[tuple[str, str]]) -> set[str]:
     return {m.group(1) for _, args in stage if _ == "LABEL" for m in re.finditer(r"([\w.\-]+)=", args)}
 
 
+def global_args() -> dict[str, str]:
+    """ARGs declared before the first FROM, with their defaults."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    head = re.split(r"^FROM ", text, maxsplit=1, flags=re.M)[0]
+    return dict(arg.partition("=")[::2] for arg in re.findall(r"^ARG (\S+)$", head, re.M))
+
+
+def label_values(stage: list[tuple[str, str]], build_args: dict[str, str] | None = None) -> dict[str, str]:
+    """The stage's labels as the builder sets them: ${NAME} is the value of an ARG declared in this stage
+    before the LABEL (a --build-arg, else its default, else for a bare `ARG NAME` the global default);
+    a name not declared in the stage is empty (what left base.name empty before)."""
+    build_args = build_args or {}
+    scope: dict[str, str] = {}
+    labels: dict[str, str] = {}
+    for instruction, args in stage:
+        if instruction == "ARG":
+            name, has_default, default = args.partition("=")
+            scope[name] = build_args.get(name, default if has_default else global_args().get(name, ""))
+        elif instruction == "LABEL":
+            for pair in shlex.split(args):
+                key, _, value = pair.partition("=")
+                labels[key] = re.sub(r"\$\{(\w+)\}", lambda m: scope.get(m.group(1), ""), value)
+    return labels
+
+
 def test_hadolint():
     result = run_tool([require_tool("hadolint"), "--config", str(ROOT / ".hadolint.yaml"), str(DOCKERFILE)])
     assert result.returncode == 0, result.stdout + result.stderr
@@ -69,6 +97,64 @@ def test_final_stage_runs_non_root_with_labels(target, entrypoint):
     assert ("ENTRYPOINT", entrypoint) in stage
     missing = OCI_LABELS - labels_of(stage)
     assert not missing, f"stage {target} lacks OCI labels {sorted(missing)}"
+    empty = sorted(k for k, v in label_values(stage).items() if not v)
+    assert not empty, f"stage {target}: labels {empty} are empty (an ARG not declared in the stage?)"
+
+
+@pytest.mark.parametrize("target", ["runtime", "operator"])
+def test_label_values(target):
+    """The values, not only the keys: base.name is the base the image was built FROM (the default or
+    the --build-arg), version defaults to pyproject's, the rest come from their build arguments."""
+    project_version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    default = label_values(stages()[target])
+    assert default["org.opencontainers.image.base.name"] == global_args()["PYTHON_IMAGE"]
+    assert default["org.opencontainers.image.version"] == project_version
+    given = {"PYTHON_IMAGE": "localhost/python:stand-in", "VERSION": "9.8.7", "REVISION": "abc123",
+             "CREATED": "2026-11-30T00:00:00Z"}
+    labels = label_values(stages()[target], given)
+    assert {k: labels[f"org.opencontainers.image.{k}"] for k in ("base.name", "version", "revision", "created")} == {
+        "base.name": "localhost/python:stand-in", "version": "9.8.7", "revision": "abc123",
+        "created": "2026-11-30T00:00:00Z"}
+    if target == "runtime":
+        assert default["dev.mmar.torch-variant"] == "cuda"
+        assert label_values(stages()[target], {"TORCH_VARIANT": "cpu"})["dev.mmar.torch-variant"] == "cpu"
+
+
+def test_labels_come_after_the_large_layers():
+    """CREATED changes on every build: a LABEL before `COPY --from` would re-copy the venv each time."""
+    for target in ("runtime", "operator"):
+        instructions = [ins for ins, _ in stages()[target]]
+        assert instructions.index("LABEL") > max(i for i, ins in enumerate(instructions) if ins in {"COPY", "RUN"})
+
+
+@pytest.mark.parametrize("target", ["runtime", "operator"])
+def test_workdir_is_owned_by_the_image_user(target):
+    """WORKDIR creates a missing folder owned by root (Docker): the user must own the one it works in."""
+    text = DOCKERFILE.read_text()
+    stage = stages()[target]
+    (workdir,) = [args for ins, args in stage if ins == "WORKDIR"][-1:]
+    uid = int(re.search(r"useradd --uid (\d+)", text).group(1))
+    home = re.search(r"useradd .*--home-dir (\S+) --create-home", text).group(1)
+    made = any(ins == "RUN" and re.search(rf"install -d -o {uid} -g {uid} .*{re.escape(workdir)}(\s|$)", args)
+               for ins, args in stage[:stage.index(("WORKDIR", workdir))])
+    assert workdir == home or made, f"stage {target}: WORKDIR {workdir} is not created owned by uid {uid}"
+
+
+# install.sh's settings and the Dockerfile's build arguments of the same names (docker/install.sh header)
+BUILD_ARGS = {"runtime-build": {"TORCH_VARIANT", "TORCH_INDEX_URL", "TENSORRT", "EXTRA_INDEX_URL", "PIP_EXTRA_ARGS"},
+              "operator-build": {"EXTRA_INDEX_URL", "PIP_EXTRA_ARGS"}}
+
+
+@pytest.mark.parametrize("stage_name", sorted(BUILD_ARGS))
+def test_install_settings_are_build_arguments(stage_name):
+    """A setting install.sh reads reaches it only as an ARG declared in the stage that runs it."""
+    script = INSTALL.read_text()
+    stage = stages()[stage_name]
+    first_run = next(i for i, (ins, _) in enumerate(stage) if ins == "RUN")
+    declared = {args.partition("=")[0] for ins, args in stage[:first_run] if ins == "ARG"}
+    for name in BUILD_ARGS[stage_name]:
+        assert re.search(rf"\$\{{{name}[:}}-]", script), f"install.sh does not read {name}"
+        assert name in declared, f"Dockerfile stage {stage_name} does not declare ARG {name} before its installs"
 
 
 def test_installs_go_through_install_script():
@@ -76,7 +162,8 @@ def test_installs_go_through_install_script():
         for instruction, args in stage:
             if instruction == "RUN":
                 assert "pip" not in args, f"stage {name}: install with docker/install.sh, not pip directly: {args}"
-                if "install" in args:
+                # `install -d` (coreutils) makes a folder; every package install is the script
+                if "install" in args and not re.match(r"install -d ", args):
                     assert args.startswith("docker/install.sh "), args
 
 
@@ -101,9 +188,10 @@ def test_uid_and_ports_agree_with_chart_and_operator():
         values["metrics"]["port"], values["operator"]["livenessPort"], values["runtime"]["metricsPort"])
 
 
-def requirements(target: str) -> list[Requirement]:
+def requirements(target: str, **settings: str) -> list[Requirement]:
+    env = {k: v for k, v in os.environ.items() if k not in {"TORCH_VARIANT", "TENSORRT"}}
     out = subprocess.run(["bash", str(INSTALL), "--print", target], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHON": sys.executable}).stdout
+                         env={**env, "PYTHON": sys.executable, **settings}).stdout
     return [Requirement(line) for line in out.splitlines() if line.strip()]
 
 
@@ -131,10 +219,30 @@ def test_runtime_target_is_the_gpu_build():
     assert "onnxruntime" not in names  # it and onnxruntime-gpu install the same module
 
 
-@pytest.mark.parametrize("target", ["operator", "runtime"])
-def test_every_requirement_is_pinned_within_pyproject_range(target):
+def test_runtime_variants():
+    cpu = {canonicalize_name(r.name) for r in requirements("runtime", TORCH_VARIANT="cpu")}
+    assert {"torch", "monai", "onnxruntime"} <= cpu
+    assert not cpu & {"onnxruntime-gpu", "tensorrt-cu13"}
+    gpu_without_trt = {canonicalize_name(r.name) for r in requirements("runtime", TORCH_VARIANT="cuda", TENSORRT="0")}
+    assert "onnxruntime-gpu" in gpu_without_trt and "tensorrt-cu13" not in gpu_without_trt
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"TORCH_VARIANT": "cpu", "TENSORRT": "1"}, "TENSORRT=1 needs TORCH_VARIANT=cuda"),
+    ({"TORCH_VARIANT": "rocm"}, "TORCH_VARIANT must be cuda or cpu, not 'rocm'"),
+    ({"TENSORRT": "yes"}, "TENSORRT must be 0 or 1, not 'yes'"),
+])
+def test_bad_settings_are_refused(settings, message):
+    result = subprocess.run(["bash", str(INSTALL), "--print", "runtime"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable, **settings})
+    assert result.returncode == 2 and not result.stdout
+    assert result.stderr.strip() == f"install.sh: {message}" or message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("target, variant", [("operator", "cuda"), ("runtime", "cuda"), ("runtime", "cpu")])
+def test_every_requirement_is_pinned_within_pyproject_range(target, variant):
     pinned = pins()
-    for req in requirements(target):
+    for req in requirements(target, TORCH_VARIANT=variant):
         name = canonicalize_name(req.name)
         assert name in pinned, f"docker/constraints.txt has no pin for {req.name} ({target})"
         assert req.specifier.contains(pinned[name], prereleases=True), f"{name}=={pinned[name]} is outside {req}"
