@@ -1,16 +1,21 @@
-"""Benchmark: convert the same real DICOM series with mmar, dcm2niix and dicom2nifti in one run.
+"""Benchmark: convert the same DICOM folders with mmar, dcm2niix and dicom2nifti in one run.
 
-    .venv/bin/python bench/convert.py [--data ../shared/data/dicom] [--repeats 5]
+    .venv/bin/python bench/convert.py [--data DIR ...] [--repeats 5] [--large-files 600] [--no-dicom2nifti]
+
+Folders: ../shared/data/dicom (real MR series, several codecs), ../shared/data/dicom-qa/In (Siemens
+mosaics) and a generated folder of at least --large-files files: copies of every real series of both,
+each copy with new Study/Series/SOP Instance UIDs (so each is a series of its own), pixels untouched.
 
 Every tool converts the whole folder (all series) to gzipped NIfTI in a fresh output folder, run as the
-user would run it (a subprocess, interpreter start-up and imports included). Prints the median wall time
-of the repeats per tool, and the ratios mmar/dcm2niix (target <= 1.5) and mmar/dicom2nifti (target < 1).
-It also prints mmar's in-process time (imports already paid) to show how much of the total is start-up.
+user would run it (a subprocess, interpreter start-up and imports included); the tools take turns within
+each repeat, so load changes hit all of them alike. Prints per folder the median wall time per tool and
+the ratio mmar/dcm2niix (target <= 1.5x on the folder of 500+ files).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -21,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+SHARED = ROOT.parent / "shared" / "data"
 
 
 def tool_commands(data: Path, out: Path) -> dict[str, list[str]]:
@@ -33,58 +39,116 @@ def tool_commands(data: Path, out: Path) -> dict[str, list[str]]:
     }
 
 
-def time_tool(name: str, data: Path, repeats: int) -> tuple[list[float], int]:
-    times, outputs = [], 0
-    for _ in range(repeats):
-        out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
-        command = tool_commands(data, out)[name]
-        start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True)
-        times.append(time.perf_counter() - start)
-        outputs = len(list(out.glob("*.nii*")))
-        shutil.rmtree(out, ignore_errors=True)
-        if done.returncode not in (0, 1):  # mmar exits 1 when some series failed; still a timing
-            raise SystemExit(f"{name} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return times, outputs
+def dicom_files(folder: Path) -> list[Path]:
+    import pydicom
+
+    found = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue
+        found.append(path)
+    return found
 
 
-def time_in_process(data: Path, repeats: int) -> float:
-    import contextlib
-    import io
+def make_large(sources: list[Path], target: Path, minimum: int) -> int:
+    """Copy every DICOM file under `sources` into `target` until it holds >= minimum files; each copy of a
+    series gets new UIDs (pydicom), pixel data untouched. Returns the number of files written."""
+    import pydicom
+    from pydicom.uid import generate_uid
 
-    from mmar.convert.cli import main
+    files = [(source, f) for source in sources if source.is_dir() for f in dicom_files(source)]
+    if not files:
+        raise SystemExit("no DICOM files to build the large folder from")
+    copies = -(-minimum // len(files))
+    written = 0
+    for copy in range(copies):
+        uids: dict[str, str] = {}
+        for source, path in files:
+            ds = pydicom.dcmread(path)
+            for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+                if keyword in ds:
+                    old = str(ds.data_element(keyword).value)
+                    ds.data_element(keyword).value = uids.setdefault(f"{keyword}:{old}", generate_uid())
+            # the same instance stored twice stays one instance (converters drop such copies)
+            ds.SOPInstanceUID = uids.setdefault(f"SOP:{ds.SOPInstanceUID}", generate_uid())
+            if getattr(ds, "file_meta", None) is not None:
+                ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            # one level of folders: dcm2niix searches 5 levels deep by default
+            rel = path.parent.relative_to(source).as_posix().replace("/", "_")
+            folder = target / f"copy{copy:02d}_{source.name}_{rel}"
+            folder.mkdir(parents=True, exist_ok=True)
+            ds.save_as(folder / f"{path.name}", enforce_file_format=False)
+            written += 1
+    return written
 
-    times = []
-    for _ in range(repeats + 1):  # the first run pays the imports
-        out = Path(tempfile.mkdtemp(prefix="bench-mmar-inproc-"))
-        start = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
-            main(["-q", "-d", str(data), "-o", str(out)])
-        times.append(time.perf_counter() - start)
-        shutil.rmtree(out, ignore_errors=True)
-    return statistics.median(times[1:])
+
+def run_once(name: str, data: Path) -> tuple[float, int]:
+    out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    command = tool_commands(data, out)[name]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    outputs = len(list(out.rglob("*.nii*")))
+    shutil.rmtree(out, ignore_errors=True)
+    if done.returncode not in (0, 1):  # mmar exits 1 when some series failed; still a timing
+        raise SystemExit(f"{name} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return seconds, outputs
+
+
+def bench_folder(data: Path, tools: list[str], repeats: int) -> dict[str, float]:
+    files = [p for p in data.rglob("*") if p.is_file()]
+    print(f"\n{data} ({len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB)")
+    times: dict[str, list[float]] = {name: [] for name in tools}
+    outputs: dict[str, int] = {}
+    for _ in range(repeats):  # alternate: one run of every tool per repeat
+        for name in tools:
+            seconds, outputs[name] = run_once(name, data)
+            times[name].append(seconds)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    for name in tools:
+        values = times[name]
+        print(f"  {name:<12} median {medians[name] * 1000:8.1f} ms   (min {min(values) * 1000:.1f}, "
+              f"max {max(values) * 1000:.1f}, n={len(values)}, {outputs[name]} NIfTI files)")
+    print(f"  ratio mmar / dcm2niix  {medians['mmar'] / medians['dcm2niix']:.2f}x  (target <= 1.5x)")
+    return medians
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "dicom")
+    parser.add_argument("--data", type=Path, nargs="*", help="folders to convert (default: the shared ones + large)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--large-files", type=int, default=600, help="files in the generated folder (0: none)")
+    parser.add_argument("--no-dicom2nifti", action="store_true", help="time only mmar and dcm2niix")
     args = parser.parse_args()
-    if not args.data.is_dir():
-        raise SystemExit(f"no data at {args.data}")
-    files = [p for p in args.data.rglob("*.dcm")]
-    print(f"data: {args.data} ({len(files)} DICOM files, {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB)")
-    medians = {}
-    for name in ("dcm2niix", "mmar", "dicom2nifti"):
-        times, outputs = time_tool(name, args.data, args.repeats)
-        medians[name] = statistics.median(times)
-        print(f"{name:<12} median {medians[name] * 1000:8.1f} ms   (min {min(times) * 1000:.1f}, "
-              f"max {max(times) * 1000:.1f}, n={len(times)}, {outputs} NIfTI files)")
-    warm = time_in_process(args.data, args.repeats)
-    print(f"{'mmar warm':<12} median {warm * 1000:8.1f} ms   (in-process, imports excluded)")
-    print(f"ratio mmar / dcm2niix     {medians['mmar'] / medians['dcm2niix']:.2f}x  (target <= 1.5x)")
-    print(f"ratio mmar / dicom2nifti  {medians['mmar'] / medians['dicom2nifti']:.2f}x  (target < 1x)")
-    print(f"ratio mmar warm / dcm2niix {warm / medians['dcm2niix']:.2f}x")
+    tools = ["dcm2niix", "mmar"] + ([] if args.no_dicom2nifti else ["dicom2nifti"])
+    folders = list(args.data or [p for p in (SHARED / "dicom", SHARED / "dicom-qa" / "In") if p.is_dir()])
+    scratch = None
+    if args.large_files and not args.data:
+        scratch = Path(tempfile.mkdtemp(prefix="bench-large-"))
+        count = make_large(folders, scratch / "large", args.large_files)
+        print(f"generated {count} files (new UIDs per copy) in {scratch / 'large'}")
+        folders.append(scratch / "large")
+    if not folders:
+        raise SystemExit("no data: pass --data")
+    load = os.getloadavg()
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} CPUs")
+    table = []
+    try:
+        for folder in folders:
+            medians = bench_folder(folder, tools, args.repeats)
+            table.append((folder, sum(1 for p in folder.rglob("*") if p.is_file()), medians))
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    print(f"\nload average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    extra = "dicom2nifti" in tools
+    print("\n| folder | files | dcm2niix s | mmar s | mmar / dcm2niix |" + (" dicom2nifti s |" if extra else ""))
+    print("| --- | --- | --- | --- | --- |" + (" --- |" if extra else ""))
+    for folder, files, medians in table:
+        print(f"| {folder.name} | {files} | {medians['dcm2niix']:.2f} | {medians['mmar']:.2f} | "
+              f"{medians['mmar'] / medians['dcm2niix']:.2f}x |" + (f" {medians['dicom2nifti']:.2f} |" if extra else ""))
     return 0
 
 

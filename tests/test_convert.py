@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 
@@ -157,13 +158,21 @@ def test_gantry_tilt_is_corrected(tmp_path, capsys):
         image[30, 40 - k] = 1000
         set_pixels(ds, image)
 
-    make_series(pydicom_file("MR_small.dcm"), tmp_path / "in", count=5, step=2.0,
-                inplane_drift=(0.3125, 0.0), pixel_fn=marker)
+    paths = make_series(pydicom_file("MR_small.dcm"), tmp_path / "in", count=5, step=2.0,
+                        inplane_drift=(0.3125, 0.0), pixel_fn=marker)
     assert run(tmp_path, "-d", tmp_path / "in", "-o", tmp_path / "out") == 0
     assert "gantry tilt" in capsys.readouterr().out
-    data = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "in.nii.gz")))
+    image = sitk.ReadImage(str(tmp_path / "out" / "in.nii.gz"))
+    data = sitk.GetArrayFromImage(image)
+    # where DICOM row 30, column 40 of the first slice lies in the written (dcm2niix-ordered) grid
+    first = pydicom.dcmread(min(paths, key=lambda p: float(pydicom.dcmread(p).SliceLocation)))
+    iop = np.array([float(v) for v in first.ImageOrientationPatient])
+    spacing = [float(v) for v in first.PixelSpacing]
+    point = (np.array([float(v) for v in first.ImagePositionPatient]) + 40 * spacing[1] * iop[:3]
+             + 30 * spacing[0] * iop[3:])
+    x, y, _ = image.TransformPhysicalPointToIndex(tuple(point))
     for z in range(5):
-        assert np.unravel_index(np.argmax(data[z]), data[z].shape) == (30, 40)
+        assert np.unravel_index(np.argmax(data[z]), data[z].shape) == (y, x)
 
 
 # ---------------------------------------------------------------- names, overwrite, formats
@@ -280,3 +289,4 @@ def test_console_script_and_mmar_command(tmp_path):
     missing = subprocess.run([str(alias), "-d", str(tmp_path / "none"), "-o", str(tmp_path / "out")],
                              capture_output=True, text=True)
     assert missing.returncode == 1 and missing.stderr.startswith("error: -d")
+

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from convert_fixtures.reference import compare, dcm2niix_binary, run_dcm2niix
+from convert_fixtures.reference import compare, compare_sidecars, dcm2niix_binary, run_dcm2niix
 from convert_fixtures.series import make_series, oblique, pydicom_file
 from mmar.convert.cli import main
 
@@ -39,9 +39,10 @@ def convert_one(folder: Path, out: Path, *extra: str) -> Path:
 ])
 def test_multi_slice_series_matches_dcm2niix(tmp_path, name):
     make_series(pydicom_file(name), tmp_path / "in", count=5, step=2.5, orientation=oblique())
-    ours = convert_one(tmp_path / "in", tmp_path / "ours")
-    (reference,) = run_dcm2niix(tmp_path / "in", tmp_path / "ref")
+    ours = convert_one(tmp_path / "in", tmp_path / "ours", "-b")
+    (reference,) = run_dcm2niix(tmp_path / "in", tmp_path / "ref", sidecar=True)
     compare(ours, reference)  # bit-exact: all of these are lossless
+    compare_sidecars(ours, reference)
 
 
 def test_single_slice_matches_dcm2niix(tmp_path):
@@ -67,9 +68,10 @@ def test_4d_series_matches_dcm2niix(tmp_path):
         ds.TemporalPositionIdentifier = 2
 
     make_series(src, tmp_path / "in" / "b", count=4, step=3.0, series_uid=uid, instance_start=50, pixel_fn=brighter)
-    ours = convert_one(tmp_path / "in", tmp_path / "ours")
-    (reference,) = run_dcm2niix(tmp_path / "in", tmp_path / "ref")
-    compare(ours, reference)
+    ours = convert_one(tmp_path / "in", tmp_path / "ours", "-b")
+    (reference,) = run_dcm2niix(tmp_path / "in", tmp_path / "ref", sidecar=True)
+    compare(ours, reference)  # includes pixdim[4] = RepetitionTime
+    compare_sidecars(ours, reference)
 
 
 def test_rescaled_float_series_matches_dcm2niix(tmp_path):
@@ -93,11 +95,12 @@ def shared_series() -> list[Path]:
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/dicom not present")
 @pytest.mark.parametrize("folder", shared_series(), ids=lambda p: os.path.relpath(p, SHARED))
 def test_shared_real_series_match_dcm2niix(tmp_path, folder):
-    ours = convert_one(folder, tmp_path / "ours")
-    (reference,) = run_dcm2niix(folder, tmp_path / "ref")
+    ours = convert_one(folder, tmp_path / "ours", "-b")
+    (reference,) = run_dcm2niix(folder, tmp_path / "ref", sidecar=True)
     # this one has a non-integer RescaleSlope per slice: float32 values, compared within float precision
     exact = "non_isotropic" not in folder.name
     compare(ours, reference, exact=exact, rtol=1e-6)
+    compare_sidecars(ours, reference)
 
 
 def test_enhanced_multiframe_matches_dcm2niix(tmp_path):

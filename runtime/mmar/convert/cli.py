@@ -33,6 +33,9 @@ def build_parser(prog: str = "mmar convert") -> argparse.ArgumentParser:
                         help="inputs are label masks: nearest-neighbour resampling, integer output")
     parser.add_argument("-j", "--jobs", type=int, default=0,
                         help="worker processes (default: one per core when the input is large enough)")
+    parser.add_argument("-b", "--bids", action="store_true",
+                        help="DICOM: also write a BIDS JSON sidecar (and .bval/.bvec for diffusion), "
+                        "as dcm2niix -b y does")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only problems and the summary")
     return parser
 
@@ -72,7 +75,11 @@ def _workers(args, jobs) -> int:
         size += sum(p.stat().st_size for p in paths)
     if len(jobs) < 2 or size < PARALLEL_MIN_BYTES:
         return 1
-    return min(len(jobs), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return min(len(jobs), _cores())
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def execute(jobs, options, workers: int, progress: bool):
@@ -114,7 +121,7 @@ def convert(argv: list[str] | None, prog: str) -> int:
         spacing = spacing_of(args.resolution)
     except ValueError as error:
         raise MMARError(str(error)) from None
-    options = Options(spacing, args.label, args.force)
+    options = Options(spacing, args.label, args.force, args.bids)
     jobs, skipped, ignored = plan_jobs(args)
     workers = _workers(args, jobs)
     results = list(execute(jobs, options, workers, progress=not args.quiet))

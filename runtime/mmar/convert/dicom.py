@@ -3,7 +3,8 @@
 Geometry rules (the part that is easy to get wrong):
 - slices are ordered by their position along the slice normal n = row x column cosines
   (ImagePositionPatient . n), never by file name or InstanceNumber; the origin is the first slice
-  along n and the third axis of the direction matrix is n, so the grid is right-handed;
+  along n and the third axis of the direction matrix is n, so the grid is right-handed (Siemens
+  mosaics: n is the CSA SliceNormalVector, which may point the other way, as dcm2niix keeps it);
 - several images at one position make a 4D series (volumes ordered by temporal position,
   acquisition number, instance number), provided every position has the same count;
 - uneven spacing or missing slices are warned about (missing positions listed) and the stack is
@@ -13,7 +14,8 @@ Geometry rules (the part that is easy to get wrong):
   and intercept are integers, float32 otherwise;
 - enhanced multi-frame files give one record per frame from the functional groups; RT Dose
   frames are placed with GridFrameOffsetVector.
-Coordinates are DICOM patient coordinates (LPS), as ITK/SimpleITK expect.
+Coordinates are DICOM patient coordinates (LPS), as ITK/SimpleITK expect. `layout` then puts the volume in
+dcm2niix's voxel order; uncompressed little-endian pixels are read straight from the file (`raw_pixels`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ class SliceInfo:
     order: tuple  # tie-break / volume order among images at one position
     thickness: float | None = None
     grid_key: tuple = field(default=(), compare=False)
+    normal: tuple[float, float, float] | None = None  # slice normal when not row x column (Siemens mosaic)
+    mosaic: tuple[int, int] = ()  # (slices, tiles per side): `frame` is the tile of a mosaic image
+    acquisition_3d: bool = False  # MRAcquisitionType 3D: dcm2niix writes these in the closest RAS orientation
+    repetition_ms: float = 0.0  # RepetitionTime: the time step of a 4D series
+    raw: tuple = ()  # (offset, dtype, shape, bits stored) of uncompressed little-endian pixels: read directly
 
 
 def _floats(value, n: int | None = None):
@@ -76,8 +83,34 @@ def _first_item(ds, *path):
     return node
 
 
-def slices_from_header(ds, path: Path) -> list[SliceInfo]:
-    """Header -> one SliceInfo per 2D image in the file (pure: no pixel data needed)."""
+NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}  # UID -> explicit VR
+
+
+def raw_pixels(ds, pixel_offset: int | None) -> tuple:
+    """Where the pixels of an uncompressed little-endian file start, to read them without pydicom:
+    (offset of the PixelData element, dtype, array shape, bits stored, explicit VR); () for anything else
+    (compressed, big endian, odd bit depths, planar RGB), which pydicom decodes."""
+    syntax = str(getattr(getattr(ds, "file_meta", None), "get", lambda *_: None)("TransferSyntaxUID") or "")
+    if pixel_offset is None or syntax not in NATIVE_LITTLE_ENDIAN:
+        return ()
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if bits not in (8, 16, 32) or (samples > 1 and int(ds.get("PlanarConfiguration", 0) or 0) != 0):
+        return ()
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    stored = int(ds.get("BitsStored", bits) or bits)
+    if signed and stored != bits:  # needs sign extension: pydicom does it
+        return ()
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    shape = (frames, int(ds.Rows), int(ds.Columns)) + ((samples,) if samples > 1 else ())
+    dtype = f"<{'i' if signed else 'u'}{bits // 8}"
+    return (pixel_offset, dtype, shape, stored, NATIVE_LITTLE_ENDIAN[syntax])
+
+
+def slices_from_header(ds, path: Path, pixel_offset: int | None = None) -> list[SliceInfo]:
+    """Header -> one SliceInfo per 2D image in the file (pure: no pixel data needed).
+
+    pixel_offset: where the element after the header starts in the file (None: unknown)."""
     rows, cols = int(ds.Rows), int(ds.Columns)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -94,12 +127,15 @@ def slices_from_header(ds, path: Path) -> list[SliceInfo]:
     shared = shared[0] if shared else None
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
 
-    def key(orientation, spacing):
-        # images that cannot share one grid must not share one volume
-        orient = tuple(round(v, 4) for v in orientation) if orientation else None
-        return (rows, cols, samples, orient, tuple(round(v, 4) for v in spacing),
-                str(ds.get("EchoNumbers", "")), tuple(ds.get("ImageType", ())), int(ds.get("BitsAllocated", 0) or 0))
+    # images that cannot share one grid must not share one volume
+    same_file = (str(ds.get("EchoNumbers", "")), tuple(ds.get("ImageType", ())), int(ds.get("BitsAllocated", 0) or 0))
 
+    def key(orientation, spacing):
+        orient = tuple(round(v, 4) for v in orientation) if orientation else None
+        return (rows, cols, samples, orient, tuple(round(v, 4) for v in spacing), *same_file)
+
+    extra = {"acquisition_3d": str(ds.get("MRAcquisitionType", "")).upper() == "3D",
+             "repetition_ms": _num(ds.get("RepetitionTime"), 0.0), "raw": raw_pixels(ds, pixel_offset)}
     if per_frame:  # enhanced multi-frame (CT/MR/PET): geometry lives in the functional groups
         out = []
         for index, item in enumerate(per_frame):
@@ -124,7 +160,7 @@ def slices_from_header(ds, path: Path) -> list[SliceInfo]:
             temporal = int(_num(getattr(content, "TemporalPositionIndex", None), 0)) if content is not None else 0
             info = SliceInfo(path, index, rows, cols, samples, pos, orient, (spacing[1], spacing[0]), slope, intercept,
                              (temporal, *base_order[1:3], index, tuple(int(v) for v in dim_index if str(v).lstrip("-").isdigit())),
-                             step_here or thick)
+                             step_here or thick, **extra)
             info.grid_key = key(orient, spacing)
             out.append(info)
         return out
@@ -136,9 +172,15 @@ def slices_from_header(ds, path: Path) -> list[SliceInfo]:
     intercept = _num(ds.get("RescaleIntercept"), 0.0)
     if str(ds.get("Modality", "")).upper() == "RTDOSE" and ds.get("DoseGridScaling") is not None:
         slope *= _num(ds.get("DoseGridScaling"), 1.0)
+    if frames == 1 and pos and orient:
+        from mmar.convert import mosaic
+
+        if mosaic.is_mosaic(ds):
+            return _mosaic_slices(ds, path, pos, orient, spacing, slope, intercept, base_order, step or thickness,
+                                  key, extra)
     if frames == 1:
         info = SliceInfo(path, -1, rows, cols, samples, pos, orient, (spacing[1], spacing[0]), slope, intercept,
-                         base_order, step or thickness)
+                         base_order, step or thickness, **extra)
         info.grid_key = key(orient, spacing)
         return [info]
     # classic multi-frame: frames stacked along the normal at GridFrameOffsetVector (RT Dose) or a fixed step
@@ -151,9 +193,35 @@ def slices_from_header(ds, path: Path) -> list[SliceInfo]:
         if pos and orient and offsets is not None:
             normal = np.cross(orient[:3], orient[3:])
             frame_pos = tuple(float(v) for v in np.asarray(pos) + offsets[index] * normal)
-        info = SliceInfo(path, index, rows, cols, samples, frame_pos, orient, (spacing[1], spacing[0]), slope, intercept,
-                         (*base_order, index), step or thickness)
+        info = SliceInfo(path, index, rows, cols, samples, frame_pos, orient, (spacing[1], spacing[0]), slope,
+                         intercept, (*base_order, index), step or thickness, **extra)
         info.grid_key = key(orient, spacing)
+        out.append(info)
+    return out
+
+
+def _mosaic_slices(ds, path, pos, orient, spacing, slope, intercept, order, step, key, extra) -> list[SliceInfo]:
+    """One SliceInfo per tile of a Siemens mosaic, placed as dcm2niix places them (see mmar.convert.mosaic)."""
+    from mmar.convert import mosaic
+
+    tags = mosaic.csa_image_tags(ds)
+    count, side, tile_rows, tile_cols = mosaic.mosaic_layout(ds, tags)
+    row, col = np.asarray(orient[:3], float), np.asarray(orient[3:], float)
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    normal = mosaic.slice_normal(ds, tags, row, col)
+    spacing_xy = (spacing[1], spacing[0])
+    first = mosaic.first_tile_position(pos, row, col, spacing_xy, int(ds.Rows), int(ds.Columns), tile_rows, tile_cols)
+    dz = step or 1.0
+    # tiles of different mosaics (35 vs 36 slices, other normals) must not share a volume
+    grid_key = (*key(orient, spacing), "mosaic", tile_rows, tile_cols, count, tuple(round(float(v), 4) for v in normal))
+    normal_tuple = tuple(float(v) for v in normal)
+    out = []
+    places = (first[None, :] + np.arange(count)[:, None] * dz * normal[None, :]).tolist()
+    for tile in range(count):
+        info = SliceInfo(path, tile, tile_rows, tile_cols, 1, tuple(places[tile]), orient, spacing_xy, slope,
+                         intercept, order, dz,
+                         normal=normal_tuple, mosaic=(count, side), **extra)
+        info.grid_key = grid_key
         out.append(info)
     return out
 
@@ -188,7 +256,7 @@ def plan_volume(slices: list[SliceInfo], tolerance: float = 0.01) -> VolumePlan:
     row = np.asarray(first.orientation[:3], float)
     col = np.asarray(first.orientation[3:], float)
     row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
-    normal = np.cross(row, col)
+    normal = np.asarray(first.normal, float) if first.normal is not None else np.cross(row, col)
     positions = np.array([s.position for s in slices], float)
     along = positions @ normal
     # group images at one position (within tolerance) -> slots; several per slot = 4D
@@ -252,10 +320,40 @@ def plan_volume(slices: list[SliceInfo], tolerance: float = 0.01) -> VolumePlan:
     return VolumePlan(origin, direction, np.array([sx, sy, dz], float), stack, rel, target, shear, warnings)
 
 
-def _decode(path: Path, cache: dict) -> tuple[np.ndarray, bool]:
+def _read_raw(path: Path, raw: tuple) -> np.ndarray | None:
+    """Uncompressed pixels straight from the file (see raw_pixels); None where pydicom must decode them
+    (the element is not where the header said, or values use bits above BitsStored)."""
+    offset, dtype, shape, stored, explicit = raw
+    count = int(np.prod(shape))
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        head = handle.read(12 if explicit else 8)
+        if head[:4] != b"\xe0\x7f\x10\x00":  # (7FE0,0010) Pixel Data
+            return None
+        length = int.from_bytes(head[8:12] if explicit else head[4:8], "little")
+        if length == 0xFFFFFFFF or length < count * np.dtype(dtype).itemsize:
+            return None
+        array = np.fromfile(handle, dtype=dtype, count=count)
+    if array.size < count:
+        return None
+    if stored < np.dtype(dtype).itemsize * 8 and array.size and int(array.max()) >> stored:
+        return None  # high bits hold something else: leave the masking to pydicom
+    return array.reshape(shape)
+
+
+def _decode(path: Path, cache: dict, mosaic_shape: tuple = (), raw: tuple = ()) -> tuple[np.ndarray, bool]:
     """All frames of one file as (frames, rows, cols[, samples]); True if GDCM already applied rescale."""
     if path in cache:
         return cache[path]
+    array = _read_raw(path, raw) if raw else None
+    if array is not None:
+        if mosaic_shape:
+            from mmar.convert.mosaic import split_tiles
+
+            array = split_tiles(array[0], *mosaic_shape)
+        cache.clear()
+        cache[path] = (array, False)
+        return array, False
     import pydicom
 
     try:
@@ -276,6 +374,14 @@ def _decode(path: Path, cache: dict) -> tuple[np.ndarray, bool]:
             array, rescaled = sitk.GetArrayFromImage(sitk.ReadImage(str(path))), True
         except Exception:
             raise SeriesError(f"{path.name}: cannot decode pixel data ({pydicom_error})") from None
+    if mosaic_shape:  # one mosaic image -> its tiles, as frames
+        from mmar.convert.mosaic import split_tiles
+
+        plane = array[0] if rescaled and array.ndim == 3 and array.shape[0] == 1 else array
+        array = split_tiles(plane, *mosaic_shape)
+        cache.clear()
+        cache[path] = (array, rescaled)
+        return array, rescaled
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1) if not rescaled else array.shape[0]
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1) if not rescaled else (array.shape[-1] if array.ndim == 4 else 1)
     if frames == 1 and array.ndim == (2 if samples == 1 else 3):
@@ -295,7 +401,7 @@ def read_volume(plan: VolumePlan, label: bool = False) -> np.ndarray:
     for vol in plan.stack:
         planes = []
         for info in vol:
-            frames, rescaled = _decode(info.path, cache)
+            frames, rescaled = _decode(info.path, cache, info.mosaic, info.raw)
             plane = frames[max(info.frame, 0)]
             if not rescaled and not identity:
                 plane = plane.astype(np.float64) * info.slope + info.intercept

@@ -87,12 +87,52 @@ def _looks_like_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def scan_dicom(root: Path, files: list[Path]) -> tuple[list[Series], list[Skipped], int]:
-    """Read the headers of `files`; return (series, skipped/failed items, number of non-DICOM files ignored)."""
+def read_header(root: Path, path: Path) -> tuple:
+    """One file's header -> what it is, as plain data:
+    ("ignored",) | ("skipped", Skipped, lost, unreadable uid or None) | ("non_image", uid, kind, rel)
+    | ("image", uid, [SliceInfo], (SOPInstanceUID, SeriesNumber, SeriesDescription))."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    groups: dict[tuple, list[tuple[SliceInfo, object]]] = defaultdict(list)
+    rel = path.relative_to(root)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        if _looks_like_dicom(path):
+            item = Skipped(str(rel), "not a readable DICOM file (no DICOM header)", failed=True)
+            return ("skipped", item, True, None)
+        return ("ignored",)
+    except Exception as error:  # truncated or corrupt header: name the file, go on with the rest
+        return ("skipped", Skipped(str(rel), f"corrupt or truncated DICOM file: {error}", failed=True), True, None)
+    size = path.stat().st_size
+    # first: reading values loses the offsets
+    header_end = _header_end(ds)
+    after_header = _bytes_after_header(ds, size)
+    cut_short = after_header is not None and after_header < 0
+    uid = str(ds.get("SeriesInstanceUID", ""))
+    if "Rows" not in ds or "Columns" not in ds or str(ds.get("Modality", "")).upper() in NON_IMAGE_MODALITIES:
+        kind = _non_image_kind(ds, cut_short)
+        if kind is not None:
+            return ("non_image", uid, kind, rel)
+        return ("skipped", Skipped(str(rel), _why_no_image_header(ds, path), failed=True), False, uid)
+    if after_header is not None and after_header < 8:  # an image header, and the file ends with it
+        return ("skipped", Skipped(str(rel), f"image slice cannot be read: the file ends after {size} bytes, "
+                                   "before its pixel data: truncated", failed=True), False, uid)
+    try:
+        infos = slices_from_header(ds, path, header_end)
+    except ValueError as error:
+        return ("skipped", Skipped(str(rel), f"unusable image header: {error}", failed=True), False, None)
+    ident = (str(ds.get("SOPInstanceUID", "")), str(ds.get("SeriesNumber", "") or ""),
+             str(ds.get("SeriesDescription", "") or "").strip())
+    return ("image", uid, infos, ident)
+
+
+def scan_dicom(root: Path, files: list[Path]) -> tuple[list[Series], list[Skipped], int]:
+    """Read the headers of `files`; return (series, skipped/failed items, number of non-DICOM files ignored).
+
+    In this process: reading headers in worker processes was measured slower (666 files: the SliceInfo
+    records cost more to send back than the reading saves)."""
+    groups: dict[tuple, list[tuple[SliceInfo, tuple]]] = defaultdict(list)
     skipped: list[Skipped] = []
     ignored = 0
     non_image: dict[tuple[str, str], list[Path]] = defaultdict(list)
@@ -100,44 +140,24 @@ def scan_dicom(root: Path, files: list[Path]) -> tuple[list[Series], list[Skippe
     unreadable: dict[str, list[Path]] = defaultdict(list)
     lost: list[Path] = []
     for path in files:
-        rel = path.relative_to(root)
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except InvalidDicomError:
-            if _looks_like_dicom(path):
-                skipped.append(Skipped(str(rel), "not a readable DICOM file (no DICOM header)", failed=True))
-                lost.append(rel)
-            else:
-                ignored += 1
-            continue
-        except Exception as error:  # truncated or corrupt header: name the file, go on with the rest
-            skipped.append(Skipped(str(rel), f"corrupt or truncated DICOM file: {error}", failed=True))
-            lost.append(rel)
-            continue
-        after_header = _bytes_after_header(ds, path.stat().st_size)  # first: reading values loses the offsets
-        cut_short = after_header is not None and after_header < 0
-        uid = str(ds.get("SeriesInstanceUID", ""))
-        if "Rows" not in ds or "Columns" not in ds or str(ds.get("Modality", "")).upper() in NON_IMAGE_MODALITIES:
-            kind = _non_image_kind(ds, cut_short)
-            if kind is not None:
-                non_image[(uid, kind)].append(rel)
-            else:
-                skipped.append(Skipped(str(rel), _why_no_image_header(ds, path), failed=True))
-                unreadable[uid].append(rel)
-            continue
-        if after_header is not None and after_header < 8:  # an image header, and the file ends with it
-            size = path.stat().st_size
-            skipped.append(Skipped(str(rel), f"image slice cannot be read: the file ends after {size} bytes, "
-                                   "before its pixel data: truncated", failed=True))
-            unreadable[uid].append(rel)
-            continue
-        try:
-            infos = slices_from_header(ds, path)
-        except ValueError as error:
-            skipped.append(Skipped(str(rel), f"unusable image header: {error}", failed=True))
-            continue
-        for info in infos:
-            groups[(str(ds.get("SeriesInstanceUID", "")), info.grid_key)].append((info, ds))
+        outcome = read_header(root, path)
+        kind = outcome[0]
+        if kind == "ignored":
+            ignored += 1
+        elif kind == "skipped":
+            _, item, is_lost, uid = outcome
+            skipped.append(item)
+            if is_lost:
+                lost.append(path.relative_to(root))
+            elif uid is not None:
+                unreadable[uid].append(path.relative_to(root))
+        elif kind == "non_image":
+            _, uid, what, rel = outcome
+            non_image[(uid, what)].append(rel)
+        else:
+            _, uid, infos, ident = outcome
+            for info in infos:
+                groups[(uid, info.grid_key)].append((info, ident))
 
     for (uid, kind), paths in sorted(non_image.items()):
         what = paths[0].parent.as_posix() + (f" ({len(paths)} files)" if len(paths) > 1 else f"/{paths[0].name}")
@@ -158,15 +178,15 @@ def scan_dicom(root: Path, files: list[Path]) -> tuple[list[Series], list[Skippe
         members.sort(key=lambda m: (str(m[0].path), m[0].frame))
         notes = []
         unique, seen_sop = [], set()
-        for info, ds in members:
-            sop = (str(ds.get("SOPInstanceUID", "")) or str(info.path), info.frame)
+        for info, ident in members:
+            sop = (ident[0] or str(info.path), info.frame)
             if sop in seen_sop:
                 continue
             seen_sop.add(sop)
             unique.append(info)
         if len(unique) < len(members):
             notes.append(f"{len(members) - len(unique)} duplicate instance(s) (same SOPInstanceUID) ignored")
-        first_ds = members[0][1]
+        first_ident = members[0][1]
         part = 0
         if parts_per_uid[uid] > 1:
             seen_part[uid] += 1
@@ -174,8 +194,8 @@ def scan_dicom(root: Path, files: list[Path]) -> tuple[list[Series], list[Skippe
             notes.append(f"series UID holds images on {parts_per_uid[uid]} different grids: split into parts")
         found = Series(
             uid=uid,
-            number=str(first_ds.get("SeriesNumber", "") or ""),
-            description=str(first_ds.get("SeriesDescription", "") or "").strip(),
+            number=first_ident[1],
+            description=first_ident[2],
             folder=unique[0].path.parent.relative_to(root),
             slices=unique,
             notes=notes,
@@ -241,6 +261,18 @@ def _why_no_image_header(ds, path: Path) -> str:
     size = path.stat().st_size
     return (f"image slice cannot be read: the {what} ends after {size} bytes, before its image header "
             "(Rows/Columns): truncated or corrupt")
+
+
+def _header_end(ds) -> int | None:
+    """File offset just after the last element pydicom read (where Pixel Data starts), or None."""
+    tags = list(ds.keys())
+    if not tags:
+        return None
+    element = ds.get_item(tags[-1])
+    length, tell = getattr(element, "length", None), getattr(element, "value_tell", None)
+    if length is None or tell is None or length == 0xFFFFFFFF:
+        return None
+    return tell + length
 
 
 def _bytes_after_header(ds, size: int) -> int | None:

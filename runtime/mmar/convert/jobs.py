@@ -18,6 +18,7 @@ class Options:
     spacing: tuple[float, float, float] | None  # -r, None = keep
     label: bool  # -l
     force: bool  # -f
+    sidecar: bool = False  # -b: BIDS JSON (+ .bval/.bvec for diffusion) beside each DICOM conversion
 
 
 @dataclass
@@ -49,41 +50,148 @@ def run_job(job: Job, options: Options) -> Result:
         return Result(job.label, "skipped", str(job.target),
                       messages + [f"output exists: {present[0]} (use -f to overwrite)"])
     try:
-        image, more = _dicom_image(job, options) if job.series is not None else _file_image(job, options)
+        geometry = None
+        if job.series is not None:
+            volume, more, geometry = _dicom_volume(job, options)
+            if _writes_directly(job.target, options, volume):
+                data, grid, step, rgb = volume
+                write.write_nifti(data, grid.ras_affine(), job.target, step, rgb)
+                shape = tuple(reversed(data.shape[: data.ndim - (1 if rgb else 0)]))
+            else:
+                image = _finish(_to_image(*volume), options)
+                write.write_image(image, job.target)
+                shape = tuple(image.GetSize())
+        else:
+            image, more = _file_image(job, options)
+            write.write_image(image, job.target)
+            shape = tuple(image.GetSize())
         messages += more
-        write.write_image(image, job.target)
+        if options.sidecar and geometry is not None:
+            _write_sidecars(job, geometry)
     except Exception as error:  # SeriesError, decoding, writing: the message names the file at fault
         return Result(job.label, "failed", str(job.target), messages + [str(error) or type(error).__name__],
                       time.perf_counter() - start)
-    return Result(job.label, "converted", str(job.target), messages, time.perf_counter() - start,
-                  tuple(image.GetSize()))
+    return Result(job.label, "converted", str(job.target), messages, time.perf_counter() - start, shape)
 
 
 def _finish(image, options: Options):
     """Resample (-r) and type labels; a 4D image is processed volume by volume."""
     from mmar.convert import resample
 
+    if options.spacing is None and not options.label:
+        return image
+    step = image.GetSpacing()[3] if image.GetDimension() == 4 else 1.0
     volumes = resample.split_volumes(image)
     if options.spacing is not None:
         volumes = [resample.resample(v, options.spacing, options.label) for v in volumes]
     if options.label:
         volumes = [resample.as_label(v) for v in volumes]
-    return resample.join_volumes(volumes) if len(volumes) > 1 else volumes[0]
+    return resample.join_volumes(volumes, step) if len(volumes) > 1 else volumes[0]
 
 
-def _dicom_image(job: Job, options: Options):
-    from mmar.convert import dicom, resample
+def _dicom_volume(job: Job, options: Options):
+    """A DICOM series -> ((array, grid, time step, rgb) in dcm2niix's voxel order, warnings, (grid, plan))."""
+    from mmar.convert import dicom, layout
 
-    plan = dicom.plan_volume(job.series.slices)
+    slices = job.series.slices
+    plan = dicom.plan_volume(slices)
     data = dicom.read_volume(plan, label=options.label)
-    rgb = job.series.slices[0].samples > 1
+    rgb = slices[0].samples > 1
+    grid = layout.Grid(np.asarray(plan.origin, float), np.asarray(plan.direction, float),
+                       np.asarray(plan.spacing, float))
+    if plan.shear is not None:  # gantry tilt: resample onto the orthogonal grid first, on the DICOM grid
+        data = _untilt(data, grid, plan.shear, rgb, options.label)
+    data = _narrow_unsigned(data)
+    data, grid = layout.dcm2niix_order(data, grid, acquisition_3d=slices[0].acquisition_3d, rgb=rgb)
+    # 4D: the time step is the repetition time in seconds (pixdim[4]), as dcm2niix writes it
+    step = slices[0].repetition_ms / 1000.0 if slices[0].repetition_ms > 0 else 1.0
+    return (data, grid, step, rgb), plan.warnings, (grid, plan)
+
+
+def _writes_directly(target: Path, options: Options, volume) -> bool:
+    """NIfTI output with nothing to resample: written straight from numpy (no SimpleITK round trip)."""
+    data, _grid, _step, rgb = volume
+    name = target.name.lower()
+    return (name.endswith((".nii", ".nii.gz")) and options.spacing is None and not options.label
+            and (not rgb or data.dtype == np.uint8))
+
+
+def _to_image(data, grid, step, rgb):
+    from mmar.convert import resample
+
     spatial_dims = data.ndim - (1 if rgb else 0)
     volumes = [data] if spatial_dims == 3 else list(data)
-    images = [resample.to_image(v, plan.origin, plan.spacing, plan.direction, rgb) for v in volumes]
-    if plan.shear is not None:
-        images = [resample.correct_tilt(im, plan.shear, options.label) for im in images]
-    image = resample.join_volumes(images)
-    return _finish(image, options), plan.warnings
+    images = [resample.to_image(v, grid.origin, grid.spacing, grid.direction, rgb) for v in volumes]
+    return resample.join_volumes(images, step)
+
+
+def _write_sidecars(job: Job, geometry) -> None:
+    """-b: the BIDS JSON from the first image's header; .bval/.bvec when the volumes carry b-values."""
+    import pydicom
+
+    from mmar import __version__
+    from mmar.convert import sidecar
+
+    grid, plan = geometry
+    first = plan.stack[0][0]
+    ds = pydicom.dcmread(first.path, stop_before_pixels=True)
+
+    def header_of(volume):
+        return ds if volume[0].path == first.path else pydicom.dcmread(volume[0].path, stop_before_pixels=True)
+
+    json_path, bval_path, bvec_path = sidecar.sidecar_paths(job.target)
+    sidecar.write_json(json_path, sidecar.bids_sidecar(ds, _slice_timing(plan, header_of), __version__))
+    if sidecar.diffusion(ds) is None:  # not a diffusion series: no other header needs reading
+        return
+    entries = [sidecar.diffusion(header_of(volume)) for volume in plan.stack]
+    if all(entry is not None for entry in entries) and any(entry[0] > 0 for entry in entries):
+        row, col = np.asarray(first.orientation[:3], float), np.asarray(first.orientation[3:], float)
+        against = first.normal is not None and float(np.dot(np.cross(row, col), first.normal)) < 0
+        determinant = float(np.linalg.det(grid.ras_affine()[:3, :3]))
+        bval, bvec = sidecar.bvals_bvecs(entries, grid.direction, determinant, against)
+        sidecar.write_text(bval_path, bval)
+        sidecar.write_text(bvec_path, bvec)
+
+
+def _slice_timing(plan, header_of) -> list[float] | None:
+    """SliceTiming (s) of a mosaic series: the first volume's times, as dcm2niix takes them, unless they are
+    impossible (beyond the repetition time: some Siemens multiband versions write wrong times into the
+    first volume), then those of the next volume that has possible ones."""
+    from mmar.convert import mosaic
+
+    first = plan.stack[0][0]
+    if not first.mosaic:
+        return None
+    tr = first.repetition_ms / 1000.0
+    timing = None
+    for volume in plan.stack[:3]:
+        times = mosaic.slice_times(mosaic.csa_image_tags(header_of(volume)), first.mosaic[0])
+        timing = timing or times
+        if times and (tr <= 0 or all(0 <= t < tr for t in times)):
+            return times
+    return timing
+
+
+def _untilt(data: np.ndarray, grid, shear, rgb: bool, label: bool) -> np.ndarray:
+    """Gantry tilt: each volume resampled onto the orthogonal grid (SimpleITK), back as numpy."""
+    import SimpleITK as sitk
+
+    from mmar.convert import resample
+
+    spatial_dims = data.ndim - (1 if rgb else 0)
+    volumes = [data] if spatial_dims == 3 else list(data)
+    out = []
+    for volume in volumes:
+        image = resample.to_image(volume, grid.origin, grid.spacing, grid.direction, rgb)
+        out.append(sitk.GetArrayFromImage(resample.correct_tilt(image, shear, label)))
+    return out[0] if spatial_dims == 3 else np.stack(out)
+
+
+def _narrow_unsigned(data: np.ndarray) -> np.ndarray:
+    """uint16 that fits int16 is written as int16 (dcm2niix's nii_check16bitUnsigned): same values, same type."""
+    if data.dtype == np.uint16 and (data.size == 0 or int(data.max()) <= np.iinfo(np.int16).max):
+        return data.astype(np.int16)
+    return data
 
 
 def _file_image(job: Job, options: Options):

@@ -16,11 +16,11 @@ def to_image(data: np.ndarray, origin, spacing, direction, rgb: bool = False):
     return image
 
 
-def join_volumes(images: list):
-    """3D volumes -> one 4D image (time as the 4th axis, 1 s spacing), as dcm2niix writes 4D series."""
+def join_volumes(images: list, step: float = 1.0):
+    """3D volumes -> one 4D image (time as the 4th axis, `step` seconds apart: dcm2niix's pixdim[4] = TR)."""
     import SimpleITK as sitk
 
-    return images[0] if len(images) == 1 else sitk.JoinSeries(images)
+    return images[0] if len(images) == 1 else sitk.JoinSeries(images, 0.0, float(step))
 
 
 def split_volumes(image) -> list:
