@@ -27,12 +27,10 @@ SMALL_SEGMENTATION = [
     "validate#inferer#sw_batch_size=2",
 ]
 
-# The classification workflow is under test, not DenseNet121: the same DenseNet family, a few layers.
+# The classification workflow is under test, not ResNet-18: the default's ResNet family, narrow, one block a stage.
 SMALL_CLASSIFICATION = [
-    "network#_target_=monai.networks.nets.DenseNet",
-    "network#init_features=8",
-    "network#growth_rate=8",
-    "network#block_config=[2,2,2]",
+    "network#block_inplanes=[8,16,32,64]",
+    "network#layers=[1,1,1,1]",
     "train#batch_size=8",
 ]
 

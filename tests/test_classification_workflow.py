@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SMALL_CLASSIFICATION, run_mmar
+from conftest import run_mmar
 
+# the default network family (a ResNet-18 sized to the image), made tiny so that the tests stay fast
+SMALL_RESNET = ["network#block_inplanes=[8,16,32,64]", "network#layers=[1,1,1,1]", "train#batch_size=8"]
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +27,7 @@ def make_cls_mmar(root, datalist, epochs=2):
     from mmar.scaffold import init
 
     init(root, task="classification", datalist=datalist, epochs=epochs, log=lambda *_: None)
-    archive = load_archive(root, SMALL_CLASSIFICATION)
+    archive = load_archive(root, SMALL_RESNET)
     (root / "config" / "config_train.json").write_text(json.dumps(archive.config, indent=2))
     return root
 
@@ -42,12 +44,16 @@ def read_csv(path):
         return list(csv.reader(handle))
 
 
-def test_init_writes_a_densenet_recipe_for_the_label_format(tmp_path, cls_data):
+def test_init_writes_the_measured_recipe_for_the_label_format(tmp_path, cls_data):
     root = tmp_path / "mmar"
     run_mmar("init", str(root), "--task", "classification", "--datalist", str(cls_data))
     config = json.loads((root / "config" / "config_train.json").read_text())
-    assert config["network"]["_target_"] == "monai.networks.nets.DenseNet121"
-    assert config["network"]["spatial_dims"] == 2 and config["network"]["in_channels"] == 1
+    network = config["network"]
+    assert network["_target_"] == "monai.networks.nets.ResNet" and network["layers"] == [2, 2, 2, 2]
+    assert network["spatial_dims"] == 2 and network["n_input_channels"] == 1
+    assert (network["conv1_t_size"], network["conv1_t_stride"]) == (3, 1)  # a 32 px image: the small stem
+    assert config["train"]["ema"] == {"decay": 0.99}
+    assert config["epochs"] == 200  # 600 steps of 32 images: a 14-image list is capped at 200 epochs
     assert config["label_format"] == [1, 1, 3] and config["label_names"] == ["disk", "bar", "square_position"]
     assert config["spatial_size"] == [32, 32]
     assert config["validate"]["key_metric"] == "val_mean_auc"

@@ -20,6 +20,7 @@ from ignite.engine import Events
 from mmar.archive import Archive
 from mmar.engine import precision
 from mmar.engine.handlers import quiet_engine_errors
+from mmar.engine.metrics_json import is_undefined, nulls_for_undefined
 from mmar.engine.workflow import base_dir, build_evaluator, device_for, keys_of, section_items, validation_loader
 from mmar.eval_output import Staging, case_names, remove_abandoned
 from mmar.io import write_json
@@ -52,9 +53,10 @@ def validate(archive: Archive, *, ckpt: str | None = None, model: str = "ckpt", 
     seconds = time.perf_counter() - started
     key_metric = config["validate"]["key_metric"]
     summary = task.summarize(evaluator, collector, config)
+    value = float(evaluator.state.metrics[key_metric])
     metrics = {
         "key_metric": key_metric,
-        key_metric: float(evaluator.state.metrics[key_metric]),
+        key_metric: value,
         **summary,
         "num_cases": len(items),
         "model": model,
@@ -68,10 +70,13 @@ def validate(archive: Archive, *, ckpt: str | None = None, model: str = "ckpt", 
     # the whole set or nothing: a failure while writing leaves the previous metrics, cases and overlays
     with Staging(eval_dir, "validate") as staging:
         task.write_validation(staging.path, evaluator, collector, config, names=names)
-        write_json(staging.path / METRICS_FILE, metrics)
+        # strict JSON: an undefined metric is null (the task's summary names which), never a bare NaN
+        write_json(staging.path / METRICS_FILE, nulls_for_undefined(metrics))
         staging.replace_set([*task.VALIDATION_OUTPUTS, METRICS_FILE], last=METRICS_FILE)
-    log(f"{key_metric} {metrics[key_metric]:.4f} over {len(items)} cases -> {eval_dir / METRICS_FILE}")
-    return {"command": "validate", "key_metric": key_metric, "metric": metrics[key_metric],
+    defined = not is_undefined(value)
+    shown = f"{value:.4f}" if defined else "undefined (null)"
+    log(f"{key_metric} {shown} over {len(items)} cases -> {eval_dir / METRICS_FILE}")
+    return {"command": "validate", "key_metric": key_metric, "metric": value if defined else None,
             "num_cases": len(items), "eval_dir": str(eval_dir)}
 
 

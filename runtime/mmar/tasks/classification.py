@@ -1,6 +1,7 @@
 """2D (multi-label) classification from PNG: the default recipe `mmar init` writes, and the task's outputs.
 
-Labels follow the datalist's `label_format` (see mmar.label_format): a DenseNet121 (2D) with one output
+Labels follow the datalist's `label_format` (see mmar.label_format): a 2D ResNet-18 sized to the image
+(`network_for`; chosen by bench/train_classification.py, docs/classification.md) with one output
 per binary label and a segment of k outputs per k-class label, BCE + CE (mmar.losses.MultiLabelLoss),
 sigmoid/softmax per segment, and the mean AUC over labels as the key metric. Outputs: `eval/metrics.json`
 (mean/per-label AUC and accuracy), `eval/cases.csv` (one row per validated image) and, from `infer`,
@@ -105,10 +106,60 @@ def validate_section() -> dict[str, Any]:
     }
 
 
+# The default run is a fixed number of optimizer steps, as segmentation's (tasks/segmentation.py): a small
+# list is not under-trained, a large one does not run for days. 600 steps of 32 images: 33 epochs of
+# BreastMNIST (546 images), 32 of the NIH sample (600), each about 2 minutes on a 2-core CPU
+# (docs/classification.md).
+TRAINING_STEPS = 600
+BATCH_SIZE = 32
+# weights validated and saved: their moving average over ~100 steps (engine/weight_average.py); on
+# BreastMNIST the validation AUC then moves 0.004-0.017 over the last third of training, 0.04-0.05 without
+EMA_DECAY = 0.99
+# ResNet-18's widths (the MedMNIST v2 baseline's network); bench/train_classification.py compares others
+RESNET_WIDTHS = (64, 128, 256, 512)
+
+
+def default_epochs(num_training: int, steps: int = TRAINING_STEPS, batch_size: int = BATCH_SIZE) -> int:
+    steps_per_epoch = max(1, -(-int(num_training) // batch_size))
+    return int(min(200, max(10, round(steps / steps_per_epoch))))
+
+
+def network_for(spatial_size: Sequence[int], widths: Sequence[int] = RESNET_WIDTHS) -> dict[str, Any]:
+    """A 2D ResNet-18 (MONAI's, basic blocks) whose stem is sized to the image.
+
+    ImageNet's stem (7x7 stride 2 + max pool, /4) leaves 2x2 maps in the last stage of a 32 px image, and
+    DenseNet121's (/4 and three transitions) 1x1 maps: the network sees no layout at all. Here images up
+    to 32 px get a 3x3 stride-1 convolution and the max pool (/2: 16 px into the first stage), larger ones
+    the 7x7 stride-2 stem and max pool (/4: 64 px -> 16, 256 px -> 64 as on ImageNet).
+    """
+    small = max(spatial_size) <= 32
+    return {
+        "_target_": "monai.networks.nets.ResNet",
+        "block": "basic",
+        "layers": [2, 2, 2, 2],
+        "block_inplanes": list(widths),
+        "spatial_dims": 2,
+        "n_input_channels": 1,
+        "conv1_t_size": 3 if small else 7,
+        "conv1_t_stride": 1 if small else 2,
+        "num_classes": "$sum(@label_format)",
+    }
+
+
 def default_configs(
-    *, label_format: Sequence[int], label_names: Sequence[str], spatial_size: Sequence[int], epochs: int = 30
+    *, label_format: Sequence[int], label_names: Sequence[str], spatial_size: Sequence[int], epochs: int | None = None,
+    num_training: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """config_train.json and config_validation.json for a new classification MMAR."""
+    """config_train.json and config_validation.json for a new classification MMAR.
+
+    Measured in bench/train_classification.py (docs/classification.md, which also says where the figures
+    do not support a part yet): a ResNet-18 with a stem sized to the image, AdamW 1e-3 with a cosine
+    schedule over a fixed step budget, the moving average of the weights as the model (stable per-epoch
+    validation, so the best-model rule does not pick a noisy peak), small affine + intensity augmentation
+    and no flips (left/right matters on a chest X-ray).
+    """
+    if epochs is None:
+        epochs = default_epochs(num_training) if num_training else 30
     train = {
         "task": NAME,
         "epochs": epochs,
@@ -121,15 +172,10 @@ def default_configs(
         "label_format": list(label_format),
         "label_names": list(label_names),
         "spatial_size": list(spatial_size),
-        "network": {
-            "_target_": "monai.networks.nets.DenseNet121",
-            "spatial_dims": 2,
-            "in_channels": 1,
-            "out_channels": "$sum(@label_format)",
-        },
+        "network": network_for(spatial_size),
         "train": {
             "datalist_key": "training",
-            "batch_size": 32,
+            "batch_size": BATCH_SIZE,
             "num_workers": 0,
             "cache": {"rate": 1.0, "max_ram_fraction": 0.5},
             "loss": {"_target_": "mmar.losses.MultiLabelLoss", "label_format": "@label_format"},
@@ -145,6 +191,8 @@ def default_configs(
                 "optimizer": "@train#optimizer",
                 "T_max": "@epochs",
             },
+            # validate and save the moving average of the weights (engine/weight_average.py)
+            "ema": {"decay": EMA_DECAY},
             "preprocessing": preprocessing(),
             "augmentation": augmentation(),
         },
@@ -158,7 +206,8 @@ def default_configs(
 
 
 def spatial_size_for(shapes: list[tuple[int, int]], multiple: int = 32, smallest: int = 32, cap: int = 256) -> list[int]:
-    """The median image size rounded up to a multiple of 32 (DenseNet121 halves the grid 5 times), capped.
+    """The median image size rounded up to a multiple of 32 (so that every stage of the network, which
+    halves the grid up to 5 times, works on whole pixels), capped.
 
     28 px (MedMNIST) -> 32; 64 -> 64; a 1024 px chest X-ray -> 256 (prepare smaller PNGs to go faster).
     """
@@ -189,7 +238,8 @@ def inspect_datalist(datalist: Path, sample: int = 16) -> dict[str, Any]:
             lf.check_items(value, fmt, f"{datalist}: {key}")
     chosen = items[:: max(1, len(items) // sample)][:sample]
     shapes = [png_size(item["image"] if isinstance(item["image"], str) else item["image"][0]) for item in chosen]
-    return {"label_format": list(fmt.sizes), "label_names": list(fmt.names), "spatial_size": spatial_size_for(shapes)}
+    return {"label_format": list(fmt.sizes), "label_names": list(fmt.names), "spatial_size": spatial_size_for(shapes),
+            "num_training": len(items)}
 
 
 def check_items(datalist: str | Path, list_key: str, items: list[dict[str, Any]], config: dict[str, Any]) -> None:

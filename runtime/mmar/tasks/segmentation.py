@@ -368,7 +368,11 @@ def summarize(evaluator, collector: CaseCollector, config: dict[str, Any]) -> di
         return {}
     per_class = per_class_dice(details)
     first = 0 if config["validate"]["metrics"][key].get("include_background", True) else 1
-    return {"dice_per_class": {str(first + i): value for i, value in enumerate(per_class)}}
+    from mmar.engine.metrics_json import undefined_names
+
+    dice = {str(first + i): value for i, value in enumerate(per_class)}
+    # a class absent from every case and every prediction has no Dice: null in metrics.json, named here
+    return {"dice_per_class": dice, "classes_without_dice": undefined_names(dice)}
 
 
 def write_validation(eval_dir: Path, evaluator, collector: CaseCollector, config: dict[str, Any],
