@@ -71,6 +71,9 @@ def parse_input_shape(text: str) -> list[int]:
     return shape
 
 
+CHANNEL_KEYS = ("in_channels", "n_input_channels")
+
+
 def default_input_shape(archive: Archive) -> list[int]:
     """[1, network in_channels, *spatial_size] from the config: the shape the model was trained on."""
     config = archive.config
@@ -80,9 +83,11 @@ def default_input_shape(archive: Archive) -> list[int]:
         raise MMARError(f"{source} is not set: give the export shape with --input-shape N,C,H,W[,D]")
     spatial = parser.get_parsed_content("spatial_size")
     network = config.get("network")
-    if not isinstance(network, dict) or "in_channels" not in network:
+    # MONAI's networks name it in_channels (UNet, DenseNet, ...) or n_input_channels (ResNet)
+    key = next((k for k in CHANNEL_KEYS if isinstance(network, dict) and k in network), None)
+    if key is None:
         raise MMARError(f"{archive.describe('network#in_channels')} is not set: give --input-shape N,C,H,W[,D]")
-    channels = parser.get_parsed_content("network#in_channels")
+    channels = parser.get_parsed_content(f"network#{key}")
     try:
         shape = [1, int(channels), *(int(s) for s in spatial)]
     except (TypeError, ValueError):
