@@ -79,3 +79,22 @@ def trained_seg_mmar(tmp_path_factory, seg_data) -> Path:
     root = make_seg_mmar(tmp_path_factory.mktemp("trained") / "mmar", seg_data, epochs=2)
     run_mmar("train", str(root))
     return root
+
+
+# ---- a real PACS (Orthanc + DICOMweb), for the `pacs` tests: one for the session (tests/orthanc.py) ----
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """Orthanc started on 127.0.0.1 (skips without it, fails with MMAR_PACS_REQUIRED=1)."""
+    import orthanc
+
+    return orthanc.shared(lambda: tmp_path_factory.mktemp("orthanc"))
+
+
+@pytest.fixture(scope="session")
+def loaded(server, tmp_path_factory):
+    """The series the pacs tests generate, stored on `server`."""
+    import orthanc
+
+    return orthanc.load_standard(server, tmp_path_factory.mktemp("generated"))

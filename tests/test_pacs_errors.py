@@ -21,16 +21,6 @@ pytestmark = pytest.mark.pacs
 FAST_RETRIES = {"MMAR_DICOMWEB_RETRIES": "2", "MMAR_DICOMWEB_BACKOFF": "0.1"}
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    return orthanc.shared(lambda: tmp_path_factory.mktemp("orthanc"))
-
-
-@pytest.fixture(scope="session")
-def loaded(server, tmp_path_factory):
-    return orthanc.load_standard(server, tmp_path_factory.mktemp("generated"))
-
-
 def pull(url: str, work: Path, *query: str, env: dict):
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MMAR_DICOMWEB_")},
            "MMAR_TERMINATION_LOG": str(work / "result.json"), **env}

@@ -19,16 +19,6 @@ pytestmark = pytest.mark.pacs
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    return orthanc.shared(lambda: tmp_path_factory.mktemp("orthanc"))
-
-
-@pytest.fixture(scope="module")
-def loaded(server, tmp_path_factory):
-    return orthanc.load_standard(server, tmp_path_factory.mktemp("generated"))
-
-
-@pytest.fixture(scope="module")
 def validated_mmar(trained_seg_mmar, tmp_path_factory) -> tuple[Path, float]:
     """The session's trained MMAR, copied, with its own validation (eval/metrics.json): (root, val_mean_dice)."""
     root = tmp_path_factory.mktemp("pacs-job") / "mmar"

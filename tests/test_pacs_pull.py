@@ -18,16 +18,6 @@ from conftest import run_mmar  # noqa: E402
 pytestmark = pytest.mark.pacs
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    return orthanc.shared(lambda: tmp_path_factory.mktemp("orthanc"))
-
-
-@pytest.fixture(scope="session")
-def loaded(server, tmp_path_factory):
-    return orthanc.load_standard(server, tmp_path_factory.mktemp("generated"))
-
-
 def pull(server, work: Path, *query: str, check: bool = True, env: dict | None = None, datalist: Path | None = None):
     datalist = datalist or work / "datalist.json"
     result = run_mmar("pull", "--url", server.dicomweb, "--dicom-dir", str(work / "dicom"), "--output", str(work / "nifti"),

@@ -21,16 +21,6 @@ pytestmark = pytest.mark.pacs
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    return orthanc.shared(lambda: tmp_path_factory.mktemp("orthanc"))
-
-
-@pytest.fixture(scope="session")
-def loaded(server, tmp_path_factory):
-    return orthanc.load_standard(server, tmp_path_factory.mktemp("generated"))
-
-
 def env(work: Path, name: str = "result.json") -> dict:
     return {**orthanc.environ_with_credentials(), "MMAR_TERMINATION_LOG": str(work / name)}
 

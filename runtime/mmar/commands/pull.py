@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
                   args.series_description).check()
     if args.labels is not None and not args.labels.is_dir():
         raise MMARError(f"--labels {args.labels}: not a folder")
-    _check_datalist(args.datalist)
+    dl.read_existing(args.datalist)  # fail before any download when the datalist cannot be updated afterwards
     dicom_dir, output = args.dicom_dir.resolve(), args.output.resolve()
     connection = connect(args.url)
     series = find_series(connection, query)
@@ -90,17 +90,3 @@ def main(argv: list[str]) -> int:
                   "present": present, "cases": len(entries), "datalist": str(args.datalist), "key": args.key})
     return 0
 
-
-def _check_datalist(path: Path) -> None:
-    """Fail before any download when the datalist cannot be updated afterwards."""
-    import json
-
-    from mmar.errors import MMARError
-
-    if path.exists():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise MMARError(f"--datalist {path}: cannot read it as JSON ({error})") from None
-        if not isinstance(data, dict):
-            raise MMARError(f"--datalist {path}: a datalist is a JSON object of lists")

@@ -41,16 +41,23 @@ def entry(image: Path, series_dir: Path, study_uid: str, series_uid: str, datali
     return item
 
 
+def read_existing(datalist: Path) -> dict[str, Any]:
+    """The datalist's lists ({} when there is no file yet); PacsError naming it when it is not a JSON object.
+    Called before any download too, so that a pull never retrieves what it could not list afterwards."""
+    if not datalist.exists():
+        return {}
+    try:
+        data = json.loads(datalist.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise PacsError(f"--datalist {datalist}: cannot read it as JSON ({error}); not replaced") from None
+    if not isinstance(data, dict):
+        raise PacsError(f"--datalist {datalist}: a datalist is a JSON object of lists; not replaced")
+    return data
+
+
 def write_list(datalist: Path, key: str, entries: list[dict[str, Any]]) -> None:
     """Replace the list `key` of the datalist (created if absent); a datalist that cannot be read is an
     error before anything changes."""
-    data: dict[str, Any] = {}
-    if datalist.exists():
-        try:
-            data = json.loads(datalist.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise PacsError(f"--datalist {datalist}: cannot read it as JSON ({error}); not replaced") from None
-        if not isinstance(data, dict):
-            raise PacsError(f"--datalist {datalist}: a datalist is a JSON object of lists; not replaced")
+    data = read_existing(datalist)
     data[key] = entries
     write_json(datalist, data)
