@@ -72,6 +72,13 @@ def resnet(depth: int = 18, widths=(64, 128, 256, 512), stem_stride: int = 1, ma
             "num_classes": "$sum(@label_format)"}
 
 
+# the default of session 20 (before DenseNet121 + mixup): ResNet-18 with a stem sized to the image (3x3
+# stride 1 up to 32 px, ImageNet's 7x7 stride 2 above), as `network_for` wrote it then
+RESNET18_SIZED = {**resnet(18), "conv1_t_size": "$3 if max(@spatial_size) <= 32 else 7",
+                  "conv1_t_stride": "$1 if max(@spatial_size) <= 32 else 2"}
+NEW_AUGMENTATION = OLD_AUGMENTATION  # the affine + intensity steps are unchanged since issue 23 began
+MIXUP = {"alpha": 0.4}
+
 FLIP_H = {"_target_": "RandFlipd", "keys": "@image_key", "prob": 0.5, "spatial_axis": 1}
 
 
@@ -85,7 +92,7 @@ def candidates() -> dict[str, list[str]]:
     from mmar.tasks.classification import augmentation as current_aug  # the default now
 
     new_aug = current_aug()
-    return {
+    spelled_out = {
         "current": [_set("network", DENSENET), _set("train#ema", None), _set("train#augmentation", OLD_AUGMENTATION),
                     _set("epochs", 30), _set("learning_rate", 1e-3), _set("train#batch_size", 32)],
         "densenet_ema": [_set("network", DENSENET), _set("train#ema", {"decay": 0.99}),
@@ -99,6 +106,21 @@ def candidates() -> dict[str, list[str]]:
                          _set("train#augmentation", OLD_AUGMENTATION)],
         "resnet18_half_ema": [_set("network", resnet(18, widths=(32, 64, 128, 256))), _set("train#ema", {"decay": 0.99}),
                               _set("train#augmentation", OLD_AUGMENTATION)],
+        "resnet18_sized_ema": [_set("network", RESNET18_SIZED), _set("train#ema", {"decay": 0.99}),
+                               _set("train#augmentation", NEW_AUGMENTATION), _set("train#mixup", None)],
+        "resnet18_sized_ema_mixup": [_set("network", RESNET18_SIZED), _set("train#ema", {"decay": 0.99}),
+                                     _set("train#augmentation", NEW_AUGMENTATION), _set("train#mixup", MIXUP)],
+        "densenet_ema_mixup": [_set("network", DENSENET), _set("train#ema", {"decay": 0.99}),
+                               _set("train#augmentation", OLD_AUGMENTATION), _set("train#mixup", MIXUP)],
+        "densenet_ema_mixup_ema998": [_set("network", DENSENET), _set("train#ema", {"decay": 0.998}),
+                                      _set("train#augmentation", OLD_AUGMENTATION), _set("train#mixup", MIXUP)],
+    }
+    # recipes spelled out in full train without mixup unless they say so (it became a default in round 2);
+    # the `default*` ones below are "what `mmar init` writes, with one change"
+    for overrides in spelled_out.values():
+        if not any(o.startswith("train#mixup=") for o in overrides):
+            overrides.append(_set("train#mixup", None))
+    return {**spelled_out,
         "default": [],  # exactly what `mmar init` writes now
         "default_flip": [_set("train#augmentation", with_flip(new_aug))],
         "default_noaug": [_set("train#augmentation", [])],

@@ -27,10 +27,11 @@ SMALL_SEGMENTATION = [
     "validate#inferer#sw_batch_size=2",
 ]
 
-# The classification workflow is under test, not ResNet-18: the default's ResNet family, narrow, one block a stage.
+# The classification workflow is under test, not DenseNet121: the default's DenseNet, narrow, one layer a block.
 SMALL_CLASSIFICATION = [
-    "network#block_inplanes=[8,16,32,64]",
-    "network#layers=[1,1,1,1]",
+    "network#init_features=8",
+    "network#growth_rate=8",
+    "network#block_config=[1,1,1,1]",
     "train#batch_size=8",
 ]
 

@@ -1,5 +1,5 @@
-"""The classification recipe `mmar init` writes (issue 23): a ResNet-18 sized to the image, a fixed step
-budget, the moving average of the weights; the categorical (softmax) path gets the same defaults."""
+"""The classification recipe `mmar init` writes (issue 23): DenseNet121, a fixed step budget, mixup, the
+moving average of the weights; the categorical (softmax) path gets the same defaults."""
 
 import csv
 import json
@@ -9,10 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_mmar
+from conftest import SMALL_CLASSIFICATION, run_mmar
 from mmar.tasks import classification
-
-SMALL_RESNET = ["network#block_inplanes=[8,16,32,64]", "network#layers=[1,1,1,1]", "train#batch_size=8"]
 
 
 def build(network_config, label_outputs):
@@ -22,21 +20,12 @@ def build(network_config, label_outputs):
     return parser.get_parsed_content("network")
 
 
-def last_stage_size(network, size):
-    shapes = []
-    network.layer4.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(output.shape[-2:])))
+@pytest.mark.parametrize("size", [32, 64, 256])
+def test_the_network_takes_every_image_size_init_can_choose(size):
+    network = build(classification.network(), label_outputs=5)  # e.g. label_format [1, 1, 3]
     network.eval()
     with torch.no_grad():
-        network(torch.zeros(1, 1, size, size))
-    return shapes[0]
-
-
-@pytest.mark.parametrize("size, stem, last", [(32, (3, 1), (2, 2)), (64, (7, 2), (2, 2)), (256, (7, 2), (8, 8))])
-def test_the_stem_is_sized_to_the_image(size, stem, last):
-    config = classification.network_for([size, size])
-    assert (config["conv1_t_size"], config["conv1_t_stride"]) == stem
-    network = build({**config, "block_inplanes": [8, 16, 32, 64]}, label_outputs=3)
-    assert last_stage_size(network, size) == last  # never DenseNet121's 1x1 maps at 32 px
+        assert network(torch.zeros(2, 1, size, size)).shape == (2, 5)
 
 
 def test_epochs_follow_a_fixed_step_budget():
@@ -79,13 +68,13 @@ def test_categorical_labels_get_the_same_defaults_and_softmax(tmp_path):
                                                num_training=18)
     for key in ("network", "epochs", "learning_rate"):
         assert config[key] == binary[key], key
-    for key in ("ema", "optimizer", "lr_scheduler", "augmentation", "batch_size"):
+    for key in ("ema", "mixup", "optimizer", "lr_scheduler", "augmentation", "batch_size"):
         assert config["train"][key] == binary["train"][key], key
-    run_mmar("train", str(root), "--set", "epochs=2", *SMALL_RESNET)
-    run_mmar("validate", str(root), "--set", *SMALL_RESNET)
+    run_mmar("train", str(root), "--set", "epochs=2", *SMALL_CLASSIFICATION)
+    run_mmar("validate", str(root), "--set", *SMALL_CLASSIFICATION)
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     assert set(metrics["auc_per_label"]) == {"position"} and 0.0 <= metrics["val_mean_auc"] <= 1.0
-    run_mmar("infer", str(root), "--set", *SMALL_RESNET)
+    run_mmar("infer", str(root), "--set", *SMALL_CLASSIFICATION)
     with open(root / "eval" / "predictions.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     assert rows[0][1:] == ["position=0", "position=1", "position=2"]

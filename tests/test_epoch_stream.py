@@ -152,13 +152,29 @@ def test_loader_workers_die_with_the_process_they_serve():
 def test_a_last_batch_of_one_is_left_out_when_asked_and_every_case_is_seen_over_the_epochs():
     data = list(range(9))  # batch 4: 4, 4 and a batch of one
     stream = _stream(data, 4, epochs=6)
-    lone = EpochBatches(stream.sampler, 4, 6, drop_lone=True)
-    assert lone.drops_a_case and lone.batches_per_epoch == 2 and len(lone) == 12
+    lone = EpochBatches(stream.sampler, 4, 6, drop_small=True)
+    assert lone.dropped_per_epoch == 1 and lone.batches_per_epoch == 2 and len(lone) == 12
     batches = list(lone)
     assert [len(b) for b in batches] == [4] * 12
     assert batches == [b for b in _per_epoch_batches(data, 4, range(1, 7)) if len(b) > 1]
     assert set(sum(batches, [])) == set(data)  # a different case is left out each epoch
-    # nothing is left out where no batch of one remains, nor with batches of one
-    assert not EpochBatches(_stream(list(range(10)), 4, 1).sampler, 4, 1, drop_lone=True).drops_a_case
-    assert not EpochBatches(_stream(data, 1, 1).sampler, 1, 1, drop_lone=True).drops_a_case
-    assert not stream.drops_a_case and stream.batches_per_epoch == 3
+    # nothing is left out where the last batch holds half a batch or more, nor with batches of one
+    assert not EpochBatches(_stream(list(range(10)), 4, 1).sampler, 4, 1, drop_small=True).dropped_per_epoch
+    assert not EpochBatches(_stream(data, 1, 1).sampler, 1, 1, drop_small=True).dropped_per_epoch
+    assert not stream.dropped_per_epoch and stream.batches_per_epoch == 3
+
+
+@pytest.mark.parametrize("cases, size, dropped", [
+    (546, 32, 2),  # BreastMNIST: 17 batches of 32 and a scrap of 2
+    (600, 32, 0),  # the NIH sample: 18 of 32 and 24, kept
+    (33, 32, 1), (47, 32, 15), (48, 32, 0), (64, 32, 0),
+    (7, 8, 0),  # shorter than one batch: never cut
+    (5, 2, 1), (6, 4, 0), (9, 4, 1),
+])
+def test_a_last_batch_under_half_a_batch_is_left_out(cases, size, dropped):
+    batches = EpochBatches(_stream(list(range(cases)), size, 1).sampler, size, 2, drop_small=True)
+    assert batches.dropped_per_epoch == dropped
+    listed = list(batches)
+    assert len(listed) == len(batches) == 2 * batches.batches_per_epoch
+    assert sum(len(b) for b in listed) == 2 * (cases - dropped)
+    assert not EpochBatches(_stream(list(range(cases)), size, 1).sampler, size, 2).dropped_per_epoch

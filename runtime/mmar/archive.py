@@ -53,7 +53,7 @@ SECTION_KEYS = {
     "determinism": {"random_seed"},
     "train": {
         "datalist_key", "batch_size", "num_workers", "cache", "loss", "optimizer", "lr_scheduler",
-        "preprocessing", "augmentation", "samples_per_volume", "ema",
+        "preprocessing", "augmentation", "samples_per_volume", "ema", "mixup",
     },
     "validate": {
         "datalist_key", "batch_size", "num_workers", "cache", "preprocessing", "inferer", "postprocessing",

@@ -14,8 +14,11 @@ class MultiLabelLoss(torch.nn.Module):
     """BCE-with-logits on the binary labels' outputs, cross-entropy on each categorical label's segment.
 
     `label_format` as in the datalist (1 = binary, k = k classes). Input: logits [B, sum(label_format)];
-    target: [B, len(label_format)] (a binary label's 0/1, a categorical label's class index). The result is
-    the mean of the per-label losses, so its scale does not grow with the number of labels.
+    target: [B, len(label_format)] (a binary label's 0/1, a categorical label's class index), or soft
+    targets with one column per output, [B, sum(label_format)] (a binary label's probability, a categorical
+    label's class probabilities: what `train#mixup` trains on, engine/mixup.py). With binary labels only the
+    two layouts are the same. The result is the mean of the per-label losses, so its scale does not grow
+    with the number of labels.
     """
 
     def __init__(self, label_format: Sequence[int] | LabelFormat, pos_weight: Sequence[float] | None = None):
@@ -35,15 +38,19 @@ class MultiLabelLoss(torch.nn.Module):
         if logits.ndim != 2 or logits.shape[1] != expected:
             raise ValueError(f"logits shape {tuple(logits.shape)}: expected [batch, {expected}] for label_format {self.sizes}")
         target = torch.as_tensor(target, device=logits.device).reshape(logits.shape[0], -1)
-        if target.shape[1] != len(self.sizes):
-            raise ValueError(f"target shape {tuple(target.shape)}: expected [batch, {len(self.sizes)}] for label_format {self.sizes}")
+        soft = target.shape[1] == expected and target.shape[1] != len(self.sizes)
+        if target.shape[1] != len(self.sizes) and not soft:
+            raise ValueError(f"target shape {tuple(target.shape)}: expected [batch, {len(self.sizes)}] (labels) or "
+                             f"[batch, {expected}] (soft targets) for label_format {self.sizes}")
         total = logits.new_zeros(())
         if self.binary:
+            columns = self.binary_columns if soft else self.binary
             bce = F.binary_cross_entropy_with_logits(
-                logits[:, self.binary_columns], target[:, self.binary].to(logits.dtype),
+                logits[:, self.binary_columns], target[:, columns].to(logits.dtype),
                 pos_weight=self.pos_weight, reduction="none",
             )
             total = total + bce.mean(dim=0).sum()  # mean over the batch, summed over labels
         for index, start, stop in self.categorical:
-            total = total + F.cross_entropy(logits[:, start:stop], target[:, index].long())
+            wanted = target[:, start:stop].to(logits.dtype) if soft else target[:, index].long()
+            total = total + F.cross_entropy(logits[:, start:stop], wanted)  # class indices or probabilities
         return total / len(self.sizes)

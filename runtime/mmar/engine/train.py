@@ -36,7 +36,7 @@ from monai.utils import set_determinism
 from mmar import distributed
 from mmar.archive import Archive, num_training_epoch_per_valid
 from mmar.cli import STOP
-from mmar.engine import checkpoint, precision
+from mmar.engine import checkpoint, mixup, precision
 from mmar.engine.data import AUTO_WORKERS, EpochBatches, InBackground, loader_workers, make_dataset, make_loader
 from mmar.engine.handlers import (
     BestModelSaver, EpochSummary, EpochValidation, Progress, StateSaver, StopAtSafePoint, quiet_engine_errors,
@@ -105,6 +105,8 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MMARError(f"config: train#batch_size must be a whole number of cases (1 or more), got {batch_size!r}")
     decay = ema_decay(section.get("ema"))
+    # the trainer's batches, mixed in pairs where train#mixup asks (classification; engine/mixup.py)
+    prepare_batch = mixup.wrap(KeyedBatch(image_key, label_key), section.get("mixup"), task, config, log)
 
     # --- what models/ holds decides what this run does: rank 0 reads the state (and writes what a kill
     # left unwritten); the others get its plan, state included (their weights come from rank 0, via DDP)
@@ -156,10 +158,11 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     train_dataset, val_dataset = datasets[0], (datasets[1] if val_items is not None else None)
     sampler = distributed.train_sampler(train_dataset, ctx, distributed.shared_seed(seed, ctx))
     # all epochs through one loader iterator: the workers prepare the next epoch during validation
-    train_batches = EpochBatches(sampler, batch_size, epochs, drop_lone=_has_batch_norm(network))
-    if train_batches.drops_a_case:
-        log(f"batches: {len(sampler)} cases in batches of {batch_size} would leave one alone, which batch norm cannot "
-            "train on: each epoch leaves out its last case (a different one every epoch)")
+    train_batches = EpochBatches(sampler, batch_size, epochs, drop_small=_has_batch_norm(network))
+    if train_batches.dropped_per_epoch:
+        dropped = train_batches.dropped_per_epoch
+        log(f"batches: {len(sampler)} cases in batches of {batch_size} would end each epoch with a batch of {dropped}, "
+            f"too few for batch norm: each epoch leaves out its last {dropped} (different ones every epoch)")
     train_loader = make_loader(train_dataset, batch_sampler=train_batches, num_workers=workers)
     if ctx.enabled:
         log(distributed.parallel_summary(ctx, batch_size, factor, opts["warmup_epochs"],
@@ -182,7 +185,7 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
         optimizer=optimizer,
         loss_function=loss,
         inferer=SimpleInferer(),
-        prepare_batch=KeyedBatch(image_key, label_key),
+        prepare_batch=prepare_batch,
         # from pinned memory, asynchronously: a blocking copy waits for the GPU to finish the previous step
         # before the host can queue the next (no measurable cost on an H200 today, bench/train_step.py,
         # but nothing here needs that wait)
