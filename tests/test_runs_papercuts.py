@@ -28,7 +28,8 @@ def test_classification_trains_when_a_batch_of_one_would_remain(tmp_path):
     (root / "config" / "config_train.json").write_text(json.dumps(config, indent=2))
 
     result = run_mmar("train", str(root))
-    assert f"{cases} cases in batches of {cases - 1} would leave one alone" in result.stdout, result.stdout
+    assert f"{cases} cases in batches of {cases - 1} would end each epoch with a batch of 1" in result.stdout, \
+        result.stdout
     assert "no validation: model.ckpt is the model of epoch 2" in result.stdout
     assert "None" not in result.stdout.splitlines()[-1]
 
