@@ -64,6 +64,25 @@ SECTION_KEYS = {
 }
 
 
+
+def switch_section(section: Any, where: str, key: str, *, example: float, fits, bounds: str) -> float | None:
+    """A config section that turns a feature on with one number, e.g. `train#ema: {"decay": 0.99}`.
+
+    None when the section is absent, null, false or its number is 0 (the feature off); otherwise the number,
+    checked by `fits` (`bounds` says the accepted range in the message). Errors name `where` and `key`.
+    """
+    if section is None or section is False:
+        return None
+    if not isinstance(section, dict):
+        raise MMARError(f"config: {where} must be an object such as {{\"{key}\": {example}}} (or null), got {section!r}")
+    unknown = sorted(set(section) - {key})
+    if unknown:
+        raise MMARError(f"config: {where} has unknown key(s) {', '.join(unknown)}; it takes only '{key}'")
+    value = section.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not fits(value):
+        raise MMARError(f"config: {where}#{key} must be a number in {bounds}, e.g. {example}; got {value!r}")
+    return float(value) if value > 0 else None
+
 @dataclass
 class Archive:
     """A resolved MMAR: its root, environment (paths absolute) and merged configuration (a plain dict)."""

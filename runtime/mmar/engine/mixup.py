@@ -29,31 +29,22 @@ from typing import Any, Callable
 
 import torch
 
+from mmar.archive import switch_section
 from mmar.errors import MMARError
 
 
 def mixup_alpha(section: Any) -> float | None:
     """The configured alpha, or None when the section is absent, null or `{"alpha": 0}` (no mixing)."""
-    if section is None or section is False:
-        return None
-    if not isinstance(section, dict):
-        raise MMARError(f"config: train#mixup must be an object such as {{\"alpha\": 0.4}} (or null), got {section!r}")
-    unknown = sorted(set(section) - {"alpha"})
-    if unknown:
-        raise MMARError(f"config: train#mixup has unknown key(s) {', '.join(unknown)}; it takes only 'alpha'")
-    alpha = section.get("alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 100:
-        raise MMARError(f"config: train#mixup#alpha must be a number in [0, 100] (Beta(alpha, alpha)), e.g. 0.4; "
-                        f"got {alpha!r}")
-    return float(alpha) if alpha > 0 else None
+    return switch_section(section, "train#mixup", "alpha", example=0.4, fits=lambda v: 0 <= v <= 100,
+                          bounds="[0, 100] (Beta(alpha, alpha))")
 
 
 def mix(image: torch.Tensor, target: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One mixed batch: one weight for the batch, a random pairing of its cases (torch's generator)."""
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     perm = torch.randperm(image.shape[0]).to(image.device, non_blocking=True)
-    target = target.to(image.dtype) if target.is_floating_point() else target.float()
-    return (torch.lerp(image[perm], image, lam), torch.lerp(target[perm], target, lam))
+    target = target.to(image.dtype)
+    return torch.lerp(image[perm], image, lam), torch.lerp(target[perm], target, lam)
 
 
 class MixedBatch:

@@ -28,25 +28,15 @@ from typing import Any
 import torch
 from ignite.engine import Events
 
+from mmar.archive import switch_section
 from mmar.engine.checkpoint import unwrap
-from mmar.errors import MMARError
 
 WARMUP_OFFSET = 10  # decay_n = (1 + n) / (WARMUP_OFFSET + n) until it reaches the configured decay
 
 
 def ema_decay(section: dict[str, Any] | None) -> float | None:
     """The configured decay, or None when the section is absent, null or `{"decay": 0}` (no averaging)."""
-    if section is None or section is False:
-        return None
-    if not isinstance(section, dict):
-        raise MMARError(f"config: train#ema must be an object such as {{\"decay\": 0.99}} (or null), got {section!r}")
-    unknown = sorted(set(section) - {"decay"})
-    if unknown:
-        raise MMARError(f"config: train#ema has unknown key(s) {', '.join(unknown)}; it takes only 'decay'")
-    decay = section.get("decay")
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
-        raise MMARError(f"config: train#ema#decay must be a number in [0, 1), e.g. 0.99; got {decay!r}")
-    return float(decay) if decay > 0 else None
+    return switch_section(section, "train#ema", "decay", example=0.99, fits=lambda v: 0 <= v < 1, bounds="[0, 1)")
 
 
 def decay_at(decay: float, updates: int) -> float:
