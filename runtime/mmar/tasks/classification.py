@@ -2,7 +2,8 @@
 
 Labels follow the datalist's `label_format` (see mmar.label_format): a 2D DenseNet121 trained on mixed
 pairs (`train#mixup`) with a moving average of its weights (chosen by bench/train_classification.py,
-docs/classification.md) with one output per binary label and a segment of k outputs per k-class label, BCE + CE (mmar.losses.MultiLabelLoss),
+docs/classification.md) with one output per binary label and a segment of k outputs per k-class
+label, BCE + CE (mmar.losses.MultiLabelLoss),
 sigmoid/softmax per segment, and the mean AUC over labels as the key metric. Outputs: `eval/metrics.json`
 (mean/per-label AUC and accuracy), `eval/cases.csv` (one row per validated image) and, from `infer`,
 `eval/predictions.csv` (one row per image: the image path, then one probability per network output).
@@ -130,7 +131,8 @@ def network() -> dict[str, Any]:
     """MONAI's 2D DenseNet121 from scratch: one input channel, one output per binary label, k per k-class label.
 
     Chosen over a ResNet-18 with a stem sized to the image (the default of issue 23's first round), which
-    scored 0.04-0.08 lower AUC on BreastMNIST's held-out images in every comparison (docs/classification.md).
+    scored 0.03-0.08 lower last-epoch AUC on both held-out fifths of BreastMNIST's training list and 0.007
+    lower on its validation list (docs/classification.md).
     DenseNet121 pools a 32 px image down to 1x1 maps; on these small, weakly structured images that global
     summary generalised better than the ResNet's 2x2 maps, so the network is not sized to the image.
     """
