@@ -39,20 +39,37 @@ def start(*args: str) -> subprocess.Popen:
 
 def signal_when(process: subprocess.Popen, folder: Path, pattern: str, signum: int = signal.SIGKILL, *,
                 when=lambda: True, timeout: float = 300) -> str:
-    """Send `signum` to `process` the moment a file whose name matches `pattern` is in `folder` and `when()`
+    """Send `signum` to `process` while a file whose name matches `pattern` is in `folder` and `when()`
     holds (polled every half millisecond: an atomic write's temp file lives for milliseconds). Returns the
-    name seen; fails if the run ended first."""
+    name seen; fails if the run ended first.
+
+    Two races are closed, both seen on a loaded 2-core CI machine: `when()` is asked before the folder is
+    listed, so a temp file seen is no older than what `when()` saw; and the process is frozen (SIGSTOP)
+    and the folder listed again before the signal, so the signal lands while the temp file still exists,
+    not after its rename (otherwise it is let go on and the wait goes on)."""
     regex = re.compile(pattern)
     deadline = time.monotonic() + timeout
-    while process.poll() is None and time.monotonic() < deadline:
+
+    def hits() -> list[str]:
         try:
-            names = os.listdir(folder)
+            return [name for name in os.listdir(folder) if regex.fullmatch(name)]
         except FileNotFoundError:
-            names = []
-        hits = [name for name in names if regex.fullmatch(name)]
-        if hits and when():
-            process.send_signal(signum)
-            return hits[0]
+            return []
+
+    while process.poll() is None and time.monotonic() < deadline:
+        if when() and hits():
+            process.send_signal(signal.SIGSTOP)
+            _, status = os.waitpid(process.pid, os.WUNTRACED)  # returns once it is stopped, not merely signalled
+            if not os.WIFSTOPPED(status):  # it ended just before the signal: reaped here, so tell Popen
+                process.returncode = os.waitstatus_to_exitcode(status)
+                break
+            still = hits()
+            if still:
+                process.send_signal(signum)
+                if signum != signal.SIGKILL:
+                    process.send_signal(signal.SIGCONT)
+                return still[0]
+            process.send_signal(signal.SIGCONT)
         time.sleep(0.0005)
     out, err = process.communicate(timeout=60) if process.poll() is not None else ("", "")
     process.kill()
