@@ -37,6 +37,20 @@ operator_tag="${OPERATOR_IMAGE:-mmar-operator}:$version"
 base="${PYTHON_IMAGE:-$(sed -n 's/^ARG PYTHON_IMAGE=//p' Dockerfile)}"
 read -r -a extra_args <<<"${IMAGE_BUILD_ARGS:-}"
 
+# The labels that change from build to build, set again on top of the built image from a Containerfile
+# that spells their values out. Buildah reuses a cached `LABEL ...="${REVISION}"` step when only the build
+# argument's value changed (containers/buildah#5501), and drops `--label` for a `--target` that is not the
+# last stage (buildah 1.28): a rebuild with unchanged files kept the previous commit's revision. A step
+# with the values written out is keyed by them, with either engine. It adds no layer.
+stamp() {  # TAG
+  local folder
+  folder="$(mktemp -d)"
+  printf 'FROM %s\nLABEL "org.opencontainers.image.version"="%s" "org.opencontainers.image.revision"="%s" "org.opencontainers.image.created"="%s" "org.opencontainers.image.base.name"="%s"\n' \
+    "$1" "$version" "$revision" "$created" "$base" >"$folder/Containerfile"
+  "$engine" build -q -t "$1" -f "$folder/Containerfile" "$folder" >/dev/null || { rm -rf "$folder"; fail "labelling $1"; }
+  rm -rf "$folder"
+}
+
 build() {  # TARGET TAG
   local args=(build --target "$1" -t "$2" --build-arg "VERSION=$version" --build-arg "REVISION=$revision"
               --build-arg "CREATED=$created" --build-arg "PYTHON_IMAGE=$base")
@@ -45,6 +59,7 @@ build() {  # TARGET TAG
   local start=$SECONDS
   log "$engine build --target $1 -t $2 ${extra_args[*]}"
   "$engine" "${args[@]}" "${extra_args[@]}" . || fail "building $2 (target $1)"
+  stamp "$2"
   log "built $2 in $((SECONDS - start)) s, $(( $("$engine" image inspect --format '{{.Size}}' "$2") / 1000000 )) MB"
 }
 
