@@ -94,6 +94,28 @@ def test_loss_mixes_bce_and_ce():
         MultiLabelLoss([1, 3, 1])(torch.randn(4, 4), target)
 
 
+def test_label_smoothing_pulls_binary_targets_to_the_middle_and_smooths_each_categorical_segment():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5)
+    target = torch.tensor([[0, 2, 1], [1, 0, 0], [1, 1, 1], [0, 2, 0]], dtype=torch.float32)
+    loss = MultiLabelLoss([1, 3, 1], label_smoothing=0.2)(logits, target)
+    bce, ce = torch.nn.functional.binary_cross_entropy_with_logits, torch.nn.functional.cross_entropy
+    expected = (bce(logits[:, 0], target[:, 0] * 0.8 + 0.1)
+                + ce(logits[:, 1:4], target[:, 1].long(), label_smoothing=0.2)
+                + bce(logits[:, 4], target[:, 2] * 0.8 + 0.1)) / 3
+    assert torch.isclose(loss, expected)
+    # soft targets (mixup's layout) are smoothed alike: a one-hot segment gives the same loss as its index
+    soft = torch.cat([target[:, :1], torch.nn.functional.one_hot(target[:, 1].long(), 3).float(), target[:, 2:]], 1)
+    assert torch.isclose(MultiLabelLoss([1, 3, 1], label_smoothing=0.2)(logits, soft), expected)
+    # a well-fitted logit is no longer pushed further: the smoothed target's optimum is finite
+    confident = torch.tensor([[8.0]], requires_grad=True)
+    MultiLabelLoss([1], label_smoothing=0.1)(confident, torch.tensor([[1.0]])).backward()
+    assert confident.grad.item() > 0  # a gradient step lowers the logit back towards logit(0.95)
+    for bad in (-0.1, 1.0, "0.1", True):
+        with pytest.raises(ValueError, match="label_smoothing must be a number in \\[0, 1\\)"):
+            MultiLabelLoss([1], label_smoothing=bad)
+
+
 def test_activation_is_sigmoid_and_softmax_per_segment():
     logits = torch.tensor([[0.0, 1.0, 1.0, 1.0, 2.0]])
     probs = activate(logits, [1, 3, 1])

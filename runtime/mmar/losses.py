@@ -19,10 +19,19 @@ class MultiLabelLoss(torch.nn.Module):
     label's class probabilities: what `train#mixup` trains on, engine/mixup.py). With binary labels only the
     two layouts are the same. The result is the mean of the per-label losses, so its scale does not grow
     with the number of labels.
+
+    `label_smoothing` (epsilon in [0, 1)): a binary target t is trained as t (1 - epsilon) + epsilon / 2, a
+    categorical one as torch's cross-entropy smooths it (epsilon spread over the k classes), so that a few
+    hundred images cannot be fitted with ever larger logits.
     """
 
-    def __init__(self, label_format: Sequence[int] | LabelFormat, pos_weight: Sequence[float] | None = None):
+    def __init__(self, label_format: Sequence[int] | LabelFormat, pos_weight: Sequence[float] | None = None,
+                 label_smoothing: float = 0.0):
         super().__init__()
+        if not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool) \
+                or not 0.0 <= float(label_smoothing) < 1.0:
+            raise ValueError(f"label_smoothing must be a number in [0, 1), not {label_smoothing!r}")
+        self.label_smoothing = float(label_smoothing)
         self.sizes = as_list(label_format)
         self.binary = [i for i, size in enumerate(self.sizes) if size == 1]
         starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
@@ -45,12 +54,15 @@ class MultiLabelLoss(torch.nn.Module):
         total = logits.new_zeros(())
         if self.binary:
             columns = self.binary_columns if soft else self.binary
+            wanted = target[:, columns].to(logits.dtype)
+            if self.label_smoothing:
+                wanted = wanted * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
             bce = F.binary_cross_entropy_with_logits(
-                logits[:, self.binary_columns], target[:, columns].to(logits.dtype),
-                pos_weight=self.pos_weight, reduction="none",
+                logits[:, self.binary_columns], wanted, pos_weight=self.pos_weight, reduction="none",
             )
             total = total + bce.mean(dim=0).sum()  # mean over the batch, summed over labels
         for index, start, stop in self.categorical:
             wanted = target[:, start:stop].to(logits.dtype) if soft else target[:, index].long()
-            total = total + F.cross_entropy(logits[:, start:stop], wanted)  # class indices or probabilities
+            total = total + F.cross_entropy(logits[:, start:stop], wanted,  # class indices or probabilities
+                                            label_smoothing=self.label_smoothing)
         return total / len(self.sizes)
