@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ import torch
 from PIL import Image
 
 from conftest import SMALL_CLASSIFICATION, run_mmar
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +97,27 @@ def test_validate_writes_auc_accuracy_and_a_row_per_image(trained_cls_mmar, cls_
     for row, item in zip(rows[1:], validation):
         assert row[0] == str(cls_data.parent / item["image"])
         assert [int(v) for v in row[1:4]] == item["label"]
+
+
+def test_bench_auc_interval_reads_validate_s_table_back_to_its_mean_auc(trained_cls_mmar, tmp_path):
+    """bench/auc_interval.py on the cases.csv `mmar validate` wrote (binary and categorical labels): the
+    label format read back from the header gives metrics.json's mean AUC, inside its bootstrap interval."""
+    import importlib.util
+
+    run_mmar("validate", str(trained_cls_mmar))
+    out = trained_cls_mmar / "eval"
+    spec = importlib.util.spec_from_file_location("auc_interval", ROOT / "bench" / "auc_interval.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    probs, labels, fmt, groups = bench.read_cases(out / "cases.csv")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert fmt.names == ("disk", "bar", "square_position") and fmt.sizes == (1, 1, 3)
+    value, low, high = bench.interval(probs, labels, fmt, groups, resamples=200, seed=0)
+    assert math.isclose(value, metrics["val_mean_auc"], abs_tol=1e-5)
+    assert low <= value <= high and low < high
+    (tmp_path / "bad.csv").write_text("image,disk_true\na.png,1\n")
+    with pytest.raises(SystemExit, match="labels without probabilities: \\['disk'\\]"):
+        bench.read_cases(tmp_path / "bad.csv")
 
 
 def test_infer_writes_probabilities_without_ground_truth(trained_cls_mmar, cls_data, tmp_path):

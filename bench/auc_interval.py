@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""How far a validation AUC can move by the luck of which images are in the list: a bootstrap interval.
+
+Reads the per-case table `mmar validate` writes (eval/cases.csv: `<label>_true` and `<label>_prob` columns)
+and resamples the cases with replacement (whole patients when the images are named as ChestX-ray14's
+`<patient>_<follow-up>.png`, since images of one patient are not independent), recomputing the mean AUC
+over the labels with both classes in each resample, with the code that wrote metrics.json.
+docs/classification.md quotes it beside the goals.
+
+    python bench/auc_interval.py RUN/eval/cases.csv [MORE.csv ...] [--resamples 2000] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+
+PATIENT = re.compile(r"^(\d{8})_\d{3}\.png$")
+
+
+def mean_auc(probs, labels, fmt) -> float:
+    """The mean AUC as metrics.json has it (mmar.classification_metrics: labels with both classes only)."""
+    from mmar.classification_metrics import label_aucs, nanmean
+
+    return nanmean(label_aucs(probs, labels, fmt))
+
+
+def read_cases(path: Path):
+    """eval/cases.csv -> (probabilities [N, outputs], labels [N, labels], LabelFormat, resampling unit per row);
+    the label format is read back from the header (`name_true` per label, `name_prob` or `name=c_prob`)."""
+    import torch
+
+    from mmar.label_format import LabelFormat
+
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise SystemExit(f"{path}: no cases")
+    names = [column[: -len("_true")] for column in rows[0] if column.endswith("_true")]
+    sizes = [1 if f"{name}_prob" in rows[0] else sum(1 for c in rows[0] if c.startswith(f"{name}=") and c.endswith("_prob"))
+             for name in names]
+    if not names or 0 in sizes:
+        raise SystemExit(f"{path}: expected the columns mmar validate writes (<label>_true, <label>_prob or "
+                         f"<label>=<class>_prob); labels without probabilities: {[n for n, k in zip(names, sizes) if not k]}")
+    fmt = LabelFormat(tuple(sizes), tuple(names))
+    probs = torch.tensor([[float(row[f"{column}_prob"]) for column in fmt.columns()] for row in rows])
+    labels = torch.tensor([[float(row[f"{name}_true"]) for name in names] for row in rows])
+    groups = [(PATIENT.match(Path(row["image"]).name) or [None, row["image"]])[1] for row in rows]
+    return probs, labels, fmt, groups
+
+
+def interval(probs, labels, fmt, groups, resamples: int, seed: int) -> tuple[float, float, float]:
+    rng = np.random.default_rng(seed)
+    members: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    clusters = list(members.values())
+    values = []
+    for _ in range(resamples):
+        chosen = rng.integers(0, len(clusters), len(clusters))
+        rows = np.concatenate([clusters[c] for c in chosen])
+        values.append(mean_auc(probs[rows], labels[rows], fmt))
+    low, high = np.nanpercentile(values, [2.5, 97.5])
+    return mean_auc(probs, labels, fmt), float(low), float(high)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cases", nargs="+", type=Path)
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for path in args.cases:
+        probs, labels, fmt, groups = read_cases(path)
+        value, low, high = interval(probs, labels, fmt, groups, args.resamples, args.seed)
+        print(f"{path}: mean AUC {value:.3f}, 95 % bootstrap interval {low:.3f}-{high:.3f} "
+              f"({len(labels)} cases, {len(set(groups))} resampled units)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
