@@ -76,6 +76,28 @@ def signal_when(process: subprocess.Popen, folder: Path, pattern: str, signum: i
     raise AssertionError(f"no {pattern} appeared in {folder} before the run ended:\n{out}\n{err}")
 
 
+def kill_when(process: subprocess.Popen, ready, timeout: float = 240):
+    """SIGKILL `process` once `ready()` returns something true, asked again while the process is frozen
+    (SIGSTOP, then waitpid until it has stopped), so that what it returns is what the run held at the kill,
+    not what it held a moment before (a tiny epoch takes 0.1 s). Returns that value, or None if the run
+    ended or the time ran out first."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if ready():
+            process.send_signal(signal.SIGSTOP)
+            _, status = os.waitpid(process.pid, os.WUNTRACED)
+            if not os.WIFSTOPPED(status):
+                process.returncode = os.waitstatus_to_exitcode(status)
+                return None
+            value = ready()
+            if value:
+                process.send_signal(signal.SIGKILL)
+                return value
+            process.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+    return None
+
+
 def wait_for(predicate, timeout: float = 300, what: str = "the condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -1,16 +1,15 @@
 """init -> train -> validate -> infer on tiny generated volumes, through the real CLI."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import nibabel as nib
 import numpy as np
 import torch
 
 from conftest import run_mmar
+from test_runs_support import kill_when
 
 
 def test_init_scaffolds_a_clara_mmar(seg_mmar):
@@ -86,16 +85,12 @@ def test_resume_after_a_killed_run(seg_mmar):
     command = [sys.executable, "-m", "mmar", "train", str(seg_mmar), "--set", "epochs=8"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     state_file = seg_mmar / "models" / "train_state.pt"
-    deadline = time.time() + 240
-    killed_after = None
-    while time.time() < deadline and process.poll() is None:
-        if state_file.exists():
-            state = torch.load(state_file, weights_only=False)
-            if state["trainer"]["epoch"] >= 2:
-                process.send_signal(signal.SIGKILL)
-                killed_after = state["trainer"]["epoch"]
-                break
-        time.sleep(0.05)
+
+    def epoch_two_or_later():
+        epoch = torch.load(state_file, weights_only=False)["trainer"]["epoch"] if state_file.exists() else 0
+        return epoch if epoch >= 2 else None
+
+    killed_after = kill_when(process, epoch_two_or_later)
     process.wait()
     assert killed_after is not None and killed_after < 8, "the run was not killed mid-training"
     result = run_mmar("train", str(seg_mmar), "--set", "epochs=8")
