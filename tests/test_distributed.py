@@ -174,6 +174,32 @@ def test_bad_multi_gpu_config_fails_before_starting_processes(seg_mmar):
     assert "torch.distributed.run" not in result.stderr and "OMP_NUM_THREADS" not in result.stderr
 
 
+def _state_epoch(state_file: Path) -> int:
+    return torch.load(state_file, weights_only=False)["trainer"]["epoch"] if state_file.exists() else 0
+
+
+def _signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_stopped(pids: list[int], timeout: float = 10) -> None:
+    """Until each process is stopped (state T), a zombie or gone: SIGSTOP is delivered, not awaited."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                break
+            if state in ("T", "t", "Z", "X"):
+                break
+            time.sleep(0.001)
+
+
 def _descendants(pid: int) -> list[int]:
     found, todo = [], [pid]
     while todo:
@@ -201,11 +227,19 @@ def test_resume_after_a_killed_distributed_run(seg_mmar):
     try:
         while time.time() < deadline and process.poll() is None:
             family = _descendants(process.pid) or family
-            if state_file.exists():
-                state = torch.load(state_file, weights_only=False)
-                if state["trainer"]["epoch"] >= 2:
+            if _state_epoch(state_file) >= 2:
+                # frozen while the epoch is read again, so the kill hits the epoch it records (a rank writes
+                # the state: the whole family is stopped, not only the process the test started)
+                frozen = [process.pid, *_descendants(process.pid)]
+                _signal_all(frozen, signal.SIGSTOP)
+                _wait_stopped(frozen)
+                epoch = _state_epoch(state_file)
+                if epoch >= 2:
                     process.send_signal(signal.SIGKILL)
-                    killed_after = state["trainer"]["epoch"]
+                    killed_after = epoch
+                # the rest go on, so that what is checked below is how they die with their parent
+                _signal_all(frozen[1:] if epoch >= 2 else frozen, signal.SIGCONT)
+                if killed_after is not None:
                     break
             time.sleep(0.05)
         process.communicate()
