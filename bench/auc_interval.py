@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "runtime"))
 
-PATIENT = re.compile(r"^(\d{8})_\d{3}\.png$")
+from train_classification import patient_of  # noqa: E402  (the same patients as the bench's dev split)
 
 
 def mean_auc(probs, labels, fmt) -> float:
@@ -52,7 +53,7 @@ def read_cases(path: Path):
     fmt = LabelFormat(tuple(sizes), tuple(names))
     probs = torch.tensor([[float(row[f"{column}_prob"]) for column in fmt.columns()] for row in rows])
     labels = torch.tensor([[float(row[f"{name}_true"]) for name in names] for row in rows])
-    groups = [(PATIENT.match(Path(row["image"]).name) or [None, row["image"]])[1] for row in rows]
+    groups = [patient_of(row) for row in rows]
     return probs, labels, fmt, groups
 
 

@@ -37,18 +37,42 @@ def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen([*MMAR, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def signal_frozen(process: subprocess.Popen, ready, signum: int = signal.SIGKILL, *, poll: float = 0.05,
+                  timeout: float = 240):
+    """Send `signum` to `process` once `ready()` returns something true, asked again while the process is
+    frozen (SIGSTOP, then waitpid until it has stopped): the signal then lands on what `ready()` saw, not
+    on what the run holds a moment later (a tiny epoch takes 0.1 s, a temp file lives for milliseconds).
+    If the second answer is false the run is let go on (SIGCONT) and the wait goes on. Returns that answer,
+    or None if the run ended or the time ran out first."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if ready():
+            process.send_signal(signal.SIGSTOP)
+            _, status = os.waitpid(process.pid, os.WUNTRACED)  # returns once it is stopped, not merely signalled
+            if not os.WIFSTOPPED(status):  # it ended just before the signal: reaped here, so tell Popen
+                process.returncode = os.waitstatus_to_exitcode(status)
+                return None
+            value = ready()
+            if value:
+                process.send_signal(signum)
+                if signum != signal.SIGKILL:
+                    process.send_signal(signal.SIGCONT)
+                return value
+            process.send_signal(signal.SIGCONT)
+        time.sleep(poll)
+    return None
+
+
 def signal_when(process: subprocess.Popen, folder: Path, pattern: str, signum: int = signal.SIGKILL, *,
                 when=lambda: True, timeout: float = 300) -> str:
     """Send `signum` to `process` while a file whose name matches `pattern` is in `folder` and `when()`
     holds (polled every half millisecond: an atomic write's temp file lives for milliseconds). Returns the
     name seen; fails if the run ended first.
 
-    Two races are closed, both seen on a loaded 2-core CI machine: `when()` is asked before the folder is
-    listed, so a temp file seen is no older than what `when()` saw; and the process is frozen (SIGSTOP)
-    and the folder listed again before the signal, so the signal lands while the temp file still exists,
-    not after its rename (otherwise it is let go on and the wait goes on)."""
+    `when()` is asked before the folder is listed, so a temp file seen is no older than what `when()` saw;
+    and both are asked again with the run frozen (`signal_frozen`), so the signal lands while the temp file
+    still exists, not after its rename (both races were seen on a loaded 2-core CI machine)."""
     regex = re.compile(pattern)
-    deadline = time.monotonic() + timeout
 
     def hits() -> list[str]:
         try:
@@ -56,46 +80,17 @@ def signal_when(process: subprocess.Popen, folder: Path, pattern: str, signum: i
         except FileNotFoundError:
             return []
 
-    while process.poll() is None and time.monotonic() < deadline:
-        if when() and hits():
-            process.send_signal(signal.SIGSTOP)
-            _, status = os.waitpid(process.pid, os.WUNTRACED)  # returns once it is stopped, not merely signalled
-            if not os.WIFSTOPPED(status):  # it ended just before the signal: reaped here, so tell Popen
-                process.returncode = os.waitstatus_to_exitcode(status)
-                break
-            still = hits()
-            if still:
-                process.send_signal(signum)
-                if signum != signal.SIGKILL:
-                    process.send_signal(signal.SIGCONT)
-                return still[0]
-            process.send_signal(signal.SIGCONT)
-        time.sleep(0.0005)
+    seen = signal_frozen(process, lambda: when() and hits(), signum, poll=0.0005, timeout=timeout)
+    if seen:
+        return seen[0]
     out, err = process.communicate(timeout=60) if process.poll() is not None else ("", "")
     process.kill()
     raise AssertionError(f"no {pattern} appeared in {folder} before the run ended:\n{out}\n{err}")
 
 
 def kill_when(process: subprocess.Popen, ready, timeout: float = 240):
-    """SIGKILL `process` once `ready()` returns something true, asked again while the process is frozen
-    (SIGSTOP, then waitpid until it has stopped), so that what it returns is what the run held at the kill,
-    not what it held a moment before (a tiny epoch takes 0.1 s). Returns that value, or None if the run
-    ended or the time ran out first."""
-    deadline = time.monotonic() + timeout
-    while process.poll() is None and time.monotonic() < deadline:
-        if ready():
-            process.send_signal(signal.SIGSTOP)
-            _, status = os.waitpid(process.pid, os.WUNTRACED)
-            if not os.WIFSTOPPED(status):
-                process.returncode = os.waitstatus_to_exitcode(status)
-                return None
-            value = ready()
-            if value:
-                process.send_signal(signal.SIGKILL)
-                return value
-            process.send_signal(signal.SIGCONT)
-        time.sleep(0.05)
-    return None
+    """SIGKILL `process` once `ready()` holds, as `signal_frozen`; returns what `ready()` said at the kill."""
+    return signal_frozen(process, ready, signal.SIGKILL, timeout=timeout)
 
 
 def wait_for(predicate, timeout: float = 300, what: str = "the condition") -> None:

@@ -64,7 +64,6 @@ SECTION_KEYS = {
 }
 
 
-
 def switch_section(section: Any, where: str, key: str, *, example: float, fits, bounds: str) -> float | None:
     """A config section that turns a feature on with one number, e.g. `train#ema: {"decay": 0.99}`.
 
@@ -82,6 +81,7 @@ def switch_section(section: Any, where: str, key: str, *, example: float, fits, 
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not fits(value):
         raise MMARError(f"config: {where}#{key} must be a number in {bounds}, e.g. {example}; got {value!r}")
     return float(value) if value > 0 else None
+
 
 @dataclass
 class Archive:
