@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Benchmark: N MMARJobs applied at once; how long until the operator has created each one's first Job.
 
-    .venv/bin/python bench/operator.py                       # 100 jobs, 16 parallel clients and one kubectl apply
-    .venv/bin/python bench/operator.py -n 100 -c 16 --repeats 3 --modes clients
+    .venv/bin/python bench/operator_latency.py               # 100 jobs, 16 parallel clients and one kubectl apply
+    .venv/bin/python bench/operator_latency.py -n 100 -c 16 --repeats 3 --modes clients
 
 Uses the cluster of $KUBECONFIG (or --kubeconfig) when it answers, else starts the repository's real control
 plane (`../shared/k8s/control-plane up`, PORT_BASE from --port-base; stopped again at the end). Installs the
@@ -27,32 +27,27 @@ kubectl's own requests taken out; --show-requests breaks them down by verb and r
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
-# `python bench/operator.py` puts bench/ first on sys.path, where this file shadows the standard `operator`
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+import yaml
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, Iterator  # noqa: E402
-
-import yaml  # noqa: E402
-
-from mmar_operator.apply import PLURAL, VERSION  # noqa: E402
-from mmar_operator.render import GROUP, LABEL_JOB  # noqa: E402  (the parent MMARJob's name on every child)
+from mmar_operator.apply import PLURAL, VERSION
+from mmar_operator.render import GROUP, LABEL_JOB  # the parent MMARJob's name on every child
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTROL_PLANE = ROOT.parent / "shared" / "k8s" / "control-plane"
