@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Where the cache's preprocessing time goes: the deterministic transforms of `mmar init`'s default
-segmentation recipe, per transform and per case, before and after round 7, in one run.
+segmentation recipe, per transform and per case, with the label check as it was and as it is, in one run
+(docs/speed.md: "The defaults and why", start-up; the figures under "Current figures").
 
     python bench/preprocessing.py                    # hippocampus's 167 training cases
     python bench/preprocessing.py --data DIR --section validate --repeats 5
@@ -10,7 +11,7 @@ CUDA context (engine/train.py); when the caching takes longer than that set-up, 
 critical path. This times the cached part of DATA's recipe in this process, one case after the other
 (one thread, the cost that the engine's threads share and the GIL serializes), in two variants:
 
-  before   the label check as it was before round 7: `SegmentationCased` formatted the label tensor into
+  before   the label check as it was until 2026-11-27: `SegmentationCased` formatted the label tensor into
            a fallback file name (`str()` of its values) for every case, and listed its distinct values
            (`torch.unique`) to find values outside the classes
   now      the name only for an error; min, max and whole-number checks, `torch.unique` only for the message
@@ -34,8 +35,8 @@ sys.path.insert(0, str(ROOT / "runtime"))
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hippocampus"
 
 
-def before_round_7(transform):
-    """`transform` (a SegmentationCased) doing the per-case work it did before round 7, then its own."""
+def with_old_label_check(transform):
+    """`transform` (a SegmentationCased) doing the per-case work of the old label check, then its own."""
     import torch
 
     from mmar.transforms import SegmentationCased
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
         keys = list(keys_of(archive.config))
         now, _ = dataset_transforms(archive.parser(), args.section, keys=keys, with_augmentation=False)
         items = section_items(archive, args.section)
-        before = [before_round_7(t) if isinstance(t, SegmentationCased) else t for t in now]
+        before = [with_old_label_check(t) if isinstance(t, SegmentationCased) else t for t in now]
         variants = {"before": before, "now": now}
         time_pass(now, items[:4])  # first calls (imports, allocator) outside the timings
         seconds: dict[str, list[float]] = {name: [] for name in variants}

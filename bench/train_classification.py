@@ -115,7 +115,8 @@ def candidates() -> dict[str, list[str]]:
         "densenet_ema_mixup_ema998": [_set("network", DENSENET), _set("train#ema", {"decay": 0.998}),
                                       _set("train#augmentation", OLD_AUGMENTATION), _set("train#mixup", MIXUP)],
     }
-    # recipes spelled out in full train without mixup unless they say so (it became a default in round 2);
+    # recipes spelled out in full train without mixup unless they say so (it is a default now:
+    # docs/classification.md, "The default recipe and why");
     # the `default*` ones below are "what `mmar init` writes, with one change"
     for overrides in spelled_out.values():
         if not any(o.startswith("train#mixup=") for o in overrides):

@@ -14,9 +14,9 @@ and the ratio to the first variant, measured in the same run:
 - `bf16-async`: bf16 autocast, no scaler, non-blocking copies; what `mmar train` does now on GPUs with
   native bf16 (engine/precision.py);
 - `fp32-async`: no autocast;
-- `...-fused`: the same with AdamW's fused kernel (`fused=True`, what `mmar init` writes since round 7)
-  instead of the implementation torch picks by default (one multi-tensor `_foreach_*` kernel per operation
-  on a GPU, a Python loop over the parameters on a CPU).
+- `...-fused`: the same with AdamW's fused kernel (`fused=True`, what `mmar init` writes: docs/speed.md,
+  "The defaults and why") instead of the implementation torch picks by default (one multi-tensor
+  `_foreach_*` kernel per operation on a GPU, a Python loop over the parameters on a CPU).
 
     python bench/train_step.py --device cuda               # on a GPU machine
     python bench/train_step.py --device cpu --steps 5      # runs anywhere (only fp32 / bf16 are meaningful)
