@@ -75,6 +75,8 @@ class Cluster:
         # (namespace, name) -> resourceVersion of each Job this operator created, until the watch echoes it
         self._created: dict[tuple[str, str], str] = {}
         self._created_lock = threading.Lock()
+        # whether the API server has answered this process at least once (the health probe says so)
+        self.reached = False
 
     @classmethod
     def from_kubeconfig(cls, connections: int | None = None) -> "Cluster":
@@ -110,7 +112,9 @@ class Cluster:
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         for attempt in range(1, self.attempts + 1):
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+                self.reached = True
+                return result
             except Exception as error:  # noqa: BLE001 - classified below, re-raised when not transient
                 if attempt == self.attempts or not is_transient(error):
                     raise
@@ -118,6 +122,13 @@ class Cluster:
                 log.warning("transient API error (%s), retry %d/%d in %.1fs", _status_of(error) or type(error).__name__, attempt, self.attempts - 1, delay)
                 self.sleep(delay)
         raise AssertionError("unreachable")
+
+    def ping(self, timeout: float = 3.0) -> None:
+        """Raise unless the API server has answered this process once: until then, one cheap request
+        (the batch API's resource list), no retries (a probe has seconds)."""
+        if not self.reached:
+            self.batch.get_api_resources(_request_timeout=timeout)
+            self.reached = True
 
     # --------------------------------------------------------------------------------------- children
 
@@ -189,6 +200,12 @@ class Cluster:
 
     def set_suspend(self, namespace: str, job_name: str, suspend: bool) -> None:
         self.fetch(self.batch.patch_namespaced_job, job_name, namespace, {"spec": {"suspend": suspend}}, _content_type=MERGE_PATCH)
+
+    def stop_job(self, namespace: str, job_name: str) -> None:
+        """End a Job now: a deadline already passed makes the Job controller fail it (DeadlineExceeded) and
+        delete its pods, and keeps the Job (the user can still see what it did)."""
+        self.fetch(self.batch.patch_namespaced_job, job_name, namespace, {"spec": {"activeDeadlineSeconds": 1}},
+                   _content_type=MERGE_PATCH)
 
     def set_ttl(self, namespace: str, job_name: str, seconds: int) -> None:
         self.fetch(self.batch.patch_namespaced_job, job_name, namespace, {"spec": {"ttlSecondsAfterFinished": seconds}},

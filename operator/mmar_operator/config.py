@@ -38,12 +38,46 @@ def _resources(name: str) -> dict[str, Any]:
     return value
 
 
+# Step types whose default resources MMAR_OPERATOR_STEP_RESOURCES may set (mmar.job.STEP_TYPES)
+STEP_TYPES = ("pull", "convert", "train", "finetune", "validate", "infer", "export", "push")
+
+
+def _step_resources(name: str) -> dict[str, dict[str, Any]]:
+    """{step type: resources}: the default resources of each step type (the chart's runtime.stepResources)."""
+    raw = os.environ.get(name)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be JSON like {{\"convert\": {{\"requests\": {{\"cpu\": \"1\"}}}}}}, got {raw!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"environment variable {name} must be a JSON object of step type -> resources, got {raw!r}")
+    for kind, resources in value.items():
+        if kind not in STEP_TYPES:
+            raise ValueError(f"environment variable {name}: {kind!r} is not a step type ({', '.join(STEP_TYPES)})")
+        if not isinstance(resources, dict) or set(resources) - {"requests", "limits"}:
+            raise ValueError(f"environment variable {name}: {kind} must be a JSON object with requests and/or limits, got {resources!r}")
+    return value
+
+
+def _names(name: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in os.environ.get(name, "").split(",") if n.strip())
+
+
 @dataclass(frozen=True)
 class Config:
     # the runtime image for steps whose MMARJob gives no spec.image
     default_image: str = "ghcr.io/mmar-dev/mmar:0.1.0"
     # CPU/memory of a step's container when the MMARJob gives no resources (GPUs always come from gpusPerNode)
     default_resources: dict[str, Any] = field(default_factory=dict)
+    # per step type, before default_resources: {"convert": {"requests": {...}, "limits": {...}}, ...}
+    step_resources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Secrets (names) to pull the runtime image with, for step pods whose MMARJob names none
+    image_pull_secrets: tuple[str, ...] = field(default_factory=tuple)
+    # seconds a step's pod may stay unstartable before the step fails, unless the MMARJob says
+    # (spec.runPolicy.pendingTimeoutSeconds)
+    pending_timeout_seconds: int = 600
     # the port the runtime pods serve Prometheus metrics on (MMAR_METRICS_PORT, container port "metrics")
     runtime_metrics_port: int = 9400
     # the non-root user/group the runtime pods run as (also fsGroup, so PVCs are writable)
@@ -61,10 +95,13 @@ class Config:
 
     @classmethod
     def from_env(cls) -> "Config":
-        namespaces = tuple(n.strip() for n in os.environ.get("MMAR_OPERATOR_NAMESPACES", "").split(",") if n.strip())
+        namespaces = _names("MMAR_OPERATOR_NAMESPACES")
         return cls(
             default_image=os.environ.get("MMAR_OPERATOR_DEFAULT_IMAGE") or cls.default_image,
             default_resources=_resources("MMAR_OPERATOR_DEFAULT_RESOURCES"),
+            step_resources=_step_resources("MMAR_OPERATOR_STEP_RESOURCES"),
+            image_pull_secrets=_names("MMAR_OPERATOR_IMAGE_PULL_SECRETS"),
+            pending_timeout_seconds=_positive("MMAR_OPERATOR_PENDING_TIMEOUT_SECONDS", cls.pending_timeout_seconds),
             runtime_metrics_port=_int("MMAR_OPERATOR_RUNTIME_METRICS_PORT", cls.runtime_metrics_port),
             run_as_user=_int("MMAR_OPERATOR_RUN_AS_USER", cls.run_as_user),
             metrics_port=_int("MMAR_OPERATOR_METRICS_PORT", cls.metrics_port),

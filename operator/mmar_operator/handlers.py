@@ -206,13 +206,18 @@ def observe(job: Mapping[str, Any], previous: Mapping[str, Any], cluster: Cluste
         child = children.get(name)
         if child is None:
             continue
-        message = failure = None
-        phase, _, _ = status.job_phase(child)
+        message = failure = pod = None
+        phase, reason, _ = status.job_phase(child)
         if phase in status.TERMINAL and recorded.get(name) not in status.STEP_FINAL:
             pods = cluster.pods_of(namespace, name)
             message = status.termination_message(pods, phase == status.SUCCEEDED)
             failure = status.pod_failure(pods) if phase == status.FAILED else None
-        observed[index] = status.Observed(job=child, message=message, failure=failure)
+        elif reason == status.POD_STARTING and recorded.get(name) not in status.STEP_FINAL:
+            # a Job with a pod that is not ready: running (an init container), starting, or stuck (an image
+            # the node cannot pull, no node fits): the pod says which. Its changes make no Job event: the
+            # resync brings them (MMAR_OPERATOR_RESYNC_SECONDS)
+            pod = status.pod_state(cluster.pods_of(namespace, name))
+        observed[index] = status.Observed(job=child, message=message, failure=failure, pod=pod)
     return observed
 
 
@@ -223,8 +228,9 @@ def _sync_suspend(job: Mapping[str, Any], observed: dict[int, status.Observed], 
     if status.queue_of(job):
         return
     want = bool(job["spec"]["runPolicy"]["suspend"])
+    final = {s.get("jobName") for s in (job.get("status") or {}).get("steps") or [] if s.get("phase") in status.STEP_FINAL}
     for index, seen in list(observed.items()):
-        if seen.job is None or status.job_phase(seen.job)[0] in status.TERMINAL:
+        if seen.job is None or status.job_phase(seen.job)[0] in status.TERMINAL or render.child_name(job, index) in final:
             continue
         if bool((seen.job.get("spec") or {}).get("suspend")) != want:
             cluster.set_suspend(job["metadata"]["namespace"], render.child_name(job, index), want)
@@ -248,6 +254,19 @@ def _expire_recorded(job: Mapping[str, Any], new: Mapping[str, Any], observed: M
             continue
         if (seen.job.get("spec") or {}).get("ttlSecondsAfterFinished") is None:
             cluster.set_ttl(job["metadata"]["namespace"], name, ttl)
+
+
+def _stop_failed(job: Mapping[str, Any], new: Mapping[str, Any], observed: Mapping[int, status.Observed], cluster: Cluster) -> None:
+    """Stop the Job of a step recorded Failed while its Job still runs (a pod that did not start within the
+    pending timeout): the Job controller ends it (DeadlineExceeded) and deletes its pods; the Job stays, with
+    its history. Called after the status patch, so the step is never seen unstarted and created again."""
+    failed = {s["jobName"] for s in new.get("steps") or [] if s["phase"] == status.FAILED}
+    for index, seen in observed.items():
+        name = render.child_name(job, index)
+        if seen.job is None or name not in failed or status.job_phase(seen.job)[0] in status.TERMINAL:
+            continue
+        if (seen.job.get("spec") or {}).get("activeDeadlineSeconds") != 1:
+            cluster.stop_job(job["metadata"]["namespace"], name)
 
 
 class NameTaken(Exception):
@@ -277,7 +296,8 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, config: Config, metrics
         if not new:
             observed = observe(job, previous, cluster, jobs)
             _sync_suspend(job, observed, cluster)
-        current = status.compute(job, previous, observed, now)
+        timeout = config.pending_timeout_seconds
+        current = status.compute(job, previous, observed, now, pending_timeout_default=timeout)
         index = status.next_step(job, current)
         if index is not None:
             created = None
@@ -287,7 +307,7 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, config: Config, metrics
                     raise NameTaken(f"{obj['kind']} {namespace}/{obj['metadata']['name']} exists")
                 metrics.children_created.labels(kind=obj["kind"]).inc()
             observed[index] = status.Observed(job=created)
-            current = status.compute(job, previous, observed, now)
+            current = status.compute(job, previous, observed, now, pending_timeout_default=timeout)
         metrics.observe_finished(status.finished_steps(previous, current))
     metrics.set_phase(namespace, name, current["phase"])
     if current != previous:
@@ -295,6 +315,7 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, config: Config, metrics
         cluster.patch_status(namespace, name, {**{k: None for k in previous if k not in current}, **current})
     if job is not None:
         _expire_recorded(job, current, observed, cluster)
+        _stop_failed(job, current, observed, cluster)
     return current
 
 
@@ -495,4 +516,14 @@ def _on_child(event: Mapping[str, Any], **_: Any) -> None:
 
 @kopf.on.probe(id="reconciler")
 def _probe(**_: Any) -> str:
-    return "ok" if RUNTIME.cluster is not None else "starting"
+    """/healthz: ok once the API server has answered this process (a reconcile, or this probe's own
+    request); before that a PermanentError makes kopf answer 500 (no retry inside the probe), so an operator
+    that cannot reach the API server is never Ready."""
+    cluster = RUNTIME.cluster
+    if cluster is None:
+        raise kopf.PermanentError("starting: no API client yet")
+    try:
+        cluster.ping()
+    except Exception as error:  # noqa: BLE001 - any failure means not reached; said in the probe's answer
+        raise kopf.PermanentError(f"the API server has not answered yet: {error}") from error
+    return "ok"

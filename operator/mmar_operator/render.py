@@ -22,6 +22,10 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "mmar-operator", "app.kubernetes.i
 KUEUE_PREFIX = "kueue.x-k8s.io/"  # queue-name, priority-class: passed through so Kueue admits the Jobs
 CONTAINER = "mmar"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+SIGTERM_EXIT = 143  # the runtime's exit code when stopped by SIGTERM (128 + 15)
+TERMINATION_GRACE_SECONDS = 120
+RENDEZVOUS_CONTAINER = "rendezvous"  # a multi-node step's init container: waits for rank 0's DNS name
+RENDEZVOUS_DNS_SECONDS = 180  # ... at most this long (mmar.distributed.wait_for_address)  # SIGTERM -> SIGKILL: time to save the training state (render_job)
 
 
 def child_name(job: Mapping[str, Any], index: int) -> str:
@@ -93,12 +97,15 @@ GPU = "nvidia.com/gpu"
 
 
 def _resources(job: Mapping[str, Any], index: int, config: Config) -> dict[str, Any]:
-    """The step's (else the job's, else the operator's default) CPU/memory, and gpusPerNode GPUs.
+    """The step's (else the job's, else the operator's default for its step type, else the operator's
+    default) CPU/memory, and gpusPerNode GPUs.
 
     gpusPerNode is the one place GPUs are asked for: any nvidia.com/gpu in resources is replaced by it,
     so a convert step never holds a GPU because of a job-wide or operator-wide default.
     """
-    resources = contract.resources_of(job, index) or copy.deepcopy(config.default_resources)
+    step_type = contract.steps_of(job)[index]["type"]
+    resources = (contract.resources_of(job, index) or copy.deepcopy(config.step_resources.get(step_type))
+                 or copy.deepcopy(config.default_resources))
     resources = {k: {n: v for n, v in amounts.items() if n != GPU} for k, amounts in resources.items()}
     gpus = contract.gpus_of(job, index)
     if gpus > 0:  # an extended resource goes in limits (its request defaults to the limit)
@@ -206,17 +213,39 @@ def render_job(job: Mapping[str, Any], index: int, config: Config) -> dict[str, 
     if init is not None:
         pod["initContainers"] = [_container("mmar-init", init, job, index, config, mounts)]
     if is_multinode(job, index):
+        # Every rank (rank 0 too: torchrun connects to its own store by name) first waits, bounded, for
+        # rank 0's name to resolve; without cluster DNS the step then fails naming the cause, instead of
+        # torchrun retrying name resolution for many minutes under a step that looks Running.
+        wait = _container(RENDEZVOUS_CONTAINER, ["python", "-m", "mmar.distributed", "wait-for-address",
+                                                 "$(PET_MASTER_ADDR)", str(RENDEZVOUS_DNS_SECONDS)], job, index, config, [])
+        wait["resources"] = {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "256Mi"}}
+        pod["initContainers"] = [wait, *pod.get("initContainers", [])]
+    if is_multinode(job, index):
         pod["subdomain"] = child_name(job, index)
     for key in ("serviceAccountName", "nodeSelector", "tolerations", "imagePullSecrets"):
         if key in spec:
             pod[key] = spec[key]
+    if "imagePullSecrets" not in spec and config.image_pull_secrets:  # the chart's runtime.imagePullSecrets
+        pod["imagePullSecrets"] = [{"name": name} for name in config.image_pull_secrets]
+    # Stopping a pod (preemption, eviction, `kubectl delete pod`, a node drain) sends SIGTERM: the runtime
+    # then finishes its current batch, saves the training state (models/train_state.pt, the checkpoints) to
+    # the PVC and writes its result, which takes seconds on a small model and up to a minute or two for a
+    # large one on network storage; the default 30 s would SIGKILL a save half-way.
+    pod["terminationGracePeriodSeconds"] = TERMINATION_GRACE_SECONDS
 
     job_spec: dict[str, Any] = {
         "backoffLimit": policy["backoffLimit"],
         # Kueue admits a suspended Job; the operator also holds it while the MMARJob is suspended
         "suspend": bool(policy["suspend"] or passthrough_labels(job).get(f"{KUEUE_PREFIX}queue-name")),
-        # a preempted or evicted pod is not the step's fault: it does not count against backoffLimit
-        "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]},
+        # A preempted, evicted or deleted pod is not the step's fault: it does not count against
+        # backoffLimit, and the Job starts the next pod, which resumes from the state on the PVC. Evictions and
+        # preemptions carry the DisruptionTarget condition; a pod deleted by hand or by a controller carries
+        # none, but its `mmar` container stops on SIGTERM with exit code 143 (128 + 15), which the runtime
+        # keeps for exactly that case. (podFailurePolicy needs restartPolicy Never, as rendered below.)
+        "podFailurePolicy": {"rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [SIGTERM_EXIT]}},
+        ]},
         "template": {"metadata": {"labels": _metadata(job, index)["labels"]}, "spec": pod},
     }
     if "activeDeadlineSeconds" in policy:

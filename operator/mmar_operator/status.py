@@ -24,6 +24,14 @@ DONE = (SUCCEEDED, SKIPPED)  # steps the job needs nothing more from
 STEP_FINAL = (SUCCEEDED, FAILED, SKIPPED)  # a step's phase that never changes again
 CONDITION_TYPES = (RUNNING, SUSPENDED, SUCCEEDED, FAILED)
 MESSAGE_MAX = 512
+# A pod's waiting reasons that are part of every start, not a problem (the pod is being set up)
+STARTING = (None, "", "PodInitializing", "ContainerCreating")
+# The step's and the job's reason while its Job exists but no pod of it runs yet, for no known problem
+POD_STARTING = "PodStarting"
+# How long a step's pod may stay unstartable (image not pullable, unschedulable, a missing Secret or
+# claim) before the step fails with that reason: spec.runPolicy.pendingTimeoutSeconds, else the operator's
+# MMAR_OPERATOR_PENDING_TIMEOUT_SECONDS (config.Config.pending_timeout_seconds)
+DEFAULT_PENDING_TIMEOUT = 600
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,63 @@ class Observed:
     job: Mapping[str, Any] | None = None
     message: str | None = None
     failure: str | None = None
+    # for an unfinished step whose Job has no ready pod: what its pods show (`pod_state`)
+    pod: "PodState | None" = None
+
+
+@dataclass(frozen=True)
+class PodState:
+    """An unfinished step's pod as the kubelet and the scheduler describe it: `running` (a container or an
+    init container runs), or why it does not run yet (`reason`, `message`; reason None: starting, no
+    problem known) and since when (`since`, RFC 3339)."""
+
+    running: bool
+    reason: str | None = None
+    message: str = ""
+    since: str | None = None
+
+
+def _timestamp(pod: Mapping[str, Any]) -> str:
+    return str((pod.get("metadata") or {}).get("creationTimestamp") or "")
+
+
+def pod_state(pods: Iterable[Mapping[str, Any]]) -> PodState | None:
+    """What keeps an unfinished step's newest live pod from running, in the kubelet's or the scheduler's
+    words: `PodScheduled=False` (Unschedulable: Insufficient cpu, an unbound or missing claim), else a
+    container's waiting reason other than the ones of every start (ErrImageNeverPull, ImagePullBackOff,
+    ErrImagePull, CreateContainerConfigError, ...), init containers first. None: no live pod."""
+    live = [p for p in pods if (p.get("status") or {}).get("phase") in (None, PENDING, RUNNING)
+            and not (p.get("metadata") or {}).get("deletionTimestamp")]
+    if not live:
+        return None
+    if any((p.get("status") or {}).get("phase") == RUNNING for p in live):
+        return PodState(running=True)
+    pod = max(live, key=_timestamp)
+    st = pod.get("status") or {}
+    since = rfc3339((pod.get("metadata") or {}).get("creationTimestamp")) or None
+    for condition in st.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            return PodState(False, condition.get("reason") or "Unschedulable", condition.get("message") or "",
+                            rfc3339(condition.get("lastTransitionTime")) or since)
+    for statuses, init in ((st.get("initContainerStatuses"), True), (st.get("containerStatuses"), False)):
+        for cs in statuses or []:
+            state = cs.get("state") or {}
+            if init and state.get("running"):
+                return PodState(running=True)  # `mmar init` runs: the step's work has started
+            waiting = state.get("waiting")
+            if waiting and waiting.get("reason") not in STARTING:
+                what = f"{'init container' if init else 'container'} {cs.get('name')}"
+                return PodState(False, waiting["reason"], f"{what}: {waiting.get('message') or waiting['reason']}", since)
+    return PodState(False, None, "", since)
+
+
+def _seconds_between(start: str | None, end: str) -> float:
+    try:
+        a = datetime.fromisoformat(str(rfc3339(start)).replace("Z", "+00:00"))
+        b = datetime.fromisoformat(str(rfc3339(end)).replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    return (b - a).total_seconds()
 
 
 def rfc3339(value: Any) -> Any:
@@ -75,6 +140,14 @@ def job_phase(child: Mapping[str, Any], queue: str | None = None) -> tuple[str, 
         if queue:
             return PENDING, "Queued", f"its Job waits for admission by Kueue (queue {queue})"
         return SUSPENDED, "JobSuspended", "its Job is suspended (spec.runPolicy.suspend)"
+    if "ready" in status:
+        # Kubernetes counts ready pods (1.24+): the Job controller sets `active` and `startTime` as soon as
+        # it created a pod, while that pod may still be Pending (unpullable image, unschedulable): only a
+        # ready pod means the step runs. A Job between two pods (one ended, the next not created) still runs.
+        if status["ready"]:
+            return RUNNING, "JobRunning", ""
+        if status.get("active"):
+            return PENDING, POD_STARTING, "its Job's pod is not running yet"
     if status.get("active") or status.get("startTime"):
         return RUNNING, "JobRunning", ""
     return PENDING, "JobCreated", ""
@@ -177,8 +250,38 @@ def _set_condition(previous: Iterable[Mapping[str, Any]], kind: str, true: bool,
     return condition
 
 
-def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed: Mapping[int, Observed], now: str) -> dict[str, Any]:
-    """The MMARJob status from the spec, the previous status and what each step's Job shows now."""
+def pending_timeout(job: Mapping[str, Any], default: int = DEFAULT_PENDING_TIMEOUT) -> int:
+    """Seconds a step's pod may stay unstartable before the step fails: the MMARJob's
+    spec.runPolicy.pendingTimeoutSeconds, else the operator's default."""
+    return int(job["spec"]["runPolicy"].get("pendingTimeoutSeconds") or default)
+
+
+def _pending(entry: dict[str, Any], pod: PodState | None, timeout: int, now: str) -> None:
+    """A step whose Job has no ready pod: Running if a container of its pod runs; Pending with the kubelet's
+    or the scheduler's reason while it cannot start; Failed with that reason once that lasted `timeout` s."""
+    if pod is None:
+        return
+    if pod.running:
+        entry.update(phase=RUNNING, reason="JobRunning")
+        entry.pop("message", None)
+        return
+    if pod.reason is None:
+        return
+    waited = _seconds_between(pod.since, now)
+    if waited >= timeout:
+        entry.update(phase=FAILED, reason=pod.reason, completionTime=now,
+                     message=f"its pod did not start within {timeout} s (spec.runPolicy.pendingTimeoutSeconds): "
+                             f"{pod.reason}: {pod.message}"[:MESSAGE_MAX])
+        entry.setdefault("startTime", now)
+    else:
+        entry.update(phase=PENDING, reason=pod.reason,
+                     message=f"its pod cannot start ({int(waited)} s of {timeout} s): {pod.reason}: {pod.message}"[:MESSAGE_MAX])
+
+
+def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed: Mapping[int, Observed], now: str,
+            *, pending_timeout_default: int = DEFAULT_PENDING_TIMEOUT) -> dict[str, Any]:
+    """The MMARJob status from the spec, the previous status and what each step's Job shows now.
+    `pending_timeout_default`: the operator's default of spec.runPolicy.pendingTimeoutSeconds."""
     previous = dict(previous or {})
     generation = job["metadata"].get("generation")
     remembered = {s.get("jobName"): s for s in previous.get("steps") or []}
@@ -225,6 +328,8 @@ def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed
                 message = _step_message(message, seen.failure, seen.message) if phase == FAILED else message
             if message:
                 entry["message"] = message[:MESSAGE_MAX]
+            if phase == PENDING and reason == POD_STARTING:
+                _pending(entry, seen.pod, pending_timeout(job, pending_timeout_default), now)
         steps.append(entry)
 
     status = _summarize(job, previous, steps, now, generation)
@@ -252,6 +357,9 @@ def _summarize(job: Mapping[str, Any], previous: Mapping[str, Any], steps: list[
         phase, reason, message = SUSPENDED, "Suspended", f"suspended before step {current['name']} completed (spec.runPolicy.suspend)"
     elif current.get("reason") == "Queued":
         phase, reason, message = PENDING, "Queued", f"step {current['name']} is queued: {current.get('message') or 'its Job waits for admission'}"
+    elif current["phase"] == PENDING and current.get("reason") not in (POD_STARTING, "JobCreated"):
+        # the kubelet's or the scheduler's reason (ErrImageNeverPull, Unschedulable, ...): not running
+        phase, reason, message = PENDING, current["reason"], f"step {current['name']} is pending: {current.get('message', '')}"
     elif current["phase"] == RUNNING or any(s["phase"] == SUCCEEDED for s in steps):
         # between two steps (the next Job created, its pod not started) the job is still running
         phase, reason, message = RUNNING, "StepRunning", f"step {current['name']} is {_doing(current)}"

@@ -421,3 +421,61 @@ class LinearWarmUp:
             for group, lr in zip(self.optimizer.param_groups, self._scheduled):
                 group["lr"] = lr
             self._scheduled = None
+
+
+# ------------------------------------------------------------------------------------- multi-node
+
+
+DEFAULT_RESOLVE_SECONDS = 180
+
+
+def wait_for_address(host: str, seconds: float, *, resolve: Any = None, sleep: Any = None,
+                     clock: Any = None) -> str:
+    """Wait until `host` (rank 0's name, PET_MASTER_ADDR) resolves, at most `seconds`; return its address.
+
+    On Kubernetes a multi-node step's pods find rank 0 by its headless-Service name. Without working cluster
+    DNS, torchrun's rendezvous retries `Temporary failure in name resolution` for many minutes while the
+    step looks like it runs: the operator renders this wait as an init container, so the step fails after
+    `seconds` with a message that names the name and why."""
+    import socket
+    import time
+
+    resolve = resolve or socket.getaddrinfo
+    sleep = sleep or time.sleep
+    clock = clock or time.monotonic
+    start = clock()
+    while True:
+        try:
+            return str(resolve(host, None)[0][4][0])
+        except OSError as error:
+            if clock() - start >= seconds:
+                raise MMARError(
+                    f"rank 0's address {host} did not resolve within {seconds:g} s ({error}): the cluster DNS does "
+                    "not answer for the pods of the step's headless Service (check the cluster's DNS, e.g. CoreDNS, "
+                    "and that the pods' subdomain names the Service)") from None
+            sleep(min(2.0, max(0.1, seconds / 50)))
+
+
+def _main(argv: Sequence[str]) -> int:
+    """`python -m mmar.distributed wait-for-address HOST SECONDS`: exit 1 with the reason in
+    /dev/termination-log (when writable) and on stderr if HOST does not resolve in time."""
+    if len(argv) != 3 or argv[0] != "wait-for-address":
+        print("usage: python -m mmar.distributed wait-for-address HOST SECONDS", file=sys.stderr)
+        return 2
+    try:
+        address = wait_for_address(argv[1], float(argv[2]))
+    except MMARError as error:
+        message = f"error: {error}"
+        print(message, file=sys.stderr)
+        try:
+            with open("/dev/termination-log", "w", encoding="utf-8") as log:
+                log.write(message)
+        except OSError:
+            pass
+        return 1
+    print(f"rank 0 ({argv[1]}) is at {address}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

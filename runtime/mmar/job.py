@@ -324,13 +324,15 @@ def validate(job: dict[str, Any]) -> None:
     if not isinstance(policy, dict):
         _fail("spec.runPolicy", "must be a mapping")
     for key in policy:
-        if key not in ("backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "suspend"):
+        if key not in ("backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "suspend", "pendingTimeoutSeconds"):
             _fail(f"spec.runPolicy.{key}", "unknown field")
     _check_int(policy["backoffLimit"], "spec.runPolicy.backoffLimit", 0, 100)
     if "activeDeadlineSeconds" in policy:
         _check_int(policy["activeDeadlineSeconds"], "spec.runPolicy.activeDeadlineSeconds", 1)
     if "ttlSecondsAfterFinished" in policy:
         _check_int(policy["ttlSecondsAfterFinished"], "spec.runPolicy.ttlSecondsAfterFinished", 0)
+    if "pendingTimeoutSeconds" in policy:  # the operator's: how long a step's pod may fail to start
+        _check_int(policy["pendingTimeoutSeconds"], "spec.runPolicy.pendingTimeoutSeconds", 1)
     if not isinstance(policy["suspend"], bool):
         _fail("spec.runPolicy.suspend", "must be true or false")
 

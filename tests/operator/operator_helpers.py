@@ -186,6 +186,10 @@ class FakeKube:
         self._call("list_jobs")
         return self._list("Job", namespace, label_selector)
 
+    def get_api_resources(self, _request_timeout=None):
+        self._call("get_api_resources")
+        return {"resources": []}
+
     # -- CoreV1Api
     def create_namespaced_service(self, namespace, body):
         self._call("create_service")
@@ -240,6 +244,28 @@ class FakeKube:
                          "annotations": {"batch.kubernetes.io/job-completion-index": "0"}},
             "status": {"phase": "Succeeded" if ok else "Failed",
                        "containerStatuses": [{"name": "mmar", "state": {"terminated": {"exitCode": 0 if ok else 1, "finishedAt": at, "message": message}}}]},
+        }
+
+    def pend(self, name: str, *, waiting: tuple[str, str] | None = None, unschedulable: str | None = None,
+             init_running: bool = False, namespace: str = "ns", created: str = "2026-01-01T00:00:00Z") -> None:
+        """What the real Job controller and kubelet show of a pod that does not run: the Job `active` with
+        `ready: 0` (and its startTime), the pod Pending with a container's waiting reason, or
+        PodScheduled=False, or (init_running) its init container running."""
+        job = self.objects[("Job", namespace, name)]
+        job["status"] = {"active": 1, "ready": 0, "startTime": created}
+        status: dict[str, Any] = {"phase": "Pending", "conditions": []}
+        if unschedulable is not None:
+            status["conditions"].append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                         "message": unschedulable, "lastTransitionTime": created})
+        if waiting is not None:
+            status["containerStatuses"] = [{"name": "mmar", "state": {"waiting": {"reason": waiting[0], "message": waiting[1]}}}]
+        if init_running:
+            status["initContainerStatuses"] = [{"name": "mmar-init", "state": {"running": {"startedAt": created}}}]
+            status["containerStatuses"] = [{"name": "mmar", "state": {"waiting": {"reason": "PodInitializing"}}}]
+        self.objects[("Pod", namespace, f"{name}-0-pend")] = {
+            "metadata": {"name": f"{name}-0-pend", "namespace": namespace, "labels": {"job-name": name},
+                         "creationTimestamp": created, "annotations": {"batch.kubernetes.io/job-completion-index": "0"}},
+            "status": status,
         }
 
     def fail_init(self, name: str, message: str, namespace: str = "ns", at: str = "2026-01-01T01:00:00Z") -> None:

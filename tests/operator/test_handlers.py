@@ -591,3 +591,82 @@ def test_finished_mmarjobs_are_not_kept_in_memory(kube, cluster, metrics, monkey
     event("MODIFIED", kube.mmarjob())
     handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})  # e.g. the echo of its TTL patch
     assert known.mmarjob("ns", "spleen") is None and not known._bodies and not any(known._jobs.values())
+
+
+# ------------------------------------------------------------- a step whose pod does not (yet) run
+
+
+def reason_of(st):
+    """While Pending, the Running condition (False) says why."""
+    return next(c["reason"] for c in st["conditions"] if c["type"] == "Running")
+
+
+def test_a_pod_that_cannot_start_is_pending_with_the_kubelets_reason_then_fails(kube, cluster, metrics):
+    """The real Job controller sets `active` and `startTime` while the pod is still Pending: that is not
+    Running. The kubelet's waiting reason is the step's and the MMARJob's, and after the pending timeout
+    (spec.runPolicy.pendingTimeoutSeconds) the step fails with it and its Job is stopped."""
+    body(kube, {"type": "train"}, runPolicy={"pendingTimeoutSeconds": 120})
+    reconcile(kube, cluster, metrics)
+    kube.pend("spleen-0-train", waiting=("ErrImageNeverPull", 'Container image "mmar:9" is not present with pull policy of Never'))
+    st = reconcile(kube, cluster, metrics, now="2026-01-01T00:01:00Z")
+    assert (st["phase"], st["steps"][0]["phase"], st["steps"][0]["reason"]) == ("Pending", "Pending", "ErrImageNeverPull")
+    assert st["message"] == ('step train is pending: its pod cannot start (60 s of 120 s): ErrImageNeverPull: container mmar: '
+                             'Container image "mmar:9" is not present with pull policy of Never')
+    running = next(c for c in st["conditions"] if c["type"] == "Running")
+    assert (running["status"], running["reason"]) == ("False", "ErrImageNeverPull")
+    assert "activeDeadlineSeconds" not in kube.jobs()[0]["spec"]
+
+    st = reconcile(kube, cluster, metrics, now="2026-01-01T00:02:00Z")
+    assert (st["phase"], st["steps"][0]["phase"], st["steps"][0]["reason"]) == ("Failed", "Failed", "ErrImageNeverPull")
+    assert st["message"].startswith("step train failed: its pod did not start within 120 s (spec.runPolicy.pendingTimeoutSeconds): "
+                                    "ErrImageNeverPull: container mmar: Container image")
+    assert kube.jobs()[0]["spec"]["activeDeadlineSeconds"] == 1  # the Job controller ends it and its pod
+    # recorded: the Job's later states change nothing, and it is stopped once
+    kube.finish("spleen-0-train", ok=False, message=None)
+    calls = kube.calls.count("patch_job")
+    assert reconcile(kube, cluster, metrics, now="2026-01-01T00:03:00Z")["steps"][0]["reason"] == "ErrImageNeverPull"
+    assert kube.calls.count("patch_job") == calls and len(kube.jobs()) == 1
+
+
+def test_unschedulable_uses_the_operators_default_timeout(kube, cluster, metrics):
+    body(kube, {"type": "train"})
+    reconcile(kube, cluster, metrics)
+    kube.pend("spleen-0-train", unschedulable="0/1 nodes are available: 1 Insufficient cpu.")
+    st = reconcile(kube, cluster, metrics, now="2026-01-01T00:09:59Z")
+    assert (st["phase"], reason_of(st)) == ("Pending", "Unschedulable")
+    assert st["steps"][0]["message"] == f"its pod cannot start (599 s of {CONFIG.pending_timeout_seconds} s): Unschedulable: 0/1 nodes are available: 1 Insufficient cpu."
+    st = reconcile(kube, cluster, metrics, now="2026-01-01T00:10:00Z")
+    assert (st["phase"], st["steps"][0]["reason"]) == ("Failed", "Unschedulable")
+
+
+def test_a_pod_being_set_up_or_initializing_is_not_a_problem(kube, cluster, metrics):
+    body(kube, {"type": "train"}, runPolicy={"pendingTimeoutSeconds": 1})
+    reconcile(kube, cluster, metrics)
+    kube.pend("spleen-0-train", waiting=("ContainerCreating", ""))
+    st = reconcile(kube, cluster, metrics, now="2026-01-01T01:00:00Z")  # long past the timeout: no problem known
+    assert (st["phase"], reason_of(st), st["steps"][0]["phase"]) == ("Pending", "StepPending", "Pending")
+    kube.pend("spleen-0-train", init_running=True)  # `mmar init` runs in the init container: the step runs
+    st = reconcile(kube, cluster, metrics, now="2026-01-01T01:00:00Z")
+    assert (st["phase"], st["steps"][0]["phase"]) == ("Running", "Running")
+    kube.objects[("Job", "ns", "spleen-0-train")]["status"]["ready"] = 1
+    kube.objects[("Pod", "ns", "spleen-0-train-0-pend")]["status"]["phase"] = "Running"
+    calls = kube.calls.count("list_pods")
+    assert reconcile(kube, cluster, metrics)["phase"] == "Running"
+    assert kube.calls.count("list_pods") == calls  # a ready pod: no pod is read
+
+
+def test_probe_is_not_ok_until_the_api_server_answered(kube, cluster, monkeypatch):
+    runtime = handlers.Runtime()
+    monkeypatch.setattr(handlers, "RUNTIME", runtime)
+    with pytest.raises(kopf.PermanentError, match="no API client"):
+        handlers._probe()
+    runtime.cluster = cluster
+    kube.fail_next = [ConnectionRefusedError(111, "Connection refused")]
+    with pytest.raises(kopf.PermanentError, match="has not answered yet.*Connection refused"):
+        handlers._probe()
+    assert handlers._probe() == "ok" and kube.calls.count("get_api_resources") == 2
+    assert handlers._probe() == "ok" and kube.calls.count("get_api_resources") == 2  # reached: no more requests
+    other = Cluster(kube, kube, kube, sleep=lambda s: None)
+    other.jobs_of("ns", "spleen")  # any answered request counts
+    runtime.cluster = other
+    assert handlers._probe() == "ok" and kube.calls.count("get_api_resources") == 2

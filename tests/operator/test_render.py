@@ -62,6 +62,12 @@ def test_pod_runs_the_contract_argv(kind, nodes):
     assert env["MMAR_JOB_NAME"] == "spleen" and env["MMAR_STEP"] == kind and env["MMAR_METRICS_PORT"] == "9400"
     assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in main["ports"]
     init = pod.get("initContainers", [])
+    if nodes > 1:  # first every rank waits, bounded, for rank 0's name (mmar.distributed.wait_for_address)
+        wait, *init = init
+        assert wait["name"] == render.RENDEZVOUS_CONTAINER and wait["volumeMounts"] == []
+        assert wait["command"] + wait["args"] == ["python", "-m", "mmar.distributed", "wait-for-address",
+                                                  "$(PET_MASTER_ADDR)", str(render.RENDEZVOUS_DNS_SECONDS)]
+        assert {"name": "PET_MASTER_ADDR", "value": f"spleen-0-{kind}-0.spleen-0-{kind}"} in wait["env"]
     if kind == "convert":
         assert init == []  # convert does not touch the MMAR
     else:
@@ -78,6 +84,9 @@ def test_restricted_security_and_volumes(kind, nodes):
         sc = container["securityContext"]
         assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
         assert sc["runAsNonRoot"] is True and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        if container["name"] == render.RENDEZVOUS_CONTAINER:  # resolves a name: no volume
+            assert container["volumeMounts"] == []
+            continue
         mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
         assert set(mounts) == {"/workspace", "/data", "/dev/shm"}
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -213,3 +222,94 @@ def test_rendered_objects_share_no_mutable_parts():
 
     _, objects = rendered("train", 2)
     assert "&id" not in yaml.safe_dump_all(objects)
+
+
+def test_default_resources_per_step_type():
+    """The operator's per-type defaults (chart runtime.stepResources) come before its one default; the
+    MMARJob's own resources before both; a type without its own default gets the one default."""
+    small = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
+    big = {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "32Gi"}}
+    config = Config(default_resources={"requests": {"cpu": "1"}}, step_resources={"convert": small, "train": big})
+    job = contract.parse(manifest(STEPS["convert"], STEPS["train"], STEPS["validate"], gpusPerNode=1))
+    res = [render.render_step(job, i, config)[0]["spec"]["template"]["spec"]["containers"][0]["resources"] for i in range(3)]
+    assert res[0] == small
+    assert res[1] == {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "32Gi", "nvidia.com/gpu": "1"}}
+    assert res[2] == {"requests": {"cpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
+    job = contract.parse(manifest(STEPS["convert"], resources={"requests": {"cpu": "2"}}))
+    assert render.render_step(job, 0, config)[0]["spec"]["template"]["spec"]["containers"][0]["resources"] == {"requests": {"cpu": "2"}}
+
+
+def test_preemption_is_not_a_failure_and_sigterm_has_time_to_save():
+    """A pod deleted (exit 143 of container mmar after SIGTERM) or evicted/preempted (DisruptionTarget)
+    is retried by the Job without counting against backoffLimit; podFailurePolicy needs restartPolicy
+    Never; the grace period leaves the runtime time to save its state."""
+    for kind, nodes in CASES:
+        job, pod = pod_of(rendered(kind, nodes)[1])
+        rules = job["spec"]["podFailurePolicy"]["rules"]
+        assert {"action": "Ignore", "onExitCodes": {"containerName": "mmar", "operator": "In", "values": [143]}} in rules
+        assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+        assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] >= 60
+        assert all(r["action"] != "Ignore" or r.get("onExitCodes", {}).get("values") in (None, [143]) for r in rules)
+
+
+def test_chart_default_pull_secrets_unless_the_mmarjob_names_its_own():
+    config = Config(image_pull_secrets=("regcred", "mirror"))
+    _, pod = pod_of(render.render_step(contract.parse(manifest(STEPS["train"])), 0, config))
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+    _, pod = pod_of(render.render_step(contract.parse(manifest(STEPS["train"], imagePullSecrets=[{"name": "own"}])), 0, config))
+    assert pod["imagePullSecrets"] == [{"name": "own"}]
+    _, pod = pod_of(render.render_step(contract.parse(manifest(STEPS["train"])), 0, Config()))
+    assert "imagePullSecrets" not in pod
+
+
+def test_config_step_resources_pull_secrets_and_pending_timeout_from_env(monkeypatch):
+    monkeypatch.setenv("MMAR_OPERATOR_STEP_RESOURCES", '{"convert": {"requests": {"cpu": "500m"}}}')
+    monkeypatch.setenv("MMAR_OPERATOR_IMAGE_PULL_SECRETS", "regcred, mirror")
+    monkeypatch.setenv("MMAR_OPERATOR_PENDING_TIMEOUT_SECONDS", "90")
+    config = Config.from_env()
+    assert config.step_resources == {"convert": {"requests": {"cpu": "500m"}}}
+    assert (config.image_pull_secrets, config.pending_timeout_seconds) == (("regcred", "mirror"), 90)
+    monkeypatch.setenv("MMAR_OPERATOR_STEP_RESOURCES", '{"convrt": {"requests": {"cpu": "500m"}}}')
+    with pytest.raises(ValueError, match="MMAR_OPERATOR_STEP_RESOURCES: 'convrt' is not a step type"):
+        Config.from_env()
+    monkeypatch.setenv("MMAR_OPERATOR_STEP_RESOURCES", '{"convert": {"cpu": "1"}}')
+    with pytest.raises(ValueError, match="MMAR_OPERATOR_STEP_RESOURCES: convert must be"):
+        Config.from_env()
+    monkeypatch.delenv("MMAR_OPERATOR_STEP_RESOURCES")
+    monkeypatch.setenv("MMAR_OPERATOR_PENDING_TIMEOUT_SECONDS", "0")
+    with pytest.raises(ValueError, match="MMAR_OPERATOR_PENDING_TIMEOUT_SECONDS must be at least 1"):
+        Config.from_env()
+
+
+def test_config_step_types_are_the_contracts():
+    from mmar_operator import config as config_module
+
+    assert config_module.STEP_TYPES == contract.STEP_TYPES
+
+
+def test_rank_zero_address_wait_is_bounded_and_names_the_cause():
+    from mmar import distributed
+    from mmar.errors import MMARError
+
+    clock = [0.0]
+    calls = []
+
+    def resolve(host, port):
+        calls.append(host)
+        if len(calls) < 3:
+            raise OSError(-3, "Temporary failure in name resolution")
+        return [(2, 1, 6, "", ("10.244.0.7", 0))]
+
+    def sleep(seconds):
+        clock[0] += seconds
+
+    assert distributed.wait_for_address("j-0.j", 30, resolve=resolve, sleep=sleep, clock=lambda: clock[0]) == "10.244.0.7"
+    calls.clear()
+    clock[0] = 0.0
+
+    def never(host, port):
+        raise OSError(-3, "Temporary failure in name resolution")
+
+    with pytest.raises(MMARError, match=r"rank 0's address j-0.j did not resolve within 5 s .*Temporary failure in name resolution"):
+        distributed.wait_for_address("j-0.j", 5, resolve=never, sleep=sleep, clock=lambda: clock[0])
+    assert 5 <= clock[0] < 8  # bounded: it gave up right after the limit
