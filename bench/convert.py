@@ -84,6 +84,101 @@ def make_large(sources: list[Path], target: Path, minimum: int) -> int:
     return written
 
 
+def _mosaic_series(folder: Path) -> list[list[Path]]:
+    """The uncompressed Siemens mosaic series under `folder` (real EPI: ImageType MOSAIC), each as its files."""
+    import pydicom
+
+    series: dict[str, list[Path]] = {}
+    for path in dicom_files(folder):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        compressed = ds.file_meta.TransferSyntaxUID.is_compressed
+        if "MOSAIC" in [str(v).upper() for v in ds.get("ImageType", ())] and not compressed:
+            series.setdefault(str(ds.SeriesInstanceUID), []).append(path)
+    return [sorted(paths) for _uid, paths in sorted(series.items(), key=lambda item: str(item[1][0]))]
+
+
+def _csa_not_mosaic(raw: bytes) -> bytes:
+    """A CSA2 image header with NumberOfImagesInMosaic's values set to 1 (same length, same layout): the
+    header of a slice that is not a mosaic, as dcm2niix reads it to decide."""
+    import struct
+
+    data = bytearray(raw)
+    if data[:4] != b"SV10":
+        raise SystemExit("expected a CSA2 image header")
+    count = struct.unpack_from("<I", data, 8)[0]
+    offset = 16
+    for _ in range(count):
+        name, _vm, _vr, _syngodt, items, _last = struct.unpack_from("<64si4s3i", data, offset)
+        offset += 84
+        for _item in range(items):
+            size = struct.unpack_from("<4i", data, offset)[1]
+            offset += 16
+            if name.split(b"\0", 1)[0] == b"NumberOfImagesInMosaic" and size > 0:
+                data[offset:offset + size] = b"1".ljust(size, b"\0")
+            offset += size + (-size % 4)
+    return bytes(data)
+
+
+def make_epi(source: Path, target: Path, minimum: int) -> int:
+    """The common case of real scanners: one file per 2D EPI slice. Each real Siemens mosaic under `source`
+    (dicom-qa: 35 or 36 slices of 64x64, 2 volumes per series) is cut into its tiles, one DICOM file per tile
+    with the mosaic's own header (vendor private tags and the CSA image header kept, its
+    NumberOfImagesInMosaic set to 1; the 74 KB CSA series header dropped, so a file is ~22 KB as on scanners
+    that store slices), ImageType without MOSAIC,
+    ImagePositionPatient of the tile, new SOP Instance UIDs. Whole series are added, copy after copy (each
+    copy new Study/Series/Frame of Reference UIDs), until the folder holds >= minimum files."""
+    import numpy as np
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    sys.path.insert(0, str(ROOT / "runtime"))
+    from mmar.convert import mosaic
+
+    series = _mosaic_series(source)
+    if not series:
+        raise SystemExit(f"no Siemens mosaic series under {source}")
+    written, copy = 0, 0
+    while written < minimum:
+        for files in series:
+            if written >= minimum:
+                break
+            uids = {keyword: generate_uid() for keyword in ("StudyInstanceUID", "SeriesInstanceUID",
+                                                            "FrameOfReferenceUID")}
+            folder = target / f"epi{copy:02d}_{files[0].parent.name}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for volume, path in enumerate(files):
+                ds = pydicom.dcmread(path)
+                tags = mosaic.csa_image_tags(ds)
+                count, side, tile_rows, tile_cols = mosaic.mosaic_layout(ds, tags)
+                orient = [float(v) for v in ds.ImageOrientationPatient]
+                row, col = np.asarray(orient[:3]), np.asarray(orient[3:])
+                normal = mosaic.slice_normal(ds, tags, row, col)
+                spacing = (float(ds.PixelSpacing[1]), float(ds.PixelSpacing[0]))
+                first = mosaic.first_tile_position([float(v) for v in ds.ImagePositionPatient], row, col, spacing,
+                                                   int(ds.Rows), int(ds.Columns), tile_rows, tile_cols)
+                step = float(ds.get("SpacingBetweenSlices", 0) or ds.SliceThickness)
+                pixels = ds.pixel_array
+                tiles = mosaic.split_tiles(pixels, count, side).astype(pixels.dtype.newbyteorder("<"))
+                for keyword, value in uids.items():
+                    setattr(ds, keyword, value)
+                ds.ImageType = [v for v in ds.ImageType if str(v).upper() != "MOSAIC"]
+                for tag in ((0x0029, 0x1020), (0x0019, 0x100A)):
+                    if tag in ds:
+                        del ds[tag]
+                ds.Rows, ds.Columns = tile_rows, tile_cols
+                ds[mosaic.CSA_IMAGE_HEADER].value = _csa_not_mosaic(bytes(ds[mosaic.CSA_IMAGE_HEADER].value))
+                for tile in range(count):
+                    ds.ImagePositionPatient = [f"{v:.6f}" for v in first + tile * step * normal]
+                    ds.InstanceNumber = volume * count + tile + 1
+                    ds.SOPInstanceUID = generate_uid()
+                    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+                    ds.PixelData = np.ascontiguousarray(tiles[tile]).tobytes()
+                    ds.save_as(folder / f"IM{volume:02d}{tile:03d}.dcm", enforce_file_format=False)
+                    written += 1
+        copy += 1
+    return written
+
+
 def run_once(name: str, data: Path) -> tuple[float, int]:
     out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     command = tool_commands(data, out)[name]

@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmar.convert import header
 from mmar.convert.dicom import SliceInfo, slices_from_header
 
 # SOP classes / modalities that hold no image volume: reported as skipped, never as a volume.
@@ -90,7 +91,33 @@ def _looks_like_dicom(path: Path) -> bool:
 def read_header(root: Path, path: Path) -> tuple:
     """One file's header -> what it is, as plain data:
     ("ignored",) | ("skipped", Skipped, lost, unreadable uid or None) | ("non_image", uid, kind, rel)
-    | ("image", uid, [SliceInfo], (SOPInstanceUID, SeriesNumber, SeriesDescription))."""
+    | ("image", uid, [SliceInfo], (SOPInstanceUID, SeriesNumber, SeriesDescription)).
+
+    The plain image file (little endian, a whole header, the values as expected) is read by `header.read`,
+    which decodes only the elements the converter needs; anything else by pydicom (`read_header_pydicom`),
+    which also words what is wrong with a file."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0
+    fast = header.read(path, size) if size else None
+    if fast is not None:
+        ds, header_end = fast
+        modality = str(ds.get("Modality", "")).upper()
+        if "Rows" in ds and "Columns" in ds and modality not in NON_IMAGE_MODALITIES:
+            try:
+                infos = slices_from_header(ds, path, header_end)
+            except ValueError as error:
+                rel = path.relative_to(root)
+                return ("skipped", Skipped(str(rel), f"unusable image header: {error}", failed=True), False, None)
+            ident = (str(ds.get("SOPInstanceUID", "")), str(ds.get("SeriesNumber", "") or ""),
+                     str(ds.get("SeriesDescription", "") or "").strip())
+            return ("image", str(ds.get("SeriesInstanceUID", "")), infos, ident)
+    return read_header_pydicom(root, path)
+
+
+def read_header_pydicom(root: Path, path: Path) -> tuple:
+    """`read_header` by pydicom: every file the fast path does not take (and the tests' reference)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
