@@ -26,13 +26,13 @@ def test_environment_paths_and_defaults(seg_mmar):
 
 @pytest.mark.parametrize("override, message", [
     ("epoch=3", "unknown config key 'epoch' \\(did you mean 'epochs'\\?\\)"),
-    ("train#batchsize=3", "unknown config key train#'batchsize' \\(did you mean 'batch_size'\\?\\)"),
+    ("train#batchsize=3", "unknown config key 'train#batchsize' \\(did you mean 'train#batch_size'\\?\\)"),
     ("epochs", "expected KEY=VALUE"),
     # keys nothing reads are unknown too: `compile`, `log_every` and `deterministic` used to be accepted
     # and silently did nothing (no torch.compile, no deterministic algorithms)
-    ("train#compile=true", "unknown config key train#'compile'"),
-    ("train#log_every=10", "unknown config key train#'log_every'"),
-    ("determinism#deterministic=true", "unknown config key determinism#'deterministic'"),
+    ("train#compile=true", "unknown config key 'train#compile'"),
+    ("train#log_every=10", "unknown config key 'train#log_every'"),
+    ("determinism#deterministic=true", "unknown config key 'determinism#deterministic'"),
 ])
 def test_unknown_keys_are_errors(seg_mmar, override, message):
     with pytest.raises(MMARError, match=message):

@@ -172,18 +172,28 @@ def load_archive(
     env = read_json(env_file, "environment file")
     if not isinstance(env, dict):
         raise MMARError(f"{env_file}: must hold a JSON object")
-    unknown = sorted(set(env) - set(ENV_KEYS))
-    if unknown:
-        raise MMARError(f"{env_file}: unknown key {_with_hint(unknown[0], ENV_KEYS)}")
 
     files = [config_path(root, TRAIN_CONFIG)]
     if for_validation and config_path(root, VALIDATION_CONFIG).is_file():
         files.append(config_path(root, VALIDATION_CONFIG))
-    config: dict[str, Any] = {}
+    contents = []
     for path in files:
         content = read_json(path, "config file")
         if not isinstance(content, dict):
             raise MMARError(f"{path}: must hold a JSON object")
+        contents.append(content)
+    # a Clara Train MMAR is said to be one, once, before its keys are refused one at a time
+    for path, content in zip(files, contents):
+        check_not_clara(content, path, env)
+    env = translate_clara_env(env, env_file)
+    unknown = sorted(set(env) - set(ENV_KEYS))
+    if "MMAR_TORCHSCRIPT" in unknown:
+        raise MMARError(f"{env_file}: MMAR_TORCHSCRIPT is Clara v4's key: `mmar export` writes MMAR_CKPT_DIR/model.ts; "
+                        f"remove it ({MIGRATION_DOC})")
+    if unknown:
+        raise MMARError(f"{env_file}: unknown key {_with_hint(unknown[0], ENV_KEYS)}")
+    config: dict[str, Any] = {}
+    for path, content in zip(files, contents):
         check_keys(content, path)
         check_values(content, path)
         config.update(content)
@@ -194,6 +204,7 @@ def load_archive(
         if key in ENV_KEYS:
             env[key] = str(value)
             continue
+        check_no_code(item, key, value)
         set_by_path(config, key, value)
         # checked one by one: the error names the --set item at fault (the files passed already)
         check_keys(config, f"--set {item}")
@@ -203,6 +214,167 @@ def load_archive(
 
     env = resolve_env(root, env)
     return Archive(root=root, env=env, config=config, config_files=files)
+
+
+# ---- `--set` values are data: no code -------------------------------------------------------------------
+
+ALLOW_EXPRESSIONS = "MMAR_ALLOW_EXPRESSIONS"
+
+
+def _code_in(value: Any) -> str | None:
+    """What in a `--set` value would make MONAI run code or read another file, described; None for plain data.
+
+    `$...` is a Python expression (eval), `%...` a macro (the content of another config file, itself possibly
+    holding expressions), and a key such as `_target_` / `_mode_` / `_requires_` turns an object into a
+    component: MONAI imports and calls whatever it names (`subprocess.run` as well as `monai.losses.DiceLoss`).
+    `@other#key` references stay allowed: they only point at what the config files already hold.
+    """
+    if isinstance(value, str):
+        if value.startswith("$"):
+            return f"`{value}` is a Python expression (MONAI evaluates what follows `$`)"
+        if value.startswith("%"):
+            return f"`{value}` is a macro (MONAI reads it from another config file, expressions included)"
+        return None
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if _is_component_key(key):
+                return f"`{key}` makes a component (MONAI imports and calls what it names)"
+            found = _code_in(inner)
+            if found:
+                return found
+    if isinstance(value, list):
+        for inner in value:
+            found = _code_in(inner)
+            if found:
+                return found
+    return None
+
+
+def _is_component_key(key: Any) -> bool:
+    return isinstance(key, str) and len(key) > 2 and key.startswith("_") and key.endswith("_")
+
+
+def check_no_code(item: str, key: str, value: Any) -> None:
+    """`--set` (the command line, an MMARJob's `set:`) carries values, not code, unless MMAR_ALLOW_EXPRESSIONS=1.
+
+    The config files may hold expressions and components: whoever writes them owns the MMAR. A `--set` value
+    comes from a command line or a manifest, where someone allowed to start a job need not be allowed to run
+    Python in the runtime image (docs/security.md).
+    """
+    if os.environ.get(ALLOW_EXPRESSIONS, "") == "1":
+        return
+    parts = split_key(key)
+    found = next((f"`{part}` makes a component (MONAI imports and calls what it names)"
+                  for part in parts if _is_component_key(part)), None) or _code_in(value)
+    if found:
+        raise MMARError(
+            f"--set {item}: {found}; --set takes plain values (numbers, text, lists, objects), so that a command "
+            f"line or an MMARJob's set: cannot run code. Write it in config/{TRAIN_CONFIG} instead, or set "
+            f"{ALLOW_EXPRESSIONS}=1 to allow code in --set (docs/security.md)")
+
+
+# ---- Clara Train MMARs ---------------------------------------------------------------------------------
+
+MIGRATION_DOC = "docs/clara-migration.md"
+# what only a Clara Train (v3 TensorFlow, v4 PyTorch) config holds: top-level keys, and train / validate keys
+CLARA_TOP_LEVEL = {"dynamic_input_shape", "cudnn_benchmark", "dont_load_ckpt_model", "network_summary",
+                   "use_scanning_window", "use_amp", "train_summary_recording_interval", "dont_save_segmentation",
+                   "model"}
+CLARA_SECTION = {"model", "pre_transforms", "post_transforms", "image_pipeline", "dataset", "dataloader",
+                 "trainer", "evaluator", "handlers", "aux_ops", "model_loader", "train_summary_recording_interval"}
+# v4's environment keys: the checkpoint file (its folder is MMAR_CKPT_DIR) and the TorchScript file
+CLARA_ENV = {"MMAR_CKPT", "MMAR_TORCHSCRIPT"}
+# Clara keys that mean the same in mmar (carried by `mmar init --from-clara`)
+CLARA_SAME_KEYS = ("epochs", "learning_rate", "num_training_epoch_per_valid", "num_interval_per_valid", "amp",
+                   "determinism")
+
+
+def _clara_component(value: Any) -> str | None:
+    """`{"name": "UNet", "args": {...}}` -> "UNet": Clara's component form (mmar's is `_target_`)."""
+    if isinstance(value, dict) and isinstance(value.get("name"), str) and "_target_" not in value:
+        return value["name"]
+    return None
+
+
+def clara_evidence(config: dict[str, Any]) -> list[str]:
+    """The keys that make `config` a Clara Train config, each as `where (what)`; empty for an mmar config."""
+    found = [key for key in config if key in CLARA_TOP_LEVEL]
+    if isinstance(config.get("multi_gpu"), bool):
+        found.append("multi_gpu (true/false)")
+    name = _clara_component(config.get("network"))
+    if name:
+        found.append(f"network {{name: {name}}}")
+    for section in ("train", "validate"):
+        value = config.get(section)
+        if not isinstance(value, dict):
+            continue
+        for key, inner in value.items():
+            name = _clara_component(inner)
+            if isinstance(inner, list):
+                name = next((_clara_component(v) for v in inner if _clara_component(v)), None)
+            if key in CLARA_SECTION or name:
+                found.append(f"{section}#{key}" + (f" {{name: {name}, args}}" if name else ""))
+    return found
+
+
+def check_not_clara(config: dict[str, Any], path: Path, env: dict[str, Any]) -> None:
+    """One error for a Clara Train config, naming it as such, instead of refusing its keys one at a time."""
+    found = clara_evidence(config)
+    if not found:
+        return
+    env_keys = sorted(set(env) & CLARA_ENV)
+    version = "v4" if ("num_interval_per_valid" in config or env_keys
+                       or any(key.split(" ")[0].endswith(("#dataloader", "#dataset", "#handlers")) for key in found)) \
+        else "v3/v4"
+    shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    raise MMARError(
+        f"{path}: this is a Clara Train {version} config ({shown}): mmar builds MONAI components declared with "
+        "`_target_`, not Clara's {name, args}. Make an mmar MMAR from it with `mmar init NEW_DIR --from-clara "
+        f"{path.parent.parent}` (it keeps the datalist, DATA_ROOT, epochs, learning_rate, "
+        f"num_training_epoch_per_valid, amp and the random seed); {MIGRATION_DOC} maps every Clara key")
+
+
+def translate_clara_env(env: dict[str, Any], env_file: Path) -> dict[str, Any]:
+    """Clara v4's `MMAR_CKPT` (the checkpoint file) is read as `MMAR_CKPT_DIR`, its folder."""
+    if "MMAR_CKPT" not in env:
+        return env
+    env = dict(env)
+    ckpt = str(env.pop("MMAR_CKPT"))
+    folder = os.path.dirname(ckpt.rstrip("/")) or "."
+    if env.get("MMAR_CKPT_DIR") and os.path.normpath(str(env["MMAR_CKPT_DIR"])) != os.path.normpath(folder):
+        raise MMARError(
+            f"{env_file}: MMAR_CKPT ({ckpt}, Clara v4's checkpoint file) is not in MMAR_CKPT_DIR "
+            f"({env['MMAR_CKPT_DIR']}): mmar keeps its checkpoints in MMAR_CKPT_DIR (model.ckpt); remove MMAR_CKPT "
+            f"({MIGRATION_DOC})")
+    env["MMAR_CKPT_DIR"] = env.get("MMAR_CKPT_DIR") or folder
+    return env
+
+
+# ---- fine-tuning ----------------------------------------------------------------------------------------
+
+def finetune_start(archive: Archive, ckpt: str | None = None) -> Path | None:
+    """The checkpoint a new fine-tuning starts from, checked before any work; None when models/ holds a run.
+
+    `--ckpt`, else PRETRAIN_WEIGHTS_FILE, else MMAR_CKPT_DIR/model.ckpt (the engine's own order). Where
+    models/ holds a training state, the engine decides (a fine-tuning resumed, or started from that run's
+    model.ckpt, which it repairs from the state if a kill left it unwritten).
+    """
+    models = archive.models_dir
+    if ckpt is None and (models / "train_state.pt").is_file():
+        return None
+    if ckpt:
+        start, named = Path(ckpt).expanduser(), f"--ckpt {ckpt}"
+    elif archive.env.get("PRETRAIN_WEIGHTS_FILE"):
+        start, named = Path(archive.env["PRETRAIN_WEIGHTS_FILE"]), "PRETRAIN_WEIGHTS_FILE"
+    else:
+        start, named = models / "model.ckpt", "MMAR_CKPT_DIR/model.ckpt"
+    if not start.is_file():
+        raise MMARError(
+            f"fine-tuning needs a model to start from: {start} ({named}) "
+            f"{'is not a file' if start.exists() else 'does not exist'}. Train this MMAR first (commands/train.sh), "
+            "or name a checkpoint: --ckpt PATH, or PRETRAIN_WEIGHTS_FILE in config/environment.json "
+            "(or --set PRETRAIN_WEIGHTS_FILE=PATH)")
+    return start
 
 
 def resolve_env(root: Path, env: dict[str, str]) -> dict[str, str]:
@@ -232,7 +404,7 @@ def check_keys(config: dict[str, Any], source: Any) -> None:
             raise MMARError(f"{source}: `{section}` must be an object, got {type(value).__name__}")
         for key in value:
             if not key.startswith("_") and key not in allowed:
-                raise MMARError(f"{source}: unknown config key {section}#{_with_hint(key, allowed)}")
+                raise MMARError(f"{source}: unknown config key {_with_hint(f'{section}#{key}', allowed, section)}")
 
 
 def _whole_number(minimum: int, *, none: bool = False):
@@ -299,7 +471,8 @@ def check_values(config: dict[str, Any], source: Any) -> None:
             continue
         unknown = sorted(name for name in cache if name not in CACHE_VALUES and not name.startswith("_"))
         if unknown:
-            raise MMARError(f"{source}: unknown config key {section}#cache#{_with_hint(unknown[0], CACHE_VALUES)}")
+            raise MMARError(f"{source}: unknown config key "
+                            f"{_with_hint(f'{section}#cache#{unknown[0]}', CACHE_VALUES, f'{section}#cache')}")
         for name, (valid, expected) in CACHE_VALUES.items():
             if name in cache and not valid(cache[name]):
                 raise MMARError(f"{source}: {section}#cache#{name} must be {expected}, got {_shown(cache[name])}")
@@ -322,8 +495,27 @@ def _shown(value: Any) -> str:
         return repr(value)
 
 
-def _with_hint(key: str, known: Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1)
+def known_keys() -> set[str]:
+    """Every config key the runtime reads, written in full (`train#batch_size`, `validate#cache#rate`)."""
+    keys = set(TOP_LEVEL_KEYS)
+    for section, allowed in SECTION_KEYS.items():
+        keys |= {f"{section}#{key}" for key in allowed}
+    for section in ("train", "validate"):
+        keys |= {f"{section}#cache#{key}" for key in CACHE_VALUES}
+    return keys
+
+
+def _with_hint(key: str, known: Iterable[str], section: str = "") -> str:
+    """`'train#batchsize' (did you mean 'train#batch_size'?)`: the key in full, quoted whole, and the closest
+    known key, in full too: the same name in another section (`batch_size` -> `train#batch_size`,
+    `train#key_metric` -> `validate#key_metric`), else the closest among the keys of the same section (`known`,
+    named without the section), else the closest among every key the runtime reads."""
+    prefix = f"{section}#" if section else ""
+    name = key[len(prefix):]
+    every = known_keys() | ({prefix + other for other in known})
+    close = sorted(other for other in every if other.rsplit("#", 1)[-1] == name and other != key)[:1]
+    close = close or [prefix + match for match in difflib.get_close_matches(name, list(known), n=1)]
+    close = close or difflib.get_close_matches(key, sorted(every), n=1)
     return f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
 
 

@@ -13,9 +13,11 @@ list, the item and the field.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from mmar.errors import MMARError
 from mmar.label_format import label_number
@@ -25,6 +27,27 @@ from mmar.label_format import label_number
 AFFINE_TOLERANCE = 1e-3
 # lists a classification datalist holds beside its item lists (mmar.label_format)
 NOT_ITEM_LISTS = {"label_format", "label_names"}
+
+
+# the base folder of relative paths where a caller names none (`mmar init --file_root`, see `relative_to`)
+_DEFAULT_BASE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("mmar_datalist_base", default=None)
+# said when a relative path is missing under the datalist's own folder: Clara's datalists are often relative
+# to a data root elsewhere (its --file_root / image_base_dir)
+OTHER_ROOT_HINT = ("relative paths are read from the datalist's folder; if they are relative to another folder, "
+                   "name it with --file_root DIR (or DATA_ROOT in config/environment.json)")
+
+
+@contextlib.contextmanager
+def relative_to(base: str | Path | None) -> Iterator[None]:
+    """Within the block, `load_items` without a `base_dir` reads relative paths from `base` (when not None).
+
+    For code that reads a datalist through functions taking no base folder (the tasks' `inspect_datalist`,
+    called by `mmar init --file_root`)."""
+    token = _DEFAULT_BASE.set(Path(base).expanduser().resolve() if base else None)
+    try:
+        yield
+    finally:
+        _DEFAULT_BASE.reset(token)
 
 
 def load_json(path: str | Path) -> dict[str, Any]:
@@ -64,14 +87,19 @@ def load_items(
         raise MMARError(f"{path}: '{list_key}' must be a list of items")
     if not items:
         raise MMARError(f"{path}: '{list_key}' is empty")
-    base = Path(base_dir).resolve() if base_dir else path.parent
+    base = Path(base_dir).resolve() if base_dir else _DEFAULT_BASE.get()
+    hint = "" if base else OTHER_ROOT_HINT
+    base = base or path.parent
+    if check_files and not base.is_dir():
+        raise MMARError(f"{path}: the base folder of its relative paths does not exist: {base} "
+                        "(--file_root, image_base_dir or DATA_ROOT)")
     return [
-        _check_item(item, f"{path}: {list_key}[{index}]", base, image_key, label_key, require_label, check_files)
+        _check_item(item, f"{path}: {list_key}[{index}]", base, image_key, label_key, require_label, check_files, hint)
         for index, item in enumerate(items)
     ]
 
 
-def _check_item(item, where, base, image_key, label_key, require_label, check_files) -> dict[str, Any]:
+def _check_item(item, where, base, image_key, label_key, require_label, check_files, hint="") -> dict[str, Any]:
     if isinstance(item, str):  # inference lists may be plain file names
         item = {image_key: item}
     if not isinstance(item, dict):
@@ -81,9 +109,9 @@ def _check_item(item, where, base, image_key, label_key, require_label, check_fi
     if require_label and label_key not in item:
         raise MMARError(f"{where}: missing '{label_key}'")
     checked = dict(item)
-    checked[image_key] = _resolve(item[image_key], f"{where}.{image_key}", base, check_files)
+    checked[image_key] = _resolve(item[image_key], f"{where}.{image_key}", base, check_files, hint)
     if label_key in item and isinstance(item[label_key], (str, list)) and _looks_like_files(item[label_key]):
-        checked[label_key] = _resolve(item[label_key], f"{where}.{label_key}", base, check_files)
+        checked[label_key] = _resolve(item[label_key], f"{where}.{label_key}", base, check_files, hint)
         if check_files:
             check_label_aligned(checked, image_key, label_key, where)
     return checked
@@ -104,18 +132,19 @@ def _looks_like_files(value: Any) -> bool:
     return isinstance(value, str) and label_number(value) is None
 
 
-def _resolve(value: Any, where: str, base: Path, check_files: bool):
+def _resolve(value: Any, where: str, base: Path, check_files: bool, hint: str = ""):
     if isinstance(value, list):
         if not value or not all(isinstance(v, str) for v in value):
             raise MMARError(f"{where}: must be a file name or a non-empty list of file names")
-        files = [_resolve(v, where, base, check_files) for v in value]
+        files = [_resolve(v, where, base, check_files, hint) for v in value]
         return files if len(files) > 1 else files[0]
     if not isinstance(value, str) or not value:
         raise MMARError(f"{where}: must be a file name, got {value!r}")
     path = Path(value).expanduser()
-    path = path if path.is_absolute() else base / path
+    relative = not path.is_absolute()
+    path = base / path if relative else path
     if check_files and not path.is_file():
-        raise MMARError(f"{where}: file not found: {path}")
+        raise MMARError(f"{where}: file not found: {path}" + (f" ({hint})" if hint and relative else ""))
     return str(path)
 
 
