@@ -35,7 +35,7 @@ import torch
 from mmar.archive import Archive
 from mmar.engine import checkpoint
 from mmar.errors import MMARError
-from mmar.io import atomic_path, atomic_write
+from mmar.io import SPACE_ERRNOS, atomic_path, atomic_write
 from mmar.predict import EXPORT_JSON, default_checkpoint, file_sha256, load_file, load_network, tensorrt_unavailable
 
 FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx", "tensorrt": "model.trt"}
@@ -143,21 +143,28 @@ def export(
         raise MMARError(f"nothing exported: tensorrt was the only format asked for and {skipped['tensorrt']}")
 
     results: dict[str, dict[str, Any]] = {}
+    # every write below names its own file when the disk is full (`_named`): the temp files are nested, and
+    # an error left to them would be named after whichever temp file is unwound first
     with contextlib.ExitStack() as stack:
-        tmp = {name: stack.enter_context(atomic_path(models_dir / FORMATS[name])) for name in todo}
+        tmp: dict[str, Path] = {}
+        for name in todo:
+            target = models_dir / FORMATS[name]
+            tmp[name] = _named(target, stack.enter_context, atomic_path(target))
         onnx_file = tmp.get("onnx")
         if "tensorrt" in todo and onnx_file is None:  # the engine is built from an ONNX graph
-            onnx_file = stack.enter_context(_scratch(models_dir, ".onnx"))
+            onnx_file = _named(models_dir / ".export.onnx", stack.enter_context, _scratch(models_dir, ".onnx"))
         if "torchscript" in todo:
-            results["torchscript"] = write_torchscript(network, inputs, tmp["torchscript"], dynamic_spatial)
+            results["torchscript"] = _named(models_dir / FORMATS["torchscript"], write_torchscript, network, inputs,
+                                            tmp["torchscript"], dynamic_spatial)
         if onnx_file is not None:
-            info = write_onnx(network, inputs, onnx_file, dynamic_spatial, log)
+            info = _named(models_dir / FORMATS["onnx"] if "onnx" in todo else onnx_file, write_onnx, network, inputs,
+                          onnx_file, dynamic_spatial, log)
             if "onnx" in todo:
                 results["onnx"] = info
         if "tensorrt" in todo:
             max_batch = max_batch_of(archive, shape)
-            results["tensorrt"] = build_tensorrt(onnx_file, tmp["tensorrt"], precision=precision, input_shape=shape,
-                                                 max_batch=max_batch, log=log)
+            results["tensorrt"] = _named(models_dir / FORMATS["tensorrt"], build_tensorrt, onnx_file, tmp["tensorrt"],
+                                         precision=precision, input_shape=shape, max_batch=max_batch, log=log)
         for name in todo:
             fmt_precision = precision if name == "tensorrt" else "fp32"
             limit_fraction = tolerance if tolerance is not None else TOLERANCE[fmt_precision]
@@ -183,9 +190,7 @@ def export(
                 )
             log(f"{name}: {FORMATS[name]} max abs diff {diff:.2e} (tolerance {limit:.1e})")
         report = export_report(archive, meta, shape, precision, results, skipped)
-        with atomic_write(models_dir / EXPORT_JSON, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
-            handle.write("\n")
+        _named(models_dir / EXPORT_JSON, _write_report, models_dir / EXPORT_JSON, report)
     written = [str(models_dir / FORMATS[name]) for name in todo]
     log(f"exported {', '.join(todo)} -> {models_dir} (report: {models_dir / EXPORT_JSON})")
     stale = older_exports(report, meta["sha256"])
@@ -266,7 +271,15 @@ def write_torchscript(network: torch.nn.Module, inputs: Sequence[torch.Tensor], 
             with torch.no_grad():
                 module = torch.jit.trace(network, inputs[0], check_trace=False)
     module = torch.jit.freeze(module.eval()) if method == "script" else module
-    torch.jit.save(module, str(path))
+    # serialized in memory, then written by Python: torch.jit.save to a file name aborts the whole process
+    # (std::terminate from its zip writer's destructor, exit 134) when the disk fills up, where a write()
+    # from Python raises an OSError that names the file (`_writing`) and leaves no temp file
+    buffer = _io.BytesIO()
+    torch.jit.save(module, buffer)
+    with open(path, "wb") as handle:
+        handle.write(buffer.getbuffer())
+        handle.flush()
+        os.fsync(handle.fileno())
     return {"method": f"torch.jit.{method}", "dynamic_spatial": dynamic_spatial, "seconds": round(time.perf_counter() - started, 2)}
 
 
@@ -292,6 +305,8 @@ def write_onnx(network: torch.nn.Module, inputs: Sequence[torch.Tensor], path: P
         except MMARError:
             raise
         except Exception as error:  # noqa: BLE001 - exporter and runtime errors vary by network
+            if _space_error(error) is not None:  # a full disk, not the network: named by the caller (`_writing`)
+                raise
             failure = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             if spatial:
                 log(f"onnx: dynamic spatial axes not possible ({failure[:200]}); exporting with fixed spatial axes")
@@ -436,6 +451,46 @@ def _previous_report(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _named(target: Path, write, *args, **kwargs):
+    """`write(*args, **kwargs)`; a failure for want of space (ENOSPC, EDQUOT, EFBIG anywhere in the error's
+    chain: the ONNX exporter and torch wrap it) becomes one error naming `target`.
+
+    The error leaves here without its chain, raised outside the handler: the enclosing temp files
+    (`mmar.io.atomic_path`) rename a space error they find in a chain after their own file, which here is
+    another one, and an exception raised inside a handler (or a context manager's exit) is chained to it."""
+    try:
+        return write(*args, **kwargs)
+    except MMARError as error:
+        failure = error
+    except Exception as error:  # noqa: BLE001 - only a full disk is renamed; everything else goes on up
+        space = _space_error(error)
+        if space is None:
+            raise
+        failure = MMARError(f"{SPACE_ERRNOS[space.errno]} writing {target} (nothing was exported: the previous "
+                            f"export in {target.parent}, if any, is kept as it was; free some space and run the "
+                            "command again)")
+    failure.__cause__ = failure.__context__ = None
+    failure.__suppress_context__ = True
+    raise failure
+
+
+def _write_report(path: Path, report: dict[str, Any]) -> None:
+    with atomic_write(path, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
+        handle.write("\n")
+
+
+def _space_error(error: BaseException | None) -> OSError | None:
+    """The out-of-space OSError in `error`'s chain (`raise ... from`, or raised while handling it)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in SPACE_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 @contextlib.contextmanager
