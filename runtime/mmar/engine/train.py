@@ -36,7 +36,7 @@ from monai.utils import set_determinism
 from mmar import distributed
 from mmar.archive import Archive, num_training_epoch_per_valid
 from mmar.cli import STOP
-from mmar.engine import checkpoint, mixup, precision
+from mmar.engine import checkpoint, mixup, precision, transfer
 from mmar.engine.data import AUTO_WORKERS, EpochBatches, InBackground, loader_workers, make_dataset, make_loader
 from mmar.engine.handlers import (
     BestModelSaver, EpochSummary, EpochValidation, Progress, StateSaver, StopAtSafePoint, quiet_engine_errors,
@@ -138,10 +138,11 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
 
     if ctx.is_main and finetune and resume is None:
         start = Path(ckpt) if ckpt else Path(archive.env.get("PRETRAIN_WEIGHTS_FILE") or models_dir / checkpoint.MODEL_FILE)
-        checkpoint.load_weights(network, start)
+        # another label set (Clara's "pretrained model, then your own labels"): the output layer starts fresh
+        transfer.load_allowing_new_labels(network, start, log)
         log(f"fine-tuning from {start}")
     elif ctx.is_main and ckpt and resume is None:
-        checkpoint.load_weights(network, ckpt)
+        transfer.load_allowing_new_labels(network, ckpt, log)
         log(f"initial weights from {ckpt}")
     train_precision = precision.for_device(distributed.wrap(network, ctx, device), device, wants_amp)
     # the averaged weights (train#ema) are the model: validated every epoch, saved as model.ckpt. Copied after
