@@ -12,7 +12,7 @@ DEMO ?= demo
 DEMO_EPOCHS ?= 30
 PYTEST_ARGS ?=
 
-.PHONY: install tools demo test test-slow test-all test-e2e images clean
+.PHONY: install tools demo test test-slow test-all test-e2e test-cluster images clean
 
 $(STAMP): pyproject.toml docker/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,15 +40,22 @@ demo: install
 	@echo "  job status        $(DEMO)/workspace/demo.status.json"
 
 test: install
-	$(PY) -m pytest -q -m "not slow and not e2e" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m "not slow and not e2e and not cluster" $(PYTEST_ARGS) tests
 
 test-slow: install
-	$(PY) -m pytest -q -m "slow and not e2e" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m "slow and not e2e and not cluster" $(PYTEST_ARGS) tests
 
 # against KUBECONFIG's cluster, or else a real control plane (etcd + kube-apiserver + controller-manager)
 # started for the run and stopped afterwards: see docs/operator.md, "End-to-end tests"
 test-e2e: install tools
 	tests/e2e/with-cluster.sh $(PY) -m pytest -q -m e2e $(PYTEST_ARGS) tests/e2e
+
+# MMARJobs in real pods: the chart's operator pod and the runtime image's containers on a real node, started
+# here (control-plane up + node up, as root; the images of `make images` / .ci/images.sh loaded into it) and
+# stopped afterwards, or KUBECONFIG's cluster (images MMAR_RUNTIME_IMAGE / MMAR_OPERATOR_IMAGE on its nodes).
+# MMAR_CLUSTER_REQUIRED=1: a missing root, node or image fails instead of skipping. docs/deploy.md
+test-cluster: install tools
+	tests/cluster/with-node.sh $(PY) -m pytest -q -s -m cluster $(PYTEST_ARGS) tests/cluster
 
 tools:
 	bash .ci/tools.sh
@@ -69,7 +76,7 @@ images:
 	bash docker/images.sh
 
 test-all: install
-	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m "not e2e and not cluster" $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache
