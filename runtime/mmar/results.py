@@ -84,14 +84,23 @@ class StepResult:
 @dataclass
 class ConvertResult(StepResult):
     """`mmar convert`: how many inputs became NIfTI files, were left alone (output exists, not an image),
-    or failed."""
+    or failed; `first_error`, when the run exits non-zero, is the first of its problem lines in the command's
+    own words (`{label}: {reason}`, e.g. `case1: [Errno 13] Permission denied: '/data/imagesTr'`), so a step
+    that failed every case says why without its log. Cut to ERROR_MAX like a Failure's error."""
 
     converted: int | None = None
     skipped: int | None = None
     failed: int | None = None
+    first_error: str | None = None
 
     COMMANDS: ClassVar[tuple[str, ...]] = ("convert",)
     REQUIRED: ClassVar[tuple[str, ...]] = ("command", "converted", "skipped", "failed")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if self.first_error and len(self.first_error) > ERROR_MAX:
+            data["first_error"] = self.first_error[: ERROR_MAX - 3] + "..."
+        return data
 
     def fold(self, summary: dict[str, Any]) -> None:
         counts = {k: getattr(self, k) for k in ("converted", "skipped", "failed") if getattr(self, k) is not None}

@@ -48,7 +48,7 @@ def plan_jobs(args) -> tuple[list, list, int]:
     root = args.input.resolve()
     if not root.is_dir():
         raise MMARError(f"-d {args.input}: not a folder")
-    files = discover.list_files(root, args.input_ext)
+    files = discover.list_files(root, args.input_ext, output=args.output)
     out = args.output
     if args.input_ext != ".dcm":
         if not files:
@@ -60,7 +60,8 @@ def plan_jobs(args) -> tuple[list, list, int]:
         raise MMARError(f"-d {args.input}: the folder is empty")
     series, skipped, ignored = discover.scan_dicom(root, files)
     if not series and not skipped:
-        raise MMARError(f"-d {args.input}: no DICOM files found ({ignored} other file(s) ignored)")
+        raise MMARError(f"-d {args.input}: no DICOM files found ({ignored} other file(s) ignored"
+                        f"{discover.image_suffix_hint(files)})")
     names = write.dicom_names(series, root.name)
     jobs = [Job(s.label, out / f"{n}{args.output_ext}", series=s, notes=list(s.notes)) for s, n in zip(series, names)]
     return jobs, skipped, ignored
@@ -100,6 +101,11 @@ def execute(jobs, options, workers: int, progress: bool):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
+        if any(not s.raw for job in jobs if job.series is not None for s in job.series.slices[:1]):
+            from mmar.convert.header import import_pydicom
+
+            import_pydicom()  # compressed pixels: imported once here, not again in every forked worker
+
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
         context = multiprocessing.get_context(method)
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
@@ -132,6 +138,7 @@ def summarize(results, skipped, ignored: int, quiet: bool = False) -> int:
     converted = [r for r in results if r.status == "converted"]
     exists = [r for r in results if r.status == "skipped"]
     failed = [r for r in results if r.status == "failed"]
+    problems = []  # (is a failure, line): what makes the exit code 1, in the order printed
     for result in sorted(results, key=lambda r: r.label):
         if result.status == "converted":
             size = "x".join(map(str, result.shape))
@@ -141,16 +148,27 @@ def summarize(results, skipped, ignored: int, quiet: bool = False) -> int:
                 print(f"  warning: {message}")
         else:
             print(f"{result.status:<9}  {result.label}: {'; '.join(result.messages)}")
+            problems.append((result.status == "failed", f"{result.label}: {'; '.join(result.messages)}"))
     for item in skipped:
         print(f"{'failed' if item.failed else 'skipped':<9}  {item.what}: {item.reason}")
+        if item.failed:
+            problems.append((True, f"{item.what}: {item.reason}"))
     bad_input = [s for s in skipped if s.failed]
     not_image = [s for s in skipped if not s.failed]
+    n_failed = len(failed) + len(bad_input)
     print(f"summary: {len(converted)} converted, {len(exists) + len(not_image)} skipped, "
-          f"{len(failed) + len(bad_input)} failed" + (f" ({ignored} non-DICOM file(s) ignored)" if ignored else ""))
+          f"{n_failed} failed" + (f" ({ignored} non-DICOM file(s) ignored)" if ignored else ""))
+    # the first failure (else the first output left alone): the step's reason, in the result and as the
+    # last `error:` line, so `mmar run` and the MMARJob say why without the log
+    first = next((line for is_failure, line in problems if is_failure), None) or next(
+        (line for _, line in problems), None)
+    if first is not None:
+        what = f"{n_failed} failed, the first: " if n_failed else ""
+        print(f"error: {what}{first}", file=sys.stderr)
     from mmar.report import write_result
 
     write_result({"command": "convert", "converted": len(converted), "skipped": len(exists) + len(not_image),
-                  "failed": len(failed) + len(bad_input)})
+                  "failed": n_failed, **({"first_error": first} if first is not None else {})})
     # an output left alone because it exists is not what was asked for either: non-zero exit
     return 1 if failed or bad_input or exists else 0
 

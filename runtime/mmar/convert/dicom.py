@@ -354,8 +354,9 @@ def _decode(path: Path, cache: dict, mosaic_shape: tuple = (), raw: tuple = ()) 
         cache.clear()
         cache[path] = (array, False)
         return array, False
-    import pydicom
+    from mmar.convert.header import import_pydicom
 
+    pydicom = import_pydicom()
     try:
         ds = pydicom.dcmread(path)
         if "PixelData" not in ds:

@@ -56,11 +56,16 @@ class Skipped:
     failed: bool  # True: counts as a failure (corrupt input); False: nothing to convert (e.g. an SR)
 
 
-def list_files(root: Path, suffix: str) -> list[Path]:
-    """Every regular file under `root` (for .dcm: any name, DICOM files often have no suffix)."""
+def list_files(root: Path, suffix: str, output: Path | None = None) -> list[Path]:
+    """Every regular file under `root` (for .dcm: any name, DICOM files often have no suffix).
+
+    `output` (the -o folder, when it lies inside `root`) is never searched: its files are this converter's
+    own outputs, and a re-run would convert them again, one folder deeper each time."""
     found = []
+    skip = os.path.realpath(output) if output is not None else None
     for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and (skip is None or os.path.realpath(os.path.join(folder, d)) != skip))
         for name in sorted(names):
             if name.startswith("."):
                 continue
@@ -74,6 +79,20 @@ def _has_suffix(name: str, suffix: str) -> bool:
     if suffix == ".nii":  # .nii must not also pick up .nii.gz
         return lower.endswith(".nii")
     return lower.endswith(suffix)
+
+
+def image_suffix_hint(files: list[Path]) -> str:
+    """For `no DICOM files found`: the -s that would take the ignored files, if they are images."""
+    counts = {}
+    for suffix in IMAGE_SUFFIXES:
+        found = sum(1 for path in files if _has_suffix(path.name, suffix))
+        if found:
+            counts[suffix] = found
+    if not counts:
+        return ""
+    what = ", ".join(f"{n} {suffix}" for suffix, n in counts.items())
+    flags = " or ".join(f"-s {suffix}" for suffix in counts)
+    return f"; {what} image file(s) among them: convert them with {flags}"
 
 
 def _looks_like_dicom(path: Path) -> bool:
@@ -118,7 +137,7 @@ def read_header(root: Path, path: Path) -> tuple:
 
 def read_header_pydicom(root: Path, path: Path) -> tuple:
     """`read_header` by pydicom: every file the fast path does not take (and the tests' reference)."""
-    import pydicom
+    pydicom = header.import_pydicom()
     from pydicom.errors import InvalidDicomError
 
     rel = path.relative_to(root)

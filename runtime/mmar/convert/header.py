@@ -19,6 +19,7 @@ alike; `tests/test_convert_header.py` checks every outcome against pydicom's on 
 from __future__ import annotations
 
 import struct
+import sys
 from pathlib import Path
 
 # tag -> (keyword, VR, several values allowed). The elements the header scan reads (discover, dicom, mosaic).
@@ -74,6 +75,24 @@ _EXPLICIT = struct.Struct("<HH2sH")
 _IMPLICIT = struct.Struct("<HHL")
 _UINT32 = struct.Struct("<L")
 _UINT16 = struct.Struct("<H")
+
+
+def import_pydicom():
+    """pydicom, for the files the fast path leaves to it, compressed pixels and sidecars; imported without
+    `requests` (0.1 s of start-up: pydicom only wants it to download its own test files, which the converter
+    never does). A process that already has requests, or pydicom, keeps them."""
+    module = sys.modules.get("pydicom")
+    if module is not None:
+        return module
+    blocked = "requests" not in sys.modules
+    if blocked:
+        sys.modules["requests"] = None  # `import requests` raises ImportError: pydicom goes on without it
+    try:
+        import pydicom
+    finally:
+        if blocked and sys.modules.get("requests", 0) is None:
+            del sys.modules["requests"]
+    return pydicom
 
 
 class NotPlain(Exception):

@@ -59,11 +59,11 @@ def run_job(job: Job, options: Options) -> Result:
                 shape = tuple(reversed(data.shape[: data.ndim - (1 if rgb else 0)]))
             else:
                 image = _finish(_to_image(*volume), options)
-                write.write_image(image, job.target)
+                _write(image, job.target)
                 shape = tuple(image.GetSize())
         else:
             image, more = _file_image(job, options)
-            write.write_image(image, job.target)
+            _write(image, job.target)
             shape = tuple(image.GetSize())
         messages += more
         if options.sidecar and geometry is not None:
@@ -74,8 +74,37 @@ def run_job(job: Job, options: Options) -> Result:
     return Result(job.label, "converted", str(job.target), messages, time.perf_counter() - start, shape)
 
 
+def _write(image, target: Path) -> None:
+    """A SimpleITK image -> the target; RGB (3 x uint8) into NIfTI as RGB24, as dcm2niix writes it (SimpleITK
+    would write a 3-vector of uint8 as a 5D vector image)."""
+    from mmar.convert import write
+
+    if _is_rgb(image) and target.name.lower().endswith((".nii", ".nii.gz")):
+        import SimpleITK as sitk
+
+        from mmar.convert import layout
+
+        dims = 3  # a 4D image: time is the 4th axis, the grid is the first three
+        origin = np.asarray(image.GetOrigin(), float)[:dims]
+        spacing = np.asarray(image.GetSpacing(), float)[:dims]
+        direction = np.asarray(image.GetDirection(), float).reshape(image.GetDimension(), -1)[:dims, :dims]
+        step = image.GetSpacing()[3] if image.GetDimension() == 4 else 1.0
+        grid = layout.Grid(origin, direction, spacing)
+        write.write_nifti(sitk.GetArrayFromImage(image), grid.ras_affine(), target, step, rgb=True)
+        return
+    write.write_image(image, target)
+
+
+def _is_rgb(image) -> bool:
+    import SimpleITK as sitk
+
+    return image.GetNumberOfComponentsPerPixel() == 3 and image.GetPixelID() == sitk.sitkVectorUInt8
+
+
 def _finish(image, options: Options):
-    """Resample (-r) and type labels; a 4D image is processed volume by volume."""
+    """Resample (-r) and type labels; a 4D image is processed volume by volume. RGB stays RGB: each channel
+    is interpolated, then rounded back to uint8 (dcm2niix keeps RGB24; a float vector image is not a colour
+    image any viewer shows)."""
     from mmar.convert import resample
 
     if options.spacing is None and not options.label:
@@ -83,7 +112,10 @@ def _finish(image, options: Options):
     step = image.GetSpacing()[3] if image.GetDimension() == 4 else 1.0
     volumes = resample.split_volumes(image)
     if options.spacing is not None:
+        rgb = _is_rgb(image)
         volumes = [resample.resample(v, options.spacing, options.label) for v in volumes]
+        if rgb and not options.label:
+            volumes = [_to_uint8(v) for v in volumes]
     if options.label:
         volumes = [resample.as_label(v) for v in volumes]
     return resample.join_volumes(volumes, step) if len(volumes) > 1 else volumes[0]
@@ -116,6 +148,16 @@ def _writes_directly(target: Path, options: Options, volume) -> bool:
             and (not rgb or data.dtype == np.uint8))
 
 
+def _to_uint8(image):
+    """A resampled colour image (float vector) back to 3 x uint8: rounded, clipped to 0..255."""
+    import SimpleITK as sitk
+
+    array = np.clip(np.rint(sitk.GetArrayViewFromImage(image)), 0, 255).astype(np.uint8)
+    out = sitk.GetImageFromArray(array, isVector=True)
+    out.CopyInformation(image)
+    return out
+
+
 def _to_image(data, grid, step, rgb):
     from mmar.convert import resample
 
@@ -127,10 +169,11 @@ def _to_image(data, grid, step, rgb):
 
 def _write_sidecars(job: Job, geometry) -> None:
     """-b: the BIDS JSON from the first image's header; .bval/.bvec when the volumes carry b-values."""
-    import pydicom
-
     from mmar import __version__
     from mmar.convert import sidecar
+    from mmar.convert.header import import_pydicom
+
+    pydicom = import_pydicom()
 
     grid, plan = geometry
     first = plan.stack[0][0]
