@@ -70,10 +70,11 @@ def test_infer_gives_images_sharing_a_file_name_their_own_predictions(mmar, kits
                       f"MMAR_EVAL_OUTPUT_PATH={out}")
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     originals = [json.loads(seg_data.read_text())[k][0]["image"].split("/")[-1] for k in ("validation", "training")]
-    expected = ["case_a/imaging_seg.nii.gz", "case_b/imaging_seg.nii.gz",
-                *(name.replace(".nii.gz", "_seg.nii.gz") for name in originals)]
+    expected = ["predictions/case_a/imaging_seg.nii.gz", "predictions/case_b/imaging_seg.nii.gz",
+                *("predictions/" + name.replace(".nii.gz", "_seg.nii.gz") for name in originals)]
     assert files == sorted(expected), result.stdout  # four images, four files, no temp files left behind
     assert "4 predictions (4 files)" in result.stdout
+    out = out / "predictions"
     # each prediction is its own image's: the shape of its image, the mask of the same volume elsewhere
     for case, original in zip(("case_a", "case_b"), originals):
         prediction = out / case / "imaging_seg.nii.gz"
@@ -101,7 +102,7 @@ def test_validate_gives_images_sharing_a_file_name_their_own_rows_and_overlays(m
 def test_validate_replaces_its_set_as_a_whole_and_leaves_infer_alone(mmar, seg_data, tmp_path):
     eval_dir = mmar / "eval"
     run_mmar("infer", str(mmar))  # infer's predictions share eval/ with validate's results
-    predictions = sorted(p for p in eval_dir.rglob("*_seg.nii.gz"))
+    predictions = sorted(p for p in (eval_dir / "predictions").rglob("*_seg.nii.gz"))
     assert len(predictions) == len(json.loads(seg_data.read_text())["validation"])
     run_mmar("validate", str(mmar))
     assert json.loads((eval_dir / "metrics.json").read_text())["num_cases"] == len(predictions)
@@ -241,8 +242,9 @@ def test_a_swap_that_fails_half_way_puts_the_old_set_back(tmp_path, monkeypatch)
 
     target = tmp_path / "eval"
     (target / "overlays").mkdir(parents=True)
+    (target / "predictions").mkdir()
     for name, text in (("metrics.json", "old metrics"), ("cases.csv", "old cases"), ("overlays/a.png", "old png"),
-                       ("case_seg.nii.gz", "infer's")):
+                       ("predictions/case_seg.nii.gz", "infer's")):
         (target / name).write_text(text)
     real, calls = eval_output._rename, []
 
@@ -261,7 +263,7 @@ def test_a_swap_that_fails_half_way_puts_the_old_set_back(tmp_path, monkeypatch)
             staging.replace_set(["cases.csv", "overlays"], last="metrics.json")
     contents = {p.relative_to(target).as_posix(): p.read_text() for p in target.rglob("*") if p.is_file()}
     assert contents == {"metrics.json": "old metrics", "cases.csv": "old cases", "overlays/a.png": "old png",
-                        "case_seg.nii.gz": "infer's"}
+                        "predictions/case_seg.nii.gz": "infer's"}
     assert not [p.name for p in target.iterdir() if p.name.startswith(".mmar-")]
 
 

@@ -74,7 +74,7 @@ def test_infer_preserves_geometry_and_needs_no_label(trained_seg_mmar, seg_data,
     for item in data["validation"]:
         source = nib.load(seg_data.parent / item["image"])
         name = item["image"].split("/")[-1].replace(".nii.gz", "_seg.nii.gz")
-        mask = nib.load(out / name)
+        mask = nib.load(out / "predictions" / name)
         assert mask.shape == source.shape
         np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
         assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}

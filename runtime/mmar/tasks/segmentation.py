@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mmar.eval_output import name_of, short_names
+from mmar.eval_output import PREDICTIONS_DIR, name_of, short_names
 from mmar.io import atomic_path, atomic_write
 
 NAME = "segmentation"
@@ -253,8 +253,10 @@ def default_configs(
 
 def prediction_path(out_dir: Path, case_name: str, postfix: str, ext: str) -> Path:
     """`case_name` is the image's unique relative name (mmar.eval_output.case_names): 'case_a/imaging'
-    -> out_dir/case_a/imaging_seg.nii.gz."""
-    return Path(out_dir) / f"{case_name}_{postfix}{ext}"
+    -> out_dir/predictions/case_a/imaging_seg.nii.gz. `out_dir` is the output folder (eval/, or a run's
+    staging folder in it); predictions are in infer's own folder there, so that no image's name (one under
+    a data folder called `overlays/`, say) can put its prediction inside validate's set."""
+    return Path(out_dir) / PREDICTIONS_DIR / f"{case_name}_{postfix}{ext}"
 
 
 def write_mask(mask: np.ndarray, reference_file: str, path: Path) -> None:
