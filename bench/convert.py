@@ -1,15 +1,20 @@
 """Benchmark: convert the same DICOM folders with mmar, dcm2niix and dicom2nifti in one run.
 
-    .venv/bin/python bench/convert.py [--data DIR ...] [--repeats 5] [--large-files 600] [--no-dicom2nifti]
+    .venv/bin/python bench/convert.py [--data DIR ...] [--repeats 5] [--large-files 600] [--epi-files 620]
+                                      [--many-files 10000] [--no-dicom2nifti]
 
 Folders: ../shared/data/dicom (real MR series, several codecs), ../shared/data/dicom-qa/In (Siemens
-mosaics) and a generated folder of at least --large-files files: copies of every real series of both,
-each copy with new Study/Series/SOP Instance UIDs (so each is a series of its own), pixels untouched.
+mosaics), and three generated from them (each copy of a series with new Study/Series/SOP Instance UIDs):
+- `large`: >= --large-files files, copies of every real series of both, pixels untouched;
+- `epi`: >= --epi-files files of ~22 KB, the common case of real scanners: the real EPI mosaics of dicom-qa
+  cut into one 2D slice a file (the mosaic's header kept, vendor private tags included; see make_epi);
+- `epi_many`: the same, >= --many-files files (time and memory per file must stay flat).
 
 Every tool converts the whole folder (all series) to gzipped NIfTI in a fresh output folder, run as the
 user would run it (a subprocess, interpreter start-up and imports included); the tools take turns within
-each repeat, so load changes hit all of them alike. Prints per folder the median wall time per tool and
-the ratio mmar/dcm2niix (target <= 1.5x on the folder of 500+ files).
+each repeat, so load changes hit all of them alike. Prints per folder the median wall time, CPU time
+(user + system, worker processes included) and peak memory (the largest process) per tool, and the ratios
+mmar / dcm2niix of all three (goal: wall <= 1.5x on every folder of 100+ files, <= 1.0x on 500+).
 """
 
 from __future__ import annotations
@@ -179,52 +184,79 @@ def make_epi(source: Path, target: Path, minimum: int) -> int:
     return written
 
 
-def run_once(name: str, data: Path) -> tuple[float, int]:
+def run_once(name: str, data: Path) -> tuple[float, float, float, int]:
+    """One whole command -> (wall s, CPU s (user + system, worker processes included), peak memory MiB of
+    its largest process, NIfTI files written)."""
     out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     command = tool_commands(data, out)[name]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    with tempfile.TemporaryFile() as errors:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+        _pid, status, usage = os.wait4(process.pid, 0)  # this child's own rusage: its CPU and peak RSS
+        seconds = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        errors.seek(0)
+        stderr = errors.read().decode(errors="replace")
     outputs = len(list(out.rglob("*.nii*")))
     shutil.rmtree(out, ignore_errors=True)
-    if done.returncode not in (0, 1):  # mmar exits 1 when some series failed; still a timing
-        raise SystemExit(f"{name} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return seconds, outputs
+    if process.returncode not in (0, 1):  # mmar exits 1 when some series failed; still a timing
+        raise SystemExit(f"{name} failed ({process.returncode}): {stderr[-2000:]}")
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, outputs
 
 
-def bench_folder(data: Path, tools: list[str], repeats: int) -> dict[str, float]:
+MEASURES = ("wall", "cpu", "mem")
+
+
+def bench_folder(data: Path, tools: list[str], repeats: int) -> dict[str, dict[str, float]]:
+    """Median wall s, CPU s and peak MiB per tool over `repeats` rounds, the tools alternating in each."""
     files = [p for p in data.rglob("*") if p.is_file()]
-    print(f"\n{data} ({len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB)")
-    times: dict[str, list[float]] = {name: [] for name in tools}
+    print(f"\n{data} ({len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB)", flush=True)
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in tools}
     outputs: dict[str, int] = {}
     for _ in range(repeats):  # alternate: one run of every tool per repeat
         for name in tools:
-            seconds, outputs[name] = run_once(name, data)
-            times[name].append(seconds)
-    medians = {name: statistics.median(values) for name, values in times.items()}
+            *measures, outputs[name] = run_once(name, data)
+            runs[name].append(tuple(measures))
+    medians = {name: {m: statistics.median(r[i] for r in runs[name]) for i, m in enumerate(MEASURES)} for name in tools}
     for name in tools:
-        values = times[name]
-        print(f"  {name:<12} median {medians[name] * 1000:8.1f} ms   (min {min(values) * 1000:.1f}, "
-              f"max {max(values) * 1000:.1f}, n={len(values)}, {outputs[name]} NIfTI files)")
-    print(f"  ratio mmar / dcm2niix  {medians['mmar'] / medians['dcm2niix']:.2f}x  (target <= 1.5x)")
+        walls = [r[0] for r in runs[name]]
+        med = medians[name]
+        print(f"  {name:<12} wall {med['wall']:7.2f} s (min {min(walls):.2f}, max {max(walls):.2f})  "
+              f"cpu {med['cpu']:7.2f} s  peak {med['mem']:6.0f} MiB  "
+              f"{med['wall'] / len(files) * 1000:6.2f} ms/file  n={len(walls)}  {outputs[name]} NIfTI files")
+    ratios = {m: medians["mmar"][m] / medians["dcm2niix"][m] for m in MEASURES}
+    print(f"  mmar / dcm2niix: wall {ratios['wall']:.2f}x  cpu {ratios['cpu']:.2f}x  memory {ratios['mem']:.2f}x", flush=True)
     return medians
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, nargs="*", help="folders to convert (default: the shared ones + large)")
+    parser.add_argument("--data", type=Path, nargs="*", help="folders to convert (default: the shared ones + generated)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--large-files", type=int, default=600, help="files in the generated folder (0: none)")
+    parser.add_argument("--large-files", type=int, default=600,
+                        help="files in the generated folder of copies of every real series (0: none)")
+    parser.add_argument("--epi-files", type=int, default=620,
+                        help="files in the generated EPI folder, one 2D slice a file (0: none)")
+    parser.add_argument("--many-files", type=int, default=10000,
+                        help="files in the generated folder of many small EPI slices (0: none)")
     parser.add_argument("--no-dicom2nifti", action="store_true", help="time only mmar and dcm2niix")
     args = parser.parse_args()
     tools = ["dcm2niix", "mmar"] + ([] if args.no_dicom2nifti else ["dicom2nifti"])
     folders = list(args.data or [p for p in (SHARED / "dicom", SHARED / "dicom-qa" / "In") if p.is_dir()])
     scratch = None
-    if args.large_files and not args.data:
-        scratch = Path(tempfile.mkdtemp(prefix="bench-large-"))
-        count = make_large(folders, scratch / "large", args.large_files)
-        print(f"generated {count} files (new UIDs per copy) in {scratch / 'large'}")
-        folders.append(scratch / "large")
+    if not args.data:
+        scratch = Path(tempfile.mkdtemp(prefix="bench-convert-"))
+        shared = list(folders)
+        if args.large_files:
+            count = make_large(shared, scratch / "large", args.large_files)
+            print(f"generated {count} files (copies of every real series, new UIDs) in {scratch / 'large'}")
+            folders.append(scratch / "large")
+        qa = SHARED / "dicom-qa" / "In"
+        for name, minimum in (("epi", args.epi_files), ("epi_many", args.many_files)):
+            if minimum and qa.is_dir():
+                count = make_epi(qa, scratch / name, minimum)
+                print(f"generated {count} files (real EPI mosaics cut into one slice a file, new UIDs) in {scratch / name}")
+                folders.append(scratch / name)
     if not folders:
         raise SystemExit("no data: pass --data")
     load = os.getloadavg()
@@ -238,12 +270,16 @@ def main() -> int:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     print(f"\nload average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    extra = "dicom2nifti" in tools
-    print("\n| folder | files | dcm2niix s | mmar s | mmar / dcm2niix |" + (" dicom2nifti s |" if extra else ""))
-    print("| --- | --- | --- | --- | --- |" + (" --- |" if extra else ""))
+    print(f"\nmedians of {args.repeats} alternating runs, whole commands (start-up included); "
+          "peak memory: the largest process")
+    print("| folder | files | dcm2niix wall s | mmar wall s | wall ratio | dcm2niix CPU s | mmar CPU s | CPU ratio | "
+          "dcm2niix MiB | mmar MiB | memory ratio | mmar ms/file |")
+    print("| --- " * 12 + "|")
     for folder, files, medians in table:
-        print(f"| {folder.name} | {files} | {medians['dcm2niix']:.2f} | {medians['mmar']:.2f} | "
-              f"{medians['mmar'] / medians['dcm2niix']:.2f}x |" + (f" {medians['dicom2nifti']:.2f} |" if extra else ""))
+        d, m = medians["dcm2niix"], medians["mmar"]
+        print(f"| {folder.name} | {files} | {d['wall']:.2f} | {m['wall']:.2f} | {m['wall'] / d['wall']:.2f}x | "
+              f"{d['cpu']:.2f} | {m['cpu']:.2f} | {m['cpu'] / d['cpu']:.2f}x | {d['mem']:.0f} | {m['mem']:.0f} | "
+              f"{m['mem'] / d['mem']:.2f}x | {m['wall'] / files * 1000:.2f} |")
     return 0
 
 

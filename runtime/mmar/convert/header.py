@@ -66,7 +66,10 @@ IMPLICIT_LE = "1.2.840.10008.1.2"
 NOT_HERE = {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # big endian, deflate: pydicom
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 PIXEL_DATA = 0x7FE00010
-PIXEL_TAGS = {0x7FE00008, 0x7FE00009, PIXEL_DATA}  # where pydicom's stop_before_pixels stops
+FIRST_PIXEL_TAG = 0x7FE00008  # float pixel data; pydicom's stop_before_pixels stops at 7FE0,0008/0009/0010
+# one look-up per element: the wanted ones, the CSA header (kept as bytes), the ones that go to pydicom
+SPECIAL: dict[int, tuple] = {**WANTED, CSA_IMAGE_HEADER: (CSA_IMAGE_HEADER, "OB", False),
+                             **{tag: (None, "SQ", False) for tag in TO_PYDICOM}}
 UNDEFINED = 0xFFFFFFFF
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 WHOLE_FILE = 1 << 20  # files up to this size are read in one call; larger ones in two
@@ -201,54 +204,60 @@ def _parse(data: bytes, size: int) -> tuple[Header, int | None]:
     values: dict = {}
     last = 0
     last_is_sequence = False
+    special = SPECIAL
     while True:
         if pos + 8 > end:
             raise _Short if end < size else NotPlain  # the file ends before its pixel data: pydicom says why
         if explicit:
             group, element, vr, length = _EXPLICIT.unpack_from(data, pos)
             tag = (group << 16) | element
-            if tag in PIXEL_TAGS:
+            if tag >= FIRST_PIXEL_TAG:
                 break
-            if not vr.isupper():  # no VR there: implicit VR data under an explicit transfer syntax
-                raise NotPlain
             if vr in LONG_VRS:
                 if pos + 12 > end:
                     raise _Short
                 length = _UINT32.unpack_from(data, pos + 8)[0]
                 pos += 12
-            else:
+            elif vr.isupper():
                 pos += 8
+            else:  # no VR there: implicit VR data under an explicit transfer syntax
+                raise NotPlain
         else:
             group, element, length = _IMPLICIT.unpack_from(data, pos)
             tag = (group << 16) | element
-            if tag in PIXEL_TAGS:
+            if tag >= FIRST_PIXEL_TAG:
                 break
             vr = None
             pos += 8
-        if tag <= last or tag in TO_PYDICOM:  # out of order, or a file for pydicom
+        if tag <= last:  # out of order: pydicom's
             raise NotPlain
         last = tag
         if length == UNDEFINED:  # a sequence (or, implicit VR, an element pydicom reads as one)
             if explicit and vr not in (b"SQ", b"UN"):
                 raise NotPlain
+            if tag in TO_PYDICOM:
+                raise NotPlain
             pos = _skip_items(data, pos, explicit and vr != b"UN")  # UN: the items are implicit VR
             last_is_sequence = True
             continue
-        last_is_sequence = vr == b"SQ"
         if pos + length > end:
             raise _Short
-        wanted = WANTED.get(tag)
+        wanted = special.get(tag)
         if wanted is not None:
             keyword, expected, several = wanted
-            if vr is not None and vr.decode("latin-1") != expected:
+            if keyword is None:  # the functional groups of an enhanced multi-frame file: pydicom's
                 raise NotPlain
-            values[keyword] = _value(data[pos:pos + length], expected, several)
-        elif tag == CSA_IMAGE_HEADER:
-            if vr is not None and vr not in (b"OB", b"UN", b"OW"):
-                raise NotPlain
-            values[tag] = data[pos:pos + length]
+            if keyword == CSA_IMAGE_HEADER:
+                if vr is not None and vr not in (b"OB", b"UN", b"OW"):
+                    raise NotPlain
+                values[keyword] = data[pos:pos + length]
+            else:
+                if vr is not None and vr.decode("latin-1") != expected:
+                    raise NotPlain
+                values[keyword] = _value(data[pos:pos + length], expected, several)
+        last_is_sequence = vr == b"SQ"
         pos += length
-    if tag != PIXEL_DATA or size - pos < 8:
+    if tag != PIXEL_DATA or size - pos < 8:  # float pixel data, or none (pydicom stops only at these)
         raise NotPlain
     return Header(values, meta), (None if last_is_sequence else pos)
 
