@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmar.cli import mmar_dir_of
 from mmar.engine import checkpoint
 from mmar.engine.train import plan_run
 from mmar.errors import MMARError
@@ -42,21 +41,6 @@ def test_the_re_run_decision():
     assert plan_run(_state(1, 1, "finetune"), "train", 4, restart=False).action == "finished"
     with pytest.raises(MMARError, match="unfinished fine-tuning.*--finetune.*--restart"):
         plan_run(_state(1, 3, "finetune"), "train", 4, restart=False)
-
-
-@pytest.mark.parametrize("argv, expected", [
-    (["/m"], "/m"),
-    (["/m", "--set", "epochs=2", "a=b"], "/m"),
-    (["--set", "epochs=2", "--ckpt", "x.ckpt", "/m"], "/m"),
-    (["--finetune", "/m"], "/m"),
-    (["--restart", "--gpus", "2", "/m"], "/m"),
-    (["--model=onnx", "/m"], "/m"),
-    (["--", "/m"], "/m"),
-    (["--ckpt", "x.ckpt"], None),
-])
-def test_the_mmar_folder_is_found_in_the_argv_as_argparse_reads_it(argv, expected):
-    found = mmar_dir_of(argv)
-    assert (str(found) if found else None) == expected
 
 
 def _dead_pid() -> int:

@@ -7,12 +7,16 @@ names the file (`no space left on device writing FILE`) instead of the writer's 
 The temp name carries the writer's PID (`.model.ckpt.<pid>.<random>.tmp.ckpt`): a process killed with
 SIGKILL cannot remove its temp file, and the PID is what tells the next run that the writer is dead
 (`remove_stale_temp_files`).
+
+A stop signal (`mmar.stop`) that lands inside the writer (a second SIGTERM during `torch.save`) leaves the
+target as it was and goes on up as the stop it is, not as the writer's complaint about its broken stream.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from mmar.errors import MMARError
+from mmar.stop import stop_in_chain
 
 # out of space (ENOSPC), over a quota (EDQUOT), over the process's file size limit (EFBIG, RLIMIT_FSIZE)
 SPACE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -48,7 +53,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         try:
             yield tmp
-        except Exception as error:  # noqa: BLE001 - only a full disk is renamed; everything else goes on up
+        except Exception as error:  # noqa: BLE001 - only a full disk and a stop are renamed; the rest goes on up
+            stop = stop_in_chain(error)
+            if stop is not None:  # a stop signal landed in the writer's callback (torch.save): it is the stop's
+                raise stop from None
             space = _space_error(error)
             if space is None:
                 raise
@@ -110,6 +118,17 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's content (what `mmar validate` records of the model it measured, and what the
+    quality gate compares: a content check, where an mtime misses a replacement within one tick or a
+    `mv` back of an older file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def temp_writer_pid(name: str) -> int | None:

@@ -9,7 +9,11 @@ file shaped like the operator's MMARJob status.
 
 Like the kubelet stopping a pod, SIGTERM or SIGINT to `mmar run` is passed on to the running step, which
 gets a grace period to stop before it and every process it started are killed; the status file then says
-the job was interrupted, by which signal, during which step, with the step's last error line.
+the job was interrupted, by which signal, during which step, with the step's last error line. SIGHUP (the
+terminal `mmar run` was started from closed) stops the step the same way (it is sent SIGTERM, the signal it
+stops on) and is recorded as SIGHUP. A step never outlives `mmar run`, however that ends: on Linux each step
+is started with PR_SET_PDEATHSIG, so the kernel sends it SIGTERM when `mmar run` dies (even by SIGKILL,
+where nothing can record the job as interrupted), and it stops at its next safe point, releasing the MMAR.
 """
 
 from __future__ import annotations
@@ -34,7 +38,11 @@ from mmar.errors import MMARError
 from mmar.io import write_json
 
 GRACE_SECONDS = 30.0  # the kubelet's default terminationGracePeriodSeconds
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# what the step is sent for each: a hangup is not the step's to see (it runs in its own session, without the
+# terminal), it is `mmar run` being stopped, so the step gets the signal it stops cleanly on
+SENT_FOR = {signal.SIGHUP: signal.SIGTERM}
+PARENT_DEATH_SIGNAL = signal.SIGTERM  # what the kernel sends a step when `mmar run` dies (Linux)
 STDERR_TAIL_BYTES = 16 * 1024  # enough for the last lines of a traceback
 POLL_SECONDS = 0.1
 INTERRUPTED = "Interrupted"  # the phase of a step and a job stopped by a signal
@@ -91,7 +99,7 @@ def local_argv(argv: Sequence[str], mounts: Mapping[str, Path]) -> list[str]:
 
 
 class Interrupt:
-    """The first SIGTERM/SIGINT `mmar run` received (and how many), recorded while `catching()`.
+    """The first SIGTERM/SIGINT/SIGHUP `mmar run` received (and how many), recorded while `catching()`.
 
     The handler only records: the loop waiting on the step passes the signal on, so a signal that lands
     between starting a process and watching it is not lost.
@@ -149,7 +157,8 @@ def run_command(argv: Sequence[str], env: Mapping[str, str], interrupt: Interrup
     signal, the command and every process below it are killed; once it has exited, what is left of its
     group too. Nothing it started outlives an interrupted run.
     """
-    process = subprocess.Popen(list(argv), env=dict(env), stderr=subprocess.PIPE, start_new_session=True)
+    process = subprocess.Popen(list(argv), env=dict(env), stderr=subprocess.PIPE, start_new_session=True,
+                               preexec_fn=die_with_parent())
     tee = _Tee(process.stderr, echo or _echo_stderr)
     forwarded, deadline, killed = 0, None, False
     while True:
@@ -160,7 +169,7 @@ def run_command(argv: Sequence[str], env: Mapping[str, str], interrupt: Interrup
             pass
         if interrupt.count > forwarded and forwarded < 2 and interrupt.last is not None:
             with contextlib.suppress(ProcessLookupError):
-                process.send_signal(interrupt.last)
+                process.send_signal(SENT_FOR.get(interrupt.last, interrupt.last))
             forwarded += 1
             deadline = deadline or time.monotonic() + grace_seconds
         if not killed and deadline is not None and (interrupt.count > 2 or time.monotonic() > deadline):
@@ -169,6 +178,31 @@ def run_command(argv: Sequence[str], env: Mapping[str, str], interrupt: Interrup
     if interrupt.signal is not None:
         _signal_group(process.pid, signal.SIGKILL)  # helpers left in its group (data loader workers) go too
     return Finished(code, tee.finish())
+
+
+def die_with_parent(signum: int = PARENT_DEATH_SIGNAL) -> Callable[[], None] | None:
+    """A Popen `preexec_fn` that makes the child receive `signum` when this process dies, however it dies
+    (Linux's PR_SET_PDEATHSIG); None where there is no such call. The child of a parent that died between
+    the fork and the call sends it to itself. Prepared here, in the parent: the child only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.restype = ctypes.c_int
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    pr_set_pdeathsig = 1
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, int(signum), 0, 0, 0)
+        if os.getppid() != parent:  # the parent is already gone: nothing will send it any more
+            os.kill(os.getpid(), signum)
+
+    return preexec
 
 
 class _Tee:
@@ -183,8 +217,13 @@ class _Tee:
 
     def _pump(self) -> None:
         fd = self._pipe.fileno()
+        echo = self._echo
         while chunk := os.read(fd, 65536):
-            self._echo(chunk)
+            if echo is not None:
+                try:
+                    echo(chunk)
+                except OSError:  # the terminal hung up (EIO): go on draining, or the step blocks on a full pipe
+                    echo = None
             self._tail += chunk
             del self._tail[:-STDERR_TAIL_BYTES]
 
@@ -296,6 +335,7 @@ def run(job: Mapping[str, Any], volumes: Mapping[str, Path], *, status_path: Pat
     mounts[contract.WORKSPACE_ROOT].mkdir(parents=True, exist_ok=True)
     status_path = status_path or default_status_path(job, mounts)
     runner = runner or functools.partial(run_command, grace_seconds=grace_seconds)
+    out = _unless_hung_up(out)
     with Interrupt().catching() as interrupt:
         return _run_steps(job, commands, status_path, runner, interrupt, out)
 
@@ -362,6 +402,16 @@ def _run_steps(job: Mapping[str, Any], commands: list[list[list[str]]], status_p
     write_json(status_path, status)
     out(f"{name}: all {len(steps)} step(s) succeeded; status in {status_path}")
     return 0
+
+
+def _unless_hung_up(out: Callable[[str], None]) -> Callable[[str], None]:
+    """`out`, quiet once its terminal is gone (SIGHUP: a write then fails with EIO): the status file still
+    records the job, and the job must get there."""
+    def say(line: str) -> None:
+        with contextlib.suppress(OSError):
+            out(line)
+
+    return say
 
 
 def _gate_not_met(status: dict[str, Any], status_path: Path, index: int, gate: Mapping[str, Any], tag: str,

@@ -1,6 +1,8 @@
 """One command at a time writes an MMAR: an fcntl lock on `models/.mmar.lock`.
 
-`mmar train`, `validate`, `infer` and `export` take it (in `mmar.cli`) before they read anything; a second
+`mmar train`, `validate`, `infer` and `export` take it (`mmar_lock`) as soon as their own argparse parser has
+read their arguments, before they read anything else: the MMAR is then the folder the command will work on,
+however its options were written (abbreviated, `--opt=value`, a new flag before MMAR_DIR). A second
 command on the same MMAR is refused with the holder's PID, host and command, instead of both writing
 `models/` or `eval/` and the last writer winning. The kernel releases the lock when the holder dies,
 however it dies (SIGKILL, OOM kill, node loss of an NFS client after its lease), so there is never a
@@ -78,6 +80,26 @@ def hold(mmar_dir: str | os.PathLike, command: str, log=print) -> Iterator[Path 
             os.environ.pop(HOLDER_VARIABLE, None)
     finally:
         os.close(fd)  # releases the lock (closing any descriptor of the file would: this is the only one)
+
+
+@contextlib.contextmanager
+def mmar_lock(mmar_dir: str | os.PathLike, command: str, log=None) -> Iterator[Path | None]:
+    """`hold` for a command about to work on `mmar_dir` (`command`: its name and argv, recorded for whoever is
+    refused), and the temp files of writers that died removed under it. A folder that is not an MMAR (no
+    config/) is not locked: the command reports that itself."""
+    folder = Path(mmar_dir)
+    if not (folder / "config").is_dir():
+        yield None
+        return
+    from mmar.io import remove_stale_temp_files
+
+    log = log or (lambda text: print(text, flush=True))
+    with hold(folder, command, log) as held:
+        if held is not None:
+            for sub in ("models", "eval"):
+                for path in remove_stale_temp_files(folder / sub):
+                    log(f"removed {path}: a temp file of a run that was killed while writing")
+        yield held
 
 
 def busy_message(mmar_dir: Path, holder: dict, command: str) -> str:

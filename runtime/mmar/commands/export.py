@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from mmar.commands._common import add_archive_arguments, open_archive
+from mmar.commands._common import add_archive_arguments, gate_passes, locked, open_archive
 from mmar.report import write_result
 
 
@@ -28,10 +28,13 @@ def main(argv: list[str]) -> int:
                         help="max abs difference allowed against PyTorch, as a fraction of max(1, max |output|) "
                         "(default 1e-3 for fp32, 5e-2 for fp16)")
     args = parser.parse_args(argv)
-    archive = open_archive(args)
-    from mmar.export import export, parse_formats, parse_input_shape
+    with locked("export", args, argv):
+        archive = open_archive(args)
+        if not gate_passes("export", archive, args.ckpt):
+            return 0
+        from mmar.export import export, parse_formats, parse_input_shape
 
-    shape = parse_input_shape(args.input_shape) if args.input_shape else None
-    write_result(export(archive, ckpt=args.ckpt, formats=parse_formats(args.formats), precision=args.precision,
-                        input_shape=shape, tolerance=args.tolerance))
+        shape = parse_input_shape(args.input_shape) if args.input_shape else None
+        write_result(export(archive, ckpt=args.ckpt, formats=parse_formats(args.formats), precision=args.precision,
+                            input_shape=shape, tolerance=args.tolerance))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mmar.commands._common import add_archive_arguments, open_archive
+from mmar.commands._common import add_archive_arguments, gate_passes, locked, open_archive
 from mmar.report import write_result
 
 
@@ -21,7 +21,14 @@ def main(argv: list[str]) -> int:
                         help="also write a DICOM Segmentation (<case>_seg.dcm beside the NIfTI) for every entry that "
                         "names its source series ('dicom', as `mmar pull` writes it); `mmar push` stores them")
     args = parser.parse_args(argv)
+    with locked("infer", args, argv):
+        return _infer(args)
+
+
+def _infer(args: argparse.Namespace) -> int:
     archive = open_archive(args, for_validation=True)
+    if not gate_passes("infer", archive, args.ckpt, args.model):
+        return 0
     cases = None
     if args.dicom_seg:  # checked before the model runs: a bad source folder fails in seconds
         from mmar.pacs.predictions import plan

@@ -1,7 +1,7 @@
 """`mmar train DIR [--finetune] [--restart] [--ckpt PATH] [--gpus N] [--set KEY=VALUE ...]`
 
 A re-run resumes an unfinished run and leaves a finished one alone unless `epochs` is raised or
-`--restart` is given (docs/runs.md). `mmar.cli` holds the MMAR's lock around this command.
+`--restart` is given (docs/runs.md). The MMAR's lock is held from the parse of argv on (`_common.locked`).
 
 `--gpus N` (N > 1) re-launches this command under torchrun with N processes on this machine
 (DistributedDataParallel, one process per GPU; on a machine without CUDA, N CPU processes with gloo,
@@ -15,7 +15,7 @@ import argparse
 import os
 import signal
 
-from mmar.commands._common import add_archive_arguments, open_archive
+from mmar.commands._common import add_archive_arguments, locked, open_archive
 from mmar.errors import MMARError, user_error
 from mmar.report import write_result
 
@@ -35,6 +35,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.gpus < 1:
         parser.error(f"--gpus must be >= 1, got {args.gpus}")
+    with locked("train", args, argv):
+        return _run(args, argv)
+
+
+def _run(args, argv: list[str]) -> int:
     archive = open_archive(args)  # a config error is reported once, before any process is started
     from mmar import distributed
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mmar.commands._common import add_archive_arguments, open_archive
+from mmar.commands._common import add_archive_arguments, locked, open_archive
 from mmar.report import write_result
 
 
@@ -17,9 +17,10 @@ def main(argv: list[str]) -> int:
                         help="use an exported model even when models/export.json says it was exported from another "
                         "checkpoint than the one now in its place (a loud warning instead of an error)")
     args = parser.parse_args(argv)
-    archive = open_archive(args, for_validation=True)
-    from mmar.engine.evaluate import validate
+    with locked("validate", args, argv):
+        archive = open_archive(args, for_validation=True)
+        from mmar.engine.evaluate import validate
 
-    write_result(validate(archive, ckpt=args.ckpt, model=args.model,
-                          allow_stale_export=args.allow_stale_export))
+        write_result(validate(archive, ckpt=args.ckpt, model=args.model,
+                              allow_stale_export=args.allow_stale_export))
     return 0

@@ -194,7 +194,7 @@ def start_worker(worker_id: int) -> None:
     output pipes open after the job has exited.
 
     Ctrl-C signals the whole process group, workers included: a worker that ended on it would fail the next
-    batch, which the main process, stopping at its next safe point (cli.StopSignals), may still need. So
+    batch, which the main process, stopping at its next safe point (mmar.stop.StopSignals), may still need. So
     workers ignore SIGINT. Not SIGTERM: it is how multiprocessing ends them at the main process's exit.
     """
     worker_init_fn(worker_id)

@@ -23,7 +23,7 @@ from mmar.engine.handlers import quiet_engine_errors
 from mmar.engine.metrics_json import is_undefined, nulls_for_undefined
 from mmar.engine.workflow import base_dir, build_evaluator, device_for, keys_of, section_items, validation_loader
 from mmar.eval_output import Staging, case_names, remove_abandoned
-from mmar.io import write_json
+from mmar.io import file_sha256, write_json
 from mmar.predict import default_checkpoint, load_predictor
 from mmar.tasks import get_task
 
@@ -40,6 +40,9 @@ def validate(archive: Archive, *, ckpt: str | None = None, model: str = "ckpt", 
     remove_abandoned(archive.eval_dir)  # half-written results of a killed run, before this one can fail too
     names = case_names([_image_file(item, image_key) for item in items], data_root(archive))
     device = device_for(archive)
+    measured = Path(ckpt or default_checkpoint(archive, model))
+    # what `mmar --gate` compares with the model a gated command will use (read under the MMAR's lock)
+    measured_sha256 = file_sha256(measured) if measured.is_file() else None
     predictor = load_predictor(archive, model, ckpt, device, allow_stale=allow_stale_export)
     parser = archive.parser()
     collector = task.CaseCollector(config)
@@ -60,7 +63,8 @@ def validate(archive: Archive, *, ckpt: str | None = None, model: str = "ckpt", 
         **summary,
         "num_cases": len(items),
         "model": model,
-        "checkpoint": str(ckpt or default_checkpoint(archive, model)),
+        "checkpoint": str(measured),
+        "checkpoint_sha256": measured_sha256,
         "seconds": round(seconds, 2),
     }
     check = getattr(predictor, "export_check", None)

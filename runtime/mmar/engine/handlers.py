@@ -27,7 +27,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from mmar import distributed
-from mmar.cli import StopSignals, Stopped
+from mmar.stop import StopSignals, Stopped
 from mmar.engine import checkpoint
 from mmar.errors import user_error
 from mmar.io import atomic_write
@@ -239,8 +239,8 @@ class StateSaver:
 
 
 class StopAtSafePoint:
-    """Ends the run at the next step boundary once SIGTERM or SIGINT was received (`cli.StopSignals`): after
-    a training step, after a validation step (the partial validation counts for nothing), or after the
+    """Ends the run at the next step boundary once SIGTERM or SIGINT was received (`mmar.stop.StopSignals`):
+    after a training step, after a validation step (the partial validation counts for nothing), or after the
     end-of-epoch handlers (attach it last). The run then ends with `Stopped`, whose message says which
     epoch the resume state holds; nothing is half-written (every write is atomic and done, or undone)."""
 

@@ -19,7 +19,9 @@ broadcast, so only rank 0 needs to see `models/`.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from monai.utils import set_determinism
 
 from mmar import distributed
 from mmar.archive import Archive, num_training_epoch_per_valid
-from mmar.cli import STOP
+from mmar.stop import STOP
 from mmar.engine import checkpoint, mixup, precision, transfer
 from mmar.engine.data import AUTO_WORKERS, EpochBatches, InBackground, loader_workers, make_dataset, make_loader
 from mmar.engine.handlers import (
@@ -217,8 +219,14 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     run_name = resume.get("tensorboard_run") if resume is not None else None
     run_name = run_name or f"{mode}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     # a resume hides the points its killed predecessor wrote after the saved epoch (they are redone)
-    writer = _tensorboard(models_dir / RUNS_DIR / run_name, purge_step=saved_epoch + 1 if resume else None) \
-        if ctx.is_main else None
+    run_folder = models_dir / RUNS_DIR / run_name
+    unsaved = _mark_unsaved(run_folder, fresh=resume is None) if ctx.is_main else None  # before the folder's first file
+    writer = _tensorboard(run_folder, purge_step=saved_epoch + 1 if resume else None) if ctx.is_main else None
+    if writer is None and unsaved is not None:  # no tensorboard installed: no folder either
+        unsaved.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            run_folder.rmdir()
+        unsaved = None
     extra = getattr(task, "extra_scalars", None)
     EpochSummary(progress, optimizer, evaluator, models_dir, writer, extra, log, ctx=ctx).attach(trainer)
     if scheduler is not None:
@@ -228,6 +236,8 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     state_saver = StateSaver(state_path, objects, progress, mode, write=ctx.is_main, saved_epoch=saved_epoch,
                              extra={"meta": meta, "tensorboard_run": run_name})
     state_saver.attach(trainer)
+    if unsaved is not None:  # the run's first state names its TensorBoard folder: no longer an orphan if killed
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _engine: unsaved.unlink(missing_ok=True))
     trainer.add_event_handler(Events.EPOCH_COMPLETED, best.save)  # after the state: see engine/handlers.py
     StopAtSafePoint(STOP, state_saver).attach(trainer, evaluator)  # last: an epoch's files are all written
     quiet_engine_errors(trainer, evaluator)
@@ -280,6 +290,8 @@ def _has_batch_norm(network) -> bool:
 
 
 RUNS_DIR = "runs"  # TensorBoard: models/runs/<mode>-<UTC start>/, one folder per run (a resume continues its own)
+# in a run's TensorBoard folder until its first state is written: a run killed before that left an orphan
+UNSAVED_MARK = ".no-state-yet"
 # what a new run replaces (TensorBoard runs are not replaced: each has its own folder under runs/)
 TRAINING_OUTPUTS = (checkpoint.MODEL_FILE, checkpoint.FINAL_FILE, checkpoint.STATE_FILE, "training_curves.png")
 PREVIOUS_DIR = "previous"
@@ -335,7 +347,40 @@ def _prepare(models_dir: Path, mode: str, epochs: int, *, restart: bool, log) ->
     state = checkpoint.load_state(models_dir / checkpoint.STATE_FILE)
     if state is not None:
         checkpoint.repair_models(models_dir, state, log)
+    remove_orphan_runs(models_dir, state, log)
     return plan_run(state, mode, epochs, restart=restart, models_dir=models_dir)
+
+
+def remove_orphan_runs(models_dir: Path, state: dict[str, Any] | None, log=print) -> list[str]:
+    """Remove the TensorBoard folders of runs killed before their first state (they hold the points of an
+    epoch no run will resume: the next run starts over in a folder of its own, and TensorBoard would show
+    both). Such a folder still has its `UNSAVED_MARK`; the folder the current state names is kept whatever it
+    holds. Called holding the MMAR's lock: no writer of those folders is alive."""
+    runs = models_dir / RUNS_DIR
+    keep = state.get("tensorboard_run") if state else None
+    removed = []
+    for mark in sorted(runs.glob(f"*/{UNSAVED_MARK}")) if runs.is_dir() else []:
+        folder = mark.parent
+        if folder.name == keep:
+            mark.unlink(missing_ok=True)  # its state was written; the mark outlived it by a kill
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder.name)
+    if removed:
+        log(f"removed TensorBoard run(s) {', '.join(removed)} from {runs}: stopped before their first epoch was "
+            "saved (the run that follows starts over)")
+    return removed
+
+
+def _mark_unsaved(folder: Path, *, fresh: bool) -> Path | None:
+    """A new run's folder gets the mark until its first state is written; a resumed one never needs it."""
+    mark = folder / UNSAVED_MARK
+    if not fresh:
+        mark.unlink(missing_ok=True)
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    mark.touch()
+    return mark
 
 
 def _move_aside_logged(models_dir: Path, restart: bool, log) -> None:
