@@ -217,3 +217,52 @@ def test_set_expressions_with_the_opt_in(seg_mmar, monkeypatch):
     # references, and `$` in environment paths (expanded as variables, never evaluated), stay allowed
     archive = load_archive(seg_mmar, ["learning_rate=@epochs", "DATA_ROOT=$HOME/data"])
     assert archive.config["learning_rate"] == "@epochs"
+
+
+# ---- item 5: fine-tuning without a model is refused before any work
+
+
+def test_finetune_start_names_the_checkpoint_and_how_to_give_one(seg_mmar, tmp_path):
+    from mmar.archive import finetune_start
+    from mmar.errors import MMARError
+
+    archive = load_archive(seg_mmar)
+    with pytest.raises(MMARError) as error:
+        finetune_start(archive)
+    message = str(error.value)
+    assert str(seg_mmar / "models" / "model.ckpt") in message
+    assert "PRETRAIN_WEIGHTS_FILE" in message and "--ckpt PATH" in message
+    with pytest.raises(MMARError, match="PRETRAIN_WEIGHTS_FILE"):
+        finetune_start(load_archive(seg_mmar, [f"PRETRAIN_WEIGHTS_FILE={tmp_path / 'gone.ckpt'}"]))
+    with pytest.raises(MMARError, match="--ckpt"):
+        finetune_start(archive, str(tmp_path / "gone.ckpt"))
+    weights = tmp_path / "weights.ckpt"
+    weights.write_bytes(b"x")
+    assert finetune_start(load_archive(seg_mmar, [f"PRETRAIN_WEIGHTS_FILE={weights}"])) == weights
+    assert finetune_start(archive, str(weights)) == weights
+    (seg_mmar / "models" / "train_state.pt").write_bytes(b"x")  # a run there: the engine decides
+    assert finetune_start(archive) is None
+
+
+@pytest.mark.xfail(strict=True, reason="needs `finetune_start(archive, args.ckpt)` called in commands/train.py right "
+                                       "after open_archive (not this change's file); drop this mark then")
+def test_finetune_without_a_model_fails_before_any_work(seg_mmar):
+    result = run_mmar("train", str(seg_mmar), "--finetune", check=False)
+    line = one_error_line(result)
+    assert "PRETRAIN_WEIGHTS_FILE" in line and "--ckpt" in line
+    assert "preprocessed" not in result.stdout  # no data read
+    assert not [path for path in (seg_mmar / "models").iterdir() if not path.name.startswith(".")]
+
+
+# ---- item 6: a plain training after a finished fine-tuning says what was asked
+
+
+@pytest.mark.xfail(strict=True, reason="needs the plan_run message change in engine/train.py (not this change's "
+                                       "file); drop this mark then")
+def test_training_after_a_finished_finetuning_says_what_was_asked(seg_mmar):
+    cpu = {"CUDA_VISIBLE_DEVICES": "", "MMAR_CPU_AMP": "0"}
+    run_mmar("train", str(seg_mmar), "--set", "epochs=1", env=cpu)
+    run_mmar("train", str(seg_mmar), "--finetune", "--set", "epochs=1", env=cpu)
+    result = run_mmar("train", str(seg_mmar), "--set", "epochs=1", env=cpu)
+    assert "asked for a training" in result.stdout and "finished fine-tuning" in result.stdout
+    assert "--restart" in result.stdout
