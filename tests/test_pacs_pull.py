@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -98,6 +102,49 @@ def test_an_interrupted_pull_resumes_by_sop_instance_uid(server, loaded, tmp_pat
     assert sorted(series_dir.iterdir()) == files
     np.testing.assert_array_equal(np.asarray(nib.load(nifti).dataobj), reference)
     assert json.loads((tmp_path / "datalist.json").read_text())["test"][0]["SeriesInstanceUID"] == loaded.brain_series
+
+
+def test_a_pull_killed_while_converting_leaves_no_stale_volume(server, tmp_path):
+    """Issue 31, 4: 100 slices pulled; 100 more uploaded; the pull that retrieves them is SIGKILLed while it
+    converts; the next pull retrieves nothing, but must not keep (and list) the volume of 100 slices."""
+    from pydicom.uid import generate_uid
+
+    study, series = generate_uid(), generate_uid()
+    files = orthanc.write_ct_series(tmp_path / "generated", study_uid=study, series_uid=series, slices=200, rows=8,
+                                    cols=8, thickness=1.0)
+    by_position = sorted(files, key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber))
+    server.upload(by_position[:100])  # the first half of the stack
+    _, first = pull(server, tmp_path, "--study-uid", study)
+    nifti = tmp_path / "nifti" / study / f"{series}.nii.gz"
+    assert first["retrieved"] == 100 and np.prod(nib.load(nifti).shape) == 100 * 8 * 8
+    server.upload(by_position[100:])
+    env = {**orthanc.environ_with_credentials(), "MMAR_TERMINATION_LOG": str(tmp_path / "killed.json")}
+    killed = subprocess.Popen([sys.executable, "-m", "mmar", "pull", "--url", server.dicomweb, "--dicom-dir",
+                               str(tmp_path / "dicom"), "--output", str(tmp_path / "nifti"), "--datalist",
+                               str(tmp_path / "datalist.json"), "--study-uid", study], env={**os.environ, **env},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while killed.poll() is None and time.monotonic() < deadline:
+        if list((tmp_path / "nifti" / study).glob(f".{series}.pull-*")):  # converting: the staging folder
+            os.kill(killed.pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    output = killed.communicate(timeout=60)[0]
+    assert killed.returncode == -signal.SIGKILL, f"the pull was not killed while converting:\n{output}"
+    assert len(list((tmp_path / "dicom" / study / series).glob("*.dcm"))) == 200  # all retrieved before
+    assert np.prod(nib.load(nifti).shape) == 100 * 8 * 8  # the old volume, as the kill left it
+    result, third = pull(server, tmp_path, "--study-uid", study)
+    assert (third["retrieved"], third["present"]) == (0, 200)
+    # the killed pull removed the record before it began to replace the volume: no record, no trust
+    assert f"converting series {series} again: no record of the instances it was made from" in result.stdout
+    assert np.prod(nib.load(nifti).shape) == 200 * 8 * 8
+    assert json.loads((tmp_path / "datalist.json").read_text())["test"][0]["image"] == f"nifti/{study}/{series}.nii.gz"
+    manifest = json.loads((tmp_path / "nifti" / study / f".{series}.pull.json").read_text())
+    assert len(manifest["instances"]) == 200 and manifest["volumes"] == [nifti.name]
+    # and then it is trusted again: a fourth pull converts nothing
+    mtime = nifti.stat().st_mtime_ns
+    result, _ = pull(server, tmp_path, "--study-uid", study)
+    assert nifti.stat().st_mtime_ns == mtime and "again" not in result.stdout
 
 
 def test_pull_with_labels_matches_them_by_series_uid(server, loaded, tmp_path):

@@ -119,7 +119,9 @@ def test_infer_dicom_seg_push_and_read_back(server, loaded, trained_seg_mmar, se
     environment = json.loads((mmar / "config" / "environment.json").read_text())
     (mmar / "config" / "environment.json").write_text(json.dumps({**environment, "DATASET_JSON": str(datalist)}))
     result = run_mmar("infer", str(mmar), "--key", "test", "--dicom-seg", env=env(tmp_path, "infer.json"))
-    case = mmar / "eval" / entry["image"].replace(".nii.gz", "")
+    from mmar.eval_output import PREDICTIONS_DIR
+
+    case = mmar / "eval" / PREDICTIONS_DIR / entry["image"].replace(".nii.gz", "")
     prediction, seg_file = Path(f"{case}_seg.nii.gz"), Path(f"{case}_seg.dcm")
     assert prediction.is_file() and seg_file.is_file(), result.stdout
     report = json.loads((tmp_path / "infer.json").read_text())
@@ -214,3 +216,76 @@ def test_real_scanner_series_round_trip(server, tmp_path):
     for n, entry in enumerate(entries):
         check_seg(fetch(server, out / f"case{n}_seg.dcm"), tmp_path / entry["dicom"], out / f"case{n}.nii.gz",
                   ["disc", "first"])
+
+
+HOSTILE_UID = "1.2.3/../../../tmp/evil"  # no "mmar" in it: the test server's user name, redacted
+
+
+def make_bad(path: Path, target: Path, **values) -> Path:
+    """A copy of a DICOM file with some attributes replaced (e.g. a StudyInstanceUID that is no UID)."""
+    import warnings
+
+    ds = pydicom.dcmread(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid UID it is asked to write
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(target)
+    return target
+
+
+def test_push_reports_a_bad_seg_and_still_stores_the_others(server, tmp_path):
+    """Issue 31, 7: a SEG whose StudyInstanceUID is a path (built from unchecked file content) came first and
+    stopped the push with a traceback, so no later SEG was stored."""
+    from mmar.pacs.seg import build_segmentation, read_source_series, write_segmentation
+    from pydicom.uid import generate_uid
+
+    out, studies = tmp_path / "out", []
+    for n in range(2):  # two fresh series of our own: nothing of them is on the server yet
+        study = generate_uid()
+        server.upload(orthanc.write_ct_series(tmp_path / f"gen{n}", study_uid=study, series_uid=generate_uid(),
+                                              slices=4, rows=6, cols=5, seed=10 + n))
+        studies.append(study)
+    for n, entry in enumerate(pull(server, tmp_path, *[a for s in studies for a in ("--study-uid", s)])):
+        image = nib.load(tmp_path / entry["image"])
+        mask_file = tmp_path / "masks" / f"case{n}.nii.gz"
+        mask_file.parent.mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(np.ones(image.shape, np.uint8), image.affine), mask_file)
+        write_segmentation(build_segmentation(mask_file, read_source_series(tmp_path / entry["dicom"]), None, 2,
+                                              algorithm="t", version="1"), out / f"case{n}_seg.dcm")
+    bad_sop = generate_uid()
+    make_bad(out / "case0_seg.dcm", out / "a_bad_seg.dcm", StudyInstanceUID=HOSTILE_UID, SOPInstanceUID=bad_sop)
+    result = run_mmar("push", str(tmp_path), "--url", server.dicomweb, "--input", str(out), check=False,
+                      env=env(tmp_path, "push.json"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("error: ") == 1, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: 1 of 3 DICOM SEG(s) not stored (2 stored, 0 already there)")
+    assert f"{out / 'a_bad_seg.dcm'}: StudyInstanceUID '{HOSTILE_UID}' is not a DICOM UID" in line, line
+    assert json.loads((tmp_path / "push.json").read_text()) == {"command": "push", "error": line[len("error: "):]}
+    assert "not stored: " in result.stdout and result.stdout.count("stored case") == 2
+    for n in range(2):  # both good ones are on the server
+        assert fetch(server, out / f"case{n}_seg.dcm").SOPClassUID == SEGMENTATION_STORAGE
+    session = server.session()
+    assert session.get(f"{server.dicomweb}/instances", params={"SOPInstanceUID": bad_sop}, timeout=10).json() in ([], None)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_infer_dicom_seg_checks_the_uids_inside_the_source_files(trained_seg_mmar, seg_data, tmp_path):
+    """The SEG copies its StudyInstanceUID from the source files: those are checked, before the model runs."""
+    from pydicom.uid import generate_uid
+
+    folder = tmp_path / "dicom" / "series"
+    files = orthanc.write_ct_series(folder, study_uid=generate_uid(), series_uid=generate_uid(), slices=3)
+    make_bad(files[1], files[1], StudyInstanceUID=HOSTILE_UID)
+    data = json.loads(seg_data.read_text())
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"test": [{"image": str(seg_data.parent / data["validation"][0]["image"]),
+                                              "dicom": str(folder)}]}))
+    out = tmp_path / "predictions"
+    result = run_mmar("infer", str(trained_seg_mmar), "--key", "test", "--dicom-seg",
+                      "--set", f"DATASET_JSON={datalist}", f"MMAR_EVAL_OUTPUT_PATH={out}", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"test[0].dicom: {files[1]}: StudyInstanceUID '{HOSTILE_UID}' is not a DICOM UID" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()

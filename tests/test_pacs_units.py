@@ -187,3 +187,53 @@ def test_segment_names_come_from_the_datalist_then_the_config(tmp_path, datalist
     names = label_names(SimpleNamespace(env={"DATASET_JSON": str(tmp_path / "dl.json")}, config=config))
     assert names == expected
     assert class_names(names, 3, np.array([0, 1])) == {1: (expected or {}).get("1", "class 1"), 2: "class 2"}
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # pydicom, reading the file made bad here
+def test_seg_sources_with_a_bad_uid_inside_are_refused(tmp_path):
+    """The UIDs a SEG is built from are checked in the files themselves (not only in the query's answer)."""
+    import warnings
+
+    import pydicom
+    from mmar.errors import MMARError
+    from mmar.pacs.seg import check_source_uids, read_source_series
+    from pydicom.uid import generate_uid
+
+    files = orthanc.write_ct_series(tmp_path / "s", study_uid=generate_uid(), series_uid=generate_uid(), slices=3)
+    ds = pydicom.dcmread(files[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.FrameOfReferenceUID = "1.2.3\n../../x"
+        ds.save_as(files[2])
+    for check in (check_source_uids, read_source_series):
+        with pytest.raises(MMARError, match=r"s/slice_002.dcm: FrameOfReferenceUID '1.2.3\\n../../x' is not a DICOM UID"):
+            check(tmp_path / "s")
+
+
+def test_a_volume_is_converted_again_when_its_instances_differ_from_its_record(tmp_path):
+    """Issue 31, 4: what each NIfTI was made of is recorded beside it; a folder that holds other instances now
+    (added by a pull killed before its conversion ended) is converted again."""
+    from mmar.pacs.volumes import convert_series, manifest_path, stale_reason
+    from pydicom.uid import generate_uid
+
+    series_uid = generate_uid()
+    series_dir, study_dir, held = tmp_path / "dicom", tmp_path / "nifti", tmp_path / "held"
+    files = orthanc.write_ct_series(series_dir, study_uid=generate_uid(), series_uid=series_uid, slices=6, rows=5, cols=4)
+    held.mkdir()
+    by_name = sorted(files)
+    for path in by_name[4:]:
+        path.rename(held / path.name)  # keep whole slices only: any 4 of them still form a stack
+    lines = []
+    (volume,) = convert_series(series_dir, study_dir, series_uid, log=lines.append)
+    assert lines == [] and 4 in nib.load(volume).shape
+    assert stale_reason(study_dir, series_uid, sorted(p.stem for p in series_dir.glob("*.dcm")), [volume]) is None
+    assert convert_series(series_dir, study_dir, series_uid, log=lines.append) == [volume] and lines == []
+    for path in held.iterdir():
+        path.rename(series_dir / path.name)
+    (again,) = convert_series(series_dir, study_dir, series_uid, log=lines.append)
+    assert lines == [f"converting series {series_uid} again: made of 4 instance(s), the series folder now holds 6 "
+                     "(2 added)"]
+    assert again == volume and 6 in nib.load(volume).shape
+    manifest_path(study_dir, series_uid).unlink()  # a volume of an older pull, with no record
+    convert_series(series_dir, study_dir, series_uid, log=lines.append)
+    assert lines[-1] == f"converting series {series_uid} again: no record of the instances it was made from"

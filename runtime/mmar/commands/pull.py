@@ -19,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mmar pull",
         description="Pull image series from a DICOMweb server (QIDO-RS + WADO-RS), convert them to NIfTI and "
         "list them in a datalist. Credentials: MMAR_DICOMWEB_USERNAME + MMAR_DICOMWEB_PASSWORD, or "
-        "MMAR_DICOMWEB_TOKEN. Retries: MMAR_DICOMWEB_RETRIES (default 4), MMAR_DICOMWEB_BACKOFF (default 1 s).")
+        "MMAR_DICOMWEB_TOKEN. Retries: MMAR_DICOMWEB_RETRIES (default 4), MMAR_DICOMWEB_BACKOFF (default 1 s). "
+        "Each request: MMAR_DICOMWEB_TIMEOUT (default 60 s); each search's pages: MMAR_DICOMWEB_MAX_PAGES (default "
+        "1000), MMAR_DICOMWEB_SEARCH_TIMEOUT (default 600 s).")
     parser.add_argument("--url", required=True, help="the DICOMweb service, e.g. https://pacs.example/dicom-web")
     parser.add_argument("--dicom-dir", required=True, type=Path,
                         help="where instances are stored, as DIR/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm")
@@ -39,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    from mmar.pacs.client import errors_redacted
+
+    with errors_redacted():  # no form of a credential in any error line, whatever raised it
+        return _pull(args)
+
+
+def _pull(args: argparse.Namespace) -> int:
     from mmar.errors import MMARError
     from mmar.pacs import datalist as dl
     from mmar.pacs.client import connect
@@ -53,29 +62,30 @@ def main(argv: list[str]) -> int:
     dl.read_existing(args.datalist)  # fail before any download when the datalist cannot be updated afterwards
     dicom_dir, output = args.dicom_dir.resolve(), args.output.resolve()
     connection = connect(args.url)
+    say = connection.say  # lines with what the server sent (series descriptions) in them: redacted
     series = find_series(connection, query)
     images = [s for s in series if s.is_image]
     for skipped in (s for s in series if not s.is_image):
-        print(f"skipped {skipped.label()}: not an image series")
+        say(f"skipped {skipped.label()}: not an image series")
     if not images:
-        raise MMARError(f"{connection.url}: the series matching {query.describe()} hold no images "
-                        f"({', '.join(sorted({s.modality or '?' for s in series}))})")
+        raise MMARError(connection.redact(f"{connection.url}: the series matching {query.describe()} hold no images "
+                                          f"({', '.join(sorted({s.modality or '?' for s in series}))})"))
     from mmar.io import remove_stale_temp_files
 
-    for path in remove_stale_temp_files(dicom_dir):
+    for path in remove_stale_temp_files(dicom_dir) + remove_stale_temp_files(output):
         print(f"removed {path}: a temp file of a pull that was stopped while writing")
     remove_abandoned(output)
     print(f"{len(images)} image series on {connection.url} match {query.describe()}")
     entries, retrieved, present, not_image = [], 0, 0, len(series) - len(images)
     for item in images:
-        fetched = fetch_series(connection, item, dicom_dir)
+        fetched = fetch_series(connection, item, dicom_dir, log=say)
         retrieved, present = retrieved + fetched.retrieved, present + fetched.present
         if fetched.retrieved + fetched.present == 0:
-            print(f"skipped {item.label()}: no image instances")
+            say(f"skipped {item.label()}: no image instances")
             not_image += 1
             continue
         study_dir = output / item.study_uid
-        for volume in convert_series(fetched.folder, study_dir, item.series_uid, changed=fetched.retrieved > 0):
+        for volume in convert_series(fetched.folder, study_dir, item.series_uid):
             label = dl.find_label(args.labels, item.study_uid, volume) if args.labels else None
             if args.labels and label is None:
                 print(f"warning: no label in {args.labels} for {volume.name} (listed without one)")
@@ -89,4 +99,3 @@ def main(argv: list[str]) -> int:
     write_result({"command": "pull", "series": len(images), "skipped_series": not_image, "retrieved": retrieved,
                   "present": present, "cases": len(entries), "datalist": str(args.datalist), "key": args.key})
     return 0
-

@@ -19,8 +19,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--input", type=Path, help="folder of SEG files (default: the MMAR's infer output, "
                         "MMAR_EVAL_OUTPUT_PATH)")
     args = parser.parse_args(argv)
+    from mmar.pacs.client import errors_redacted
+
+    with errors_redacted():  # no form of a credential in any error line, whatever raised it
+        return _push(args)
+
+
+def _push(args: argparse.Namespace) -> int:
     from mmar.errors import MMARError
-    from mmar.pacs.client import connect
+    from mmar.pacs.client import PacsError, connect
     from mmar.pacs.store import find_segs, push
 
     folder = args.input
@@ -34,7 +41,12 @@ def main(argv: list[str]) -> int:
     connection = connect(args.url)
     pushed = push(connection, files)
     print(f"pushed {len(files)} DICOM SEG(s) to {connection.url}: {len(pushed.stored)} stored, "
-          f"{len(pushed.skipped)} already there")
+          f"{len(pushed.skipped)} already there" + (f", {len(pushed.failed)} not stored" if pushed.failed else ""))
+    if pushed.failed:  # the others are stored; the step still fails, naming what was left out
+        path, why = pushed.failed[0]
+        more = f" (and {len(pushed.failed) - 1} more, listed above)" if len(pushed.failed) > 1 else ""
+        raise PacsError(f"{len(pushed.failed)} of {len(files)} DICOM SEG(s) not stored ({len(pushed.stored)} stored, "
+                        f"{len(pushed.skipped)} already there): {why}{more}")
     write_result({"command": "push", "found": len(files), "stored": len(pushed.stored), "skipped": len(pushed.skipped),
                   "url": connection.url})
     return 0

@@ -3,8 +3,18 @@
 Credentials are read from the environment only (the operator fills it from a Kubernetes Secret):
 MMAR_DICOMWEB_USERNAME + MMAR_DICOMWEB_PASSWORD (HTTP basic) or MMAR_DICOMWEB_TOKEN (bearer). They ride
 on the requests Session (never in a URL: a URL with user:password@ is refused, since URLs end up in
-error messages), and every message this module raises passes through `redact`, so a server or library
-that echoes a header back cannot put a secret into a log, an event or a step result either.
+error messages). A server's own words are never repeated as they came: an HTTP error is reported by its
+status code and the standard phrase for it (not the reason phrase the server sent, which a hostile or
+careless server fills with the request's Authorization header), and everything else shown that came from
+the server (series descriptions, a `Warning` header) or from a library passes through `redact`, which
+removes every form of the secret: the raw user name, password and token, the `Basic <base64>` header
+value and the base64 itself, and anything after `Basic ` / `Bearer `. `errors_redacted` is the last net
+around a whole command.
+
+Searches (QIDO-RS) are paged here, not by dicomweb-client (whose loop asks for the next page until one is
+empty, with no limit: a server that ignores `offset` keeps it asking forever): at most
+MMAR_DICOMWEB_MAX_PAGES pages (default 1000) and MMAR_DICOMWEB_SEARCH_TIMEOUT seconds (default 600) per
+search, and a page that repeats an earlier one stops it, each with an error naming the search.
 
 A server that is down, overloaded (5xx, 408, 429) or unreachable is retried with exponential back-off
 (MMAR_DICOMWEB_RETRIES retries, default 4, the first wait MMAR_DICOMWEB_BACKOFF seconds, default 1, then
@@ -14,16 +24,26 @@ doubling: 1+2+4+8 = 15 s at most by default), then reported as one line naming t
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
+import json
+import logging
 import os
+import re
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
-from urllib.parse import urlsplit, urlunsplit
+from http import HTTPStatus
+from typing import Any, Callable, Iterator
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from mmar.errors import MMARError
 
 ENV_USERNAME, ENV_PASSWORD, ENV_TOKEN = "MMAR_DICOMWEB_USERNAME", "MMAR_DICOMWEB_PASSWORD", "MMAR_DICOMWEB_TOKEN"
 ENV_RETRIES, ENV_BACKOFF, ENV_TIMEOUT = "MMAR_DICOMWEB_RETRIES", "MMAR_DICOMWEB_BACKOFF", "MMAR_DICOMWEB_TIMEOUT"
+ENV_MAX_PAGES, ENV_SEARCH_TIMEOUT = "MMAR_DICOMWEB_MAX_PAGES", "MMAR_DICOMWEB_SEARCH_TIMEOUT"
+MAX_PAGES, SEARCH_TIMEOUT = 1000, 600.0
 RETRIABLE_STATUS = {408, 429, 500, 502, 503, 504}
 AUTH_STATUS = {401, 403}
 
@@ -36,6 +56,15 @@ class NotFound(PacsError):
     """The server answered 404 for a study, series or instance."""
 
 
+class BadAnswer(PacsError):
+    """The server's answer to one request could not be read (not DICOM JSON, a broken multipart message)."""
+
+
+class Refused(PacsError):
+    """The server refused this one request (HTTP 4xx other than 401/403/404, or a STOW-RS failure): another
+    request (another SEG) may still succeed, unlike a server that is down or credentials that are wrong."""
+
+
 @dataclass(frozen=True)
 class Credentials:
     username: str | None = None
@@ -44,7 +73,23 @@ class Credentials:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        return tuple(v for v in (self.password, self.token, self.username) if v)
+        """Every form in which a credential can come back: the raw values, percent-encoded, and the basic
+        `Authorization` header's base64 of `user:password` (with and without its `=` padding, as requests
+        encodes it and as UTF-8). A user name of one or two characters is left out (it would blank out half
+        of every message); a password or token of any length is not."""
+        raw = [v for v in (self.password, self.token) if v]
+        if self.username and len(self.username) >= 3:
+            raw.append(self.username)
+        forms = set(raw) | {quote(v, safe="") for v in raw}
+        if self.username and self.password:
+            pair = f"{self.username}:{self.password}"
+            for encoding in ("latin-1", "utf-8"):
+                try:
+                    encoded = base64.b64encode(pair.encode(encoding)).decode("ascii")
+                except UnicodeEncodeError:
+                    continue
+                forms |= {encoded, encoded.rstrip("="), quote(encoded, safe="")}
+        return tuple(sorted((f for f in forms if f), key=len, reverse=True))
 
     @property
     def kind(self) -> str:
@@ -110,6 +155,29 @@ def _env_number(name: str, kind, default):
     return value
 
 
+# in what a server sent: whatever follows an auth scheme name (a header echoed back, even cut short or with
+# someone else's credentials in it, shows no secret)
+AUTH_VALUE = re.compile(r"(?i)\b(basic|bearer|digest|negotiate|token)(\s+)[A-Za-z0-9+/=._~%:-]{4,}")
+AUTH_HEADER = re.compile(r"(?i)\b(authorization\s*[:=])(\s*)(?!(?:basic|bearer|digest|negotiate|token)\b)[^\s,;\"']{4,}")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def redact_text(text: str, credentials: Credentials) -> str:
+    """`text` without any form of the credentials (see Credentials.secrets)."""
+    for secret in credentials.secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def server_text(text: Any, credentials: Credentials, limit: int = 200) -> str:
+    """Something the server sent, made fit to print: control characters (new lines: one error, one line)
+    replaced, cut to `limit` characters, redacted, and any value after `Basic`/`Bearer`/... blanked."""
+    clean = CONTROL.sub(" ", str(text)).strip()
+    blank = lambda m: f"{m.group(1)}{m.group(2)}***"  # noqa: E731
+    clean = AUTH_HEADER.sub(blank, AUTH_VALUE.sub(blank, redact_text(clean, credentials)))
+    return clean[:limit] + "..." if len(clean) > limit else clean
+
+
 @dataclass
 class Connection:
     """A DICOMwebClient over an authenticated Session, with `call` adding retries and clean errors."""
@@ -139,12 +207,17 @@ class Connection:
                 if status == 404:
                     raise NotFound(self.redact(f"{self.url}: {what}: not found (HTTP 404)")) from None
                 if status not in RETRIABLE_STATUS:
-                    raise PacsError(self.redact(f"{self.url}: {what} failed: HTTP {status} {_reason(error)}")) from None
-                reason = f"HTTP {status} {_reason(error)}"
+                    kind = Refused if status is not None and 400 <= status < 500 else PacsError
+                    raise kind(self.redact(f"{self.url}: {what} failed: {_status_text(status)}")) from None
+                reason = _status_text(status)
             except (requests.ConnectionError, requests.Timeout) as error:
                 reason = _connection_reason(error)
             except requests.RequestException as error:  # a bad answer (broken multipart, redirects...): no retry
                 raise PacsError(self.redact(f"{self.url}: {what} failed: {type(error).__name__}")) from None
+            except ValueError as error:  # dicomweb-client or pydicom could not read the answer; their messages
+                # quote what the server sent (a media type, a part), so only the kind of error is shown
+                raise BadAnswer(self.redact(f"{self.url}: {what} failed: the answer could not be read "
+                                            f"({type(error).__name__})")) from None
             if attempt < len(waits):
                 self.sleep(waits[attempt])
         elapsed = time.monotonic() - started
@@ -152,15 +225,53 @@ class Connection:
                                     f"{reason} (retries: {ENV_RETRIES}, {ENV_BACKOFF})")) from None
 
     def redact(self, text: str) -> str:
-        for secret in sorted(self.credentials.secrets, key=len, reverse=True):
-            if len(secret) >= 3:  # a one- or two-letter user name would blank out half the message
-                text = text.replace(secret, "***")
-        return text
+        return redact_text(text, self.credentials)
+
+    def say(self, line: str) -> None:
+        """Print a line that may hold what the server sent (a series description): redacted."""
+        print(server_text(line, self.credentials, limit=1000), flush=True)
+
+    def search(self, what: str, function: Callable[..., list], **kwargs) -> list[dict]:
+        """Every row of a QIDO-RS search, paged here with `offset` (dicomweb-client's own paging has no
+        bound): until an empty page, at most MMAR_DICOMWEB_MAX_PAGES pages and MMAR_DICOMWEB_SEARCH_TIMEOUT
+        seconds; a page equal to an earlier one (a server that ignores `offset`) is an error at once."""
+        max_pages = _env_number(ENV_MAX_PAGES, int, MAX_PAGES)
+        budget = _env_number(ENV_SEARCH_TIMEOUT, float, SEARCH_TIMEOUT)
+        started = time.monotonic()
+        rows: list[dict] = []
+        seen: dict[str, int] = {}  # digest of a page -> the offset it was first returned at
+        for page_number in range(1, max_pages + 1):
+            elapsed = time.monotonic() - started
+            if page_number > 1 and elapsed > budget:
+                raise PacsError(self.redact(
+                    f"{self.url}: {what}: stopped after {page_number - 1} pages ({len(rows)} results) and "
+                    f"{elapsed:.1f} s, over the {budget:g} s a search may take ({ENV_SEARCH_TIMEOUT})"))
+            page = self.call(what if page_number == 1 else f"{what} (page {page_number}, offset {len(rows)})",
+                             function, offset=len(rows), get_remaining=False, **kwargs)
+            if not page:
+                return rows
+            if not isinstance(page, list) or not all(isinstance(row, dict) for row in page):
+                raise PacsError(self.redact(f"{self.url}: {what}: the answer is not a list of DICOM JSON objects"))
+            digest = hashlib.sha256(json.dumps(page, sort_keys=True, default=str).encode()).hexdigest()
+            if digest in seen:
+                raise PacsError(self.redact(
+                    f"{self.url}: {what}: the server returned the same page at offset {len(rows)} as at offset "
+                    f"{seen[digest]} (it ignores `offset`?); stopped after {page_number} requests"))
+            seen[digest] = len(rows)
+            rows += page
+        raise PacsError(self.redact(
+            f"{self.url}: {what}: more than {max_pages} pages ({len(rows)} results so far); stopped "
+            f"(raise {ENV_MAX_PAGES} if the archive really holds that many)"))
 
 
-def _reason(error) -> str:
-    response = error.response
-    return (response.reason or "").strip() if response is not None else ""
+def _status_text(status: int | None) -> str:
+    """`HTTP 500 Internal Server Error`: the standard phrase, never the reason phrase the server sent."""
+    if status is None:
+        return "HTTP error"
+    try:
+        return f"HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
 
 
 def _connection_reason(error: BaseException) -> str:
@@ -176,6 +287,52 @@ def _connection_reason(error: BaseException) -> str:
     return f"connection failed ({type(error).__name__})"
 
 
+class _RedactingHandler(logging.Handler):
+    """dicomweb-client logs what servers send (a `Warning` header, STOW failure reasons) at WARNING and
+    ERROR, which Python prints on stderr as it came: here it is printed redacted, on one line, cut short."""
+
+    def __init__(self, credentials: Credentials):
+        super().__init__(logging.WARNING)
+        self.credentials = credentials
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = server_text(record.getMessage(), self.credentials)
+        except Exception:  # noqa: BLE001 - a log line must never break a pull
+            text = "(unprintable message)"
+        print(f"warning: dicomweb-client: {text}", file=sys.stderr, flush=True)
+
+
+def _route_library_logs(credentials: Credentials) -> None:
+    logger = logging.getLogger("dicomweb_client")
+    for handler in [h for h in logger.handlers if isinstance(h, _RedactingHandler)]:
+        logger.removeHandler(handler)
+    logger.addHandler(_RedactingHandler(credentials))
+    logger.propagate = False
+
+
+@contextlib.contextmanager
+def errors_redacted(credentials: Credentials | None = None) -> Iterator[None]:
+    """The last net around a command: an exception with any form of a credential in it, or in an exception
+    it was raised from (a traceback shows those too), becomes one redacted PacsError line."""
+    try:
+        yield
+    except Exception as error:
+        if credentials is None:
+            try:
+                credentials = credentials_from_env()
+            except PacsError:
+                credentials = Credentials(*(os.environ.get(k) or None for k in (ENV_USERNAME, ENV_PASSWORD, ENV_TOKEN)))
+        chain, seen, current = [], set(), error
+        while current is not None and id(current) not in seen:
+            seen.add(id(current))
+            chain.append(current)
+            current = current.__cause__ or current.__context__
+        if any(redact_text(str(e), credentials) != str(e) or redact_text(repr(e), credentials) != repr(e) for e in chain):
+            raise PacsError(redact_text(str(error), credentials)) from None
+        raise
+
+
 class BearerAuth:
     """requests auth: `Authorization: Bearer TOKEN` (its repr never shows the token)."""
 
@@ -188,6 +345,14 @@ class BearerAuth:
 
     def __repr__(self) -> str:
         return "BearerAuth(***)"
+
+
+def _quiet_pydicom() -> None:
+    """pydicom warns about an invalid value (a UID that is not one) quoting it, on stderr: what a server sent,
+    unfiltered. mmar checks the UIDs it uses itself (mmar.pacs.query.check_file_uids) and says which."""
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 def connect(url: str, *, timeout: float | None = None) -> Connection:
@@ -207,4 +372,6 @@ def connect(url: str, *, timeout: float | None = None) -> Connection:
     timeout = timeout if timeout is not None else _env_number(ENV_TIMEOUT, float, 60.0)
     client = DICOMwebClient(shown, session=session, timeout=timeout)
     client.set_http_retry_params(retry=False)  # retried here, where the budget and the error line are ours
+    _route_library_logs(credentials)
+    _quiet_pydicom()
     return Connection(shown, client, credentials, Retry.from_env())

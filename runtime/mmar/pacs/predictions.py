@@ -35,6 +35,7 @@ def plan(archive, key: str | None) -> list[Case]:
     from mmar.datalist import load_items
     from mmar.engine.evaluate import data_root
     from mmar.eval_output import case_names, name_of
+    from mmar.pacs.seg import check_source_uids
     from mmar.tasks.segmentation import prediction_path
 
     if archive.task != "segmentation":
@@ -62,6 +63,10 @@ def plan(archive, key: str | None) -> list[Case]:
             source = (Path(base).resolve() if base else Path(datalist).resolve().parent) / source
         if not source.is_dir():
             raise MMARError(f"{datalist}: {list_key}[{index}].dicom: source series folder not found: {source}")
+        try:
+            check_source_uids(source)
+        except MMARError as error:
+            raise MMARError(f"{datalist}: {list_key}[{index}].dicom: {error}") from None
         prediction = prediction_path(archive.eval_dir, name_of(names, image), postfix, ext)
         stem = prediction.name[: -len(ext)] if ext and prediction.name.endswith(ext) else prediction.name
         cases.append(Case(image, source, prediction, prediction.with_name(stem + SEG_SUFFIX)))

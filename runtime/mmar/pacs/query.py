@@ -74,11 +74,36 @@ class Series:
         return text + (f", {self.description!r})" if self.description else ")")
 
 
+def is_uid(uid) -> bool:
+    return isinstance(uid, str) and len(uid) <= 64 and bool(UID.match(uid))
+
+
+def _shown(uid) -> str:
+    """A value that is not a UID, for an error line: quoted (control characters escaped), cut short."""
+    return repr(uid[:80] + ("..." if len(uid) > 80 else "")) if isinstance(uid, str) else repr(uid)
+
+
 def check_uid(uid: str, where: str) -> str:
     """A DICOM UID (digits and dots, at most 64 characters): also what makes it safe as a folder name."""
-    if not isinstance(uid, str) or len(uid) > 64 or not UID.match(uid):
-        raise PacsError(f"{where}: {uid!r} is not a DICOM UID (digits and dots, at most 64 characters)")
+    if not is_uid(uid):
+        raise PacsError(f"{where}: {_shown(uid)} is not a DICOM UID (digits and dots, at most 64 characters)")
     return uid
+
+
+def check_file_uids(ds, where: str, expected: dict[str, str] | None = None) -> None:
+    """The UIDs inside a DICOM file (not what a QIDO-RS answer said about it), before anything is built on
+    them: Study/Series/SOP Instance UID and SOP Class UID must be DICOM UIDs (they become folder names, SEG
+    references, STOW-RS URLs), FrameOfReferenceUID too where present; `expected` (keyword -> UID): what the
+    file must hold, e.g. the series QIDO-RS listed it in. PacsError naming `where` and the attribute."""
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID"):
+        value = str(ds.get(keyword, "") or "") if keyword in ds else ""
+        if not value and keyword == "FrameOfReferenceUID":  # optional here; a SEG's source must have one (seg.py)
+            continue
+        if not is_uid(value):
+            raise PacsError(f"{where}: {keyword} {_shown(value)} is not a DICOM UID (digits and dots, at most 64 "
+                            "characters)")
+        if expected and keyword in expected and value != expected[keyword]:
+            raise PacsError(f"{where}: {keyword} {value} is not {expected[keyword]}, the one the server listed it under")
 
 
 def find_series(connection: Connection, query: Query) -> list[Series]:
@@ -88,15 +113,14 @@ def find_series(connection: Connection, query: Query) -> list[Series]:
     found: list[Series] = []
     if query.study_uids:
         for study in dict.fromkeys(query.study_uids):
-            rows = connection.call(f"QIDO-RS search for the series of study {study}", client.search_for_series,
-                                   study_instance_uid=study, search_filters=filters, fields=SERIES_FIELDS,
-                                   get_remaining=True)
+            rows = connection.search(f"QIDO-RS search for the series of study {study}", client.search_for_series,
+                                     study_instance_uid=study, search_filters=filters, fields=SERIES_FIELDS)
             if not rows and not _study_exists(connection, study):
                 raise PacsError(f"{connection.url}: study {study} not found (QIDO-RS returned no such study)")
             found += [_series(row, connection.url) for row in rows]
     else:
-        rows = connection.call("QIDO-RS search for series", client.search_for_series, search_filters=filters,
-                               fields=SERIES_FIELDS, get_remaining=True)
+        rows = connection.search("QIDO-RS search for series", client.search_for_series, search_filters=filters,
+                                 fields=SERIES_FIELDS)
         found = [_series(row, connection.url) for row in rows]
     found = [s for s in found if query.matches_description(s.description)]
     if not found:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mmar.io import atomic_path
 from mmar.pacs.client import Connection
-from mmar.pacs.query import Series, check_uid
+from mmar.pacs.query import Series, check_file_uids, check_uid
 
 # SOP classes that hold no pixel image (by their names in pydicom's UID dictionary)
 NON_IMAGE_CLASS_WORDS = ("SR Storage", "Presentation State", "Segmentation Storage", "Key Object", "Encapsulated",
@@ -44,9 +44,9 @@ def is_image_class(sop_class_uid: str) -> bool:
 
 def list_instances(connection: Connection, series: Series) -> list[tuple[str, str]]:
     """(SOPInstanceUID, SOPClassUID) of every instance of the series, from QIDO-RS."""
-    rows = connection.call(f"QIDO-RS search for the instances of {series.label()}", connection.client.search_for_instances,
-                           study_instance_uid=series.study_uid, series_instance_uid=series.series_uid,
-                           fields=["00080016", "00080018"], get_remaining=True)
+    rows = connection.search(f"QIDO-RS search for the instances of {series.label()}", connection.client.search_for_instances,
+                             study_instance_uid=series.study_uid, series_instance_uid=series.series_uid,
+                             fields=["00080016", "00080018"])
     out = []
     for row in rows:
         sop = ((row.get("00080018") or {}).get("Value") or [""])[0]
@@ -80,8 +80,9 @@ def fetch_series(connection: Connection, series: Series, dicom_dir: Path, log=pr
         target = folder / f"{sop}.dcm"
         if target.is_file():
             continue
-        dataset = connection.call(f"WADO-RS retrieve of instance {sop} of {series.label()}",
-                                  connection.client.retrieve_instance, series.study_uid, series.series_uid, sop)
+        what = f"WADO-RS retrieve of instance {sop} of {series.label()}"
+        dataset = connection.call(what, connection.client.retrieve_instance, series.study_uid, series.series_uid, sop)
+        _check(dataset, connection, series, sop, what)
         _write(dataset, target)
         fetched.retrieved += 1
     if fetched.retrieved:
@@ -98,9 +99,18 @@ def _stream(connection: Connection, series: Series, folder: Path, wanted: set[st
         sop = str(getattr(dataset, "SOPInstanceUID", ""))
         target = folder / f"{sop}.dcm"
         if sop in wanted and not target.is_file():
+            _check(dataset, connection, series, sop, f"WADO-RS retrieve of {series.label()}")
             _write(dataset, target)
             written += 1
     return written
+
+
+def _check(dataset, connection: Connection, series: Series, sop: str, what: str) -> None:
+    """The UIDs inside the retrieved instance are DICOM UIDs and those QIDO-RS listed it under (a SEG and
+    a STOW-RS request are built from them later); else nothing of it is written."""
+    check_file_uids(dataset, f"{connection.url}: {what}: the retrieved instance {sop}",
+                    {"StudyInstanceUID": series.study_uid, "SeriesInstanceUID": series.series_uid,
+                     "SOPInstanceUID": sop})
 
 
 def _write(dataset, target: Path) -> None:

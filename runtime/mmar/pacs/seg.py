@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mmar.errors import MMARError
+from mmar.pacs.query import check_file_uids
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 # type 2 attributes of the patient and study modules a SEG copies from its source (highdicom reads them)
@@ -36,19 +37,45 @@ class Placed:
     exact: bool  # every source pixel sat on a voxel centre of the mask
 
 
-def read_source_series(folder: Path) -> list:
-    """The image instances of one series folder (pydicom datasets), checked to be one single-frame series."""
-    import pydicom
-
+def source_files(folder: Path) -> list[Path]:
     files = sorted(p for p in Path(folder).rglob("*.dcm") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise MMARError(f"{folder}: no DICOM files (the source series of a datalist entry's 'dicom')")
+    return files
+
+
+def _read(path: Path, **kwargs):
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, **kwargs)
+    except Exception as error:  # noqa: BLE001 - pydicom raises several types for a bad file
+        raise MMARError(f"{path}: not a readable DICOM file ({type(error).__name__})") from None
+
+
+def check_source_uids(folder: Path) -> None:
+    """Headers only, before a model runs: every file of the source folder holds DICOM UIDs (Study, Series,
+    SOP Instance, SOP Class, Frame of Reference: a SEG copies or references them, `mmar push` puts them in
+    URLs), all of one study and one series. The files came from a server; what is in them is checked here,
+    not trusted because a query answer was."""
+    studies, series = set(), set()
+    for path in source_files(folder):
+        ds = _read(path, stop_before_pixels=True)
+        check_file_uids(ds, str(path))
+        studies.add(str(ds.StudyInstanceUID))
+        series.add(str(ds.SeriesInstanceUID))
+    if len(studies) > 1 or len(series) > 1:
+        raise MMARError(f"{folder}: holds {len(series)} series of {len(studies)} studies; a source folder must hold "
+                        "one series")
+
+
+def read_source_series(folder: Path) -> list:
+    """The image instances of one series folder (pydicom datasets), checked to be one single-frame series
+    whose UIDs are DICOM UIDs."""
     datasets = []
-    for path in files:
-        try:
-            ds = pydicom.dcmread(path)
-        except Exception as error:  # noqa: BLE001 - pydicom raises several types for a bad file
-            raise MMARError(f"{path}: not a readable DICOM file ({error})") from None
+    for path in source_files(folder):
+        ds = _read(path)
+        check_file_uids(ds, str(path))
         if "PixelData" in ds and "ImagePositionPatient" in ds:
             for keyword in TYPE_2_COPIED:  # may be empty but present: anonymizers often drop them
                 if keyword not in ds:
@@ -58,8 +85,9 @@ def read_source_series(folder: Path) -> list:
         raise MMARError(f"{folder}: no image instances with a position (ImagePositionPatient)")
     _fill_slice_thickness(datasets)
     series = {ds.SeriesInstanceUID for ds in datasets}
-    if len(series) > 1:
-        raise MMARError(f"{folder}: holds {len(series)} series; a source folder must hold one")
+    studies = {ds.StudyInstanceUID for ds in datasets}
+    if len(series) > 1 or len(studies) > 1:
+        raise MMARError(f"{folder}: holds {len(series)} series of {len(studies)} studies; a source folder must hold one series")
     if any(int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 for ds in datasets):
         raise MMARError(f"{folder}: multi-frame source images are not supported (single-frame series only)")
     frames_of_reference = {getattr(ds, "FrameOfReferenceUID", None) or None for ds in datasets}
