@@ -237,3 +237,47 @@ def test_a_volume_is_converted_again_when_its_instances_differ_from_its_record(t
     manifest_path(study_dir, series_uid).unlink()  # a volume of an older pull, with no record
     convert_series(series_dir, study_dir, series_uid, log=lines.append)
     assert lines[-1] == f"converting series {series_uid} again: no record of the instances it was made from"
+
+
+def test_search_pages_with_offset_and_stops_at_a_repeat_or_the_page_bound(monkeypatch):
+    """Issue 31, 8: QIDO-RS paged by mmar (dicomweb-client's loop has no bound)."""
+    conn, _ = connection()
+    asked = []
+
+    def honest(offset, get_remaining, **_):
+        asked.append(offset)
+        assert get_remaining is False
+        return [{"n": i} for i in range(offset, min(offset + 2, 5))]
+
+    assert [row["n"] for row in conn.search("search", honest)] == [0, 1, 2, 3, 4] and asked == [0, 2, 4, 5]
+    with pytest.raises(pc.PacsError, match=r"search: the server returned the same page at offset 2 as at offset 0 "
+                                           r"\(it ignores `offset`\?\); stopped after 2 requests"):
+        conn.search("search", lambda offset, get_remaining, **_: [{"n": 0}, {"n": 1}])
+    monkeypatch.setenv("MMAR_DICOMWEB_MAX_PAGES", "3")
+    with pytest.raises(pc.PacsError, match=r"more than 3 pages \(3 results so far\)"):
+        conn.search("search", lambda offset, get_remaining, **_: [{"n": offset}])
+
+
+def test_errors_redacted_is_the_last_net():
+    basic = pc.Credentials("alice", "Pw-Value-9")
+    with pytest.raises(pc.PacsError) as caught:
+        with pc.errors_redacted(basic):
+            try:
+                raise ValueError("header Basic YWxpY2U6UHctVmFsdWUtOQ== rejected")
+            except ValueError:
+                raise RuntimeError("wrapped")  # noqa: B904 - the secret only in the context a traceback shows
+    assert str(caught.value) == "wrapped" and caught.value.__cause__ is None and caught.value.__suppress_context__
+    with pytest.raises(KeyError):  # nothing secret in it: passed on unchanged
+        with pc.errors_redacted(basic):
+            raise KeyError("plain")
+
+
+def test_an_http_error_is_reported_by_its_standard_phrase_not_the_servers():
+    conn, _ = connection(retries=0, username="alice", password="Pw-Value-9")
+
+    def echo():
+        raise http_error(500, "you sent Basic YWxpY2U6UHctVmFsdWUtOQ==")
+
+    with pytest.raises(pc.PacsError) as caught:
+        conn.call("search", echo)
+    assert "HTTP 500 Internal Server Error" in str(caught.value) and "you sent" not in str(caught.value)
