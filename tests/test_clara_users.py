@@ -150,7 +150,7 @@ def test_a_clara_v3_config_is_refused_as_one(tmp_path, seg_mmar):
     config["train"]["image_pipeline"] = {"name": "SegmentationImagePipelineWithCache", "args": {"batch_size": 2}}
     path.write_text(json.dumps(config))
     line = one_error_line(run_mmar("train", str(seg_mmar), check=False))
-    assert "this is a Clara Train v3/v4 config (dynamic_input_shape, train#image_pipeline" in line
+    assert "this is a Clara Train v3 config (dynamic_input_shape, train#image_pipeline" in line
 
 
 def test_init_from_clara_carries_the_keys_that_map_one_to_one(tmp_path, seg_data):

@@ -322,16 +322,26 @@ def check_not_clara(config: dict[str, Any], path: Path, env: dict[str, Any]) -> 
     found = clara_evidence(config)
     if not found:
         return
-    env_keys = sorted(set(env) & CLARA_ENV)
-    version = "v4" if ("num_interval_per_valid" in config or env_keys
-                       or any(key.split(" ")[0].endswith(("#dataloader", "#dataset", "#handlers")) for key in found)) \
-        else "v3/v4"
     shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
     raise MMARError(
-        f"{path}: this is a Clara Train {version} config ({shown}): mmar builds MONAI components declared with "
-        "`_target_`, not Clara's {name, args}. Make an mmar MMAR from it with `mmar init NEW_DIR --from-clara "
-        f"{path.parent.parent}` (it keeps the datalist, DATA_ROOT, epochs, learning_rate, "
-        f"num_training_epoch_per_valid, amp and the random seed); {MIGRATION_DOC} maps every Clara key")
+        f"{path}: this is a Clara Train {_clara_version(config, env)} config ({shown}): mmar builds MONAI "
+        "components declared with `_target_`, not Clara's {name, args}. Make an mmar MMAR from it with `mmar init "
+        f"NEW_DIR --from-clara {path.parent.parent}` (it keeps the datalist, DATA_ROOT, epochs, learning_rate, "
+        f"num_training_epoch_per_valid, amp, the random seed and the batch size); {MIGRATION_DOC} maps every "
+        "Clara key")
+
+
+def _clara_version(config: dict[str, Any], env: dict[str, Any]) -> str:
+    """"v4" (PyTorch: datasets, data loaders, handlers, MMAR_CKPT), "v3" (TensorFlow: image pipelines, aux ops,
+    dynamic_input_shape), else "v3/v4"."""
+    sections = [config.get(name) for name in ("train", "validate") if isinstance(config.get(name), dict)]
+    if ("num_interval_per_valid" in config or set(env) & CLARA_ENV
+            or any(key in section for section in sections for key in ("dataset", "dataloader", "handlers"))):
+        return "v4"
+    if ("dynamic_input_shape" in config
+            or any(key in section for section in sections for key in ("image_pipeline", "aux_ops", "model_loader"))):
+        return "v3"
+    return "v3/v4"
 
 
 def translate_clara_env(env: dict[str, Any], env_file: Path) -> dict[str, Any]:
