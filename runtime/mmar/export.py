@@ -36,6 +36,7 @@ from mmar.archive import Archive
 from mmar.engine import checkpoint
 from mmar.errors import MMARError
 from mmar.io import SPACE_ERRNOS, atomic_path, atomic_write
+from mmar.tasks import get_task
 from mmar.predict import EXPORT_JSON, default_checkpoint, file_sha256, load_file, load_network, tensorrt_unavailable
 
 FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx", "tensorrt": "model.trt"}
@@ -81,6 +82,9 @@ def default_input_shape(archive: Archive) -> list[int]:
     source = archive.describe("spatial_size")
     if "spatial_size" not in config:
         raise MMARError(f"{source} is not set: give the export shape with --input-shape N,C,H,W[,D]")
+    check_config = getattr(get_task(archive.task), "check_config", None)
+    if check_config is not None:  # one number per spatial axis of the network, before a shape is made of it
+        check_config(config)
     spatial = parser.get_parsed_content("spatial_size")
     network = config.get("network")
     # MONAI's networks name it in_channels (UNet, DenseNet, ...) or n_input_channels (ResNet)

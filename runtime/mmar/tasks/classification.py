@@ -264,12 +264,19 @@ def inspect_datalist(datalist: Path, sample: int = 16) -> dict[str, Any]:
             "num_training": len(items)}
 
 
+def check_config(config: dict[str, Any]) -> None:
+    from mmar.tasks import check_spatial_size
+
+    check_spatial_size(config, 2, "[224,224]")
+
+
 def check_items(datalist: str | Path, list_key: str, items: list[dict[str, Any]], config: dict[str, Any]) -> None:
     """Every labelled item fits the configured label_format, and so does the datalist's own declaration.
 
     Meant to run where the workflow reads a list (before any image is decoded); the same check runs per
-    image in `ClassificationLabeld` as a second line.
+    image in `ClassificationLabeld` as a second line. And the config's spatial_size fits the 2-D network.
     """
+    check_config(config)
     fmt = config_format(config)
     data = json.loads(Path(datalist).read_text(encoding="utf-8"))
     if "label_format" in data:
@@ -376,6 +383,7 @@ class PredictionWriter:
     """
 
     def __init__(self, eval_dir: Path, config: dict[str, Any], names: dict[str, str] | None = None):
+        check_config(config)
         # rows name each image by its full path: images sharing a file name stay apart (names unused)
         self.path = Path(eval_dir) / PREDICTIONS_FILE
         self.format = config_format(config)

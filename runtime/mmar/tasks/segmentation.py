@@ -342,10 +342,62 @@ def _spatial(tensor) -> np.ndarray:
     return array.argmax(axis=0) if array.shape[0] > 1 else array[0]
 
 
+def check_items(datalist, list_key: str, items: list[dict[str, Any]], config: dict[str, Any]) -> None:
+    """The workflow's check where it reads a labelled list (training, validation), before any image is
+    decoded: the config's spatial_size fits the 3-D network (mmar.tasks.check_spatial_size)."""
+    check_config(config)
+
+
+def check_config(config: dict[str, Any]) -> None:
+    from mmar.tasks import check_spatial_size
+
+    check_spatial_size(config, 3, "[96,96,96]")
+
+
+def check_finite(image, reference: str) -> None:
+    """A preprocessed image with a NaN or infinite voxel is refused, naming its file.
+
+    One NaN voxel is enough: the intensity normalization's mean and standard deviation become NaN, every
+    voxel with them, and the network's output; the argmax of NaN logits is class 0, so the case scored Dice
+    0.0000 and its mask was all background, with no word of why. A preprocessing step that replaces such
+    values (the image is then finite here) makes the image acceptable."""
+    import torch
+
+    tensor = image if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return
+    from mmar.errors import MMARError
+
+    raise MMARError(f"{reference}: {_non_finite_voxels(reference)}the intensity normalization spreads them over the "
+                    "whole image, and its prediction would be all background (Dice 0). Replace them (e.g. with the "
+                    "background value) in the image, or add a preprocessing step that does, and run again")
+
+
+def _non_finite_voxels(reference: str) -> str:
+    """'3 of 4096 voxels are NaN or infinite: ' read from the file itself (the preprocessed image is all NaN by
+    then), or a plainer phrase where it cannot be read."""
+    try:
+        if str(reference).endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            data = np.asanyarray(nib.load(reference).dataobj)
+        else:
+            import SimpleITK as sitk
+
+            data = sitk.GetArrayViewFromImage(sitk.ReadImage(str(reference)))
+        count = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        if count:
+            return f"{count} of {np.size(data)} voxels are NaN or infinite: "
+    except Exception:  # noqa: BLE001 - only the figure is lost; the error names the file anyway
+        pass
+    return "the image holds NaN or infinite voxel values: "
+
+
 class CaseCollector:
     """Per-case file names and one overlay slice per case, gathered while the evaluator runs."""
 
     def __init__(self, config: dict[str, Any]):
+        check_config(config)
         self.label_key = config.get("label_key", "label")
         self.cases: list[dict[str, Any]] = []
 
@@ -354,6 +406,7 @@ class CaseCollector:
         from mmar.transforms import source_file
 
         for output in outputs:
+            check_finite(output["image"], source_file(output["image"]))
             image, label, pred = output["image"], _spatial(output["label"]), _spatial(output["pred"])
             z = best_slice(label, pred)
             self.cases.append({
@@ -421,6 +474,7 @@ class PredictionWriter:
     the image's unique relative name (`names`, from mmar.eval_output.case_names)."""
 
     def __init__(self, eval_dir: Path, config: dict[str, Any], names: dict[str, str] | None = None):
+        check_config(config)  # made before the evaluator runs: a wrong spatial_size is named, not a traceback
         infer = config.get("infer", {})
         self.eval_dir = Path(eval_dir)
         self.names = names or {}
@@ -435,6 +489,7 @@ class PredictionWriter:
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
         for output in outputs:
             reference = source_file(output["image"])
+            check_finite(output["image"], reference)
             mask = _spatial(output["pred"])
             expected = spatial_shape(reference)
             if tuple(mask.shape) != tuple(expected):
