@@ -184,24 +184,40 @@ def make_epi(source: Path, target: Path, minimum: int) -> int:
     return written
 
 
+GNU_TIME = shutil.which("time", path="/usr/bin:/bin")
+
+
 def run_once(name: str, data: Path) -> tuple[float, float, float, int]:
     """One whole command -> (wall s, CPU s (user + system, worker processes included), peak memory MiB of
-    its largest process, NIfTI files written)."""
+    its largest process, NIfTI files written).
+
+    CPU and memory come from GNU time (`/usr/bin/time`): the rusage of a child forked from this (large)
+    Python process would keep this process's peak RSS across exec, so a small tool would read as big as
+    the benchmark. Without GNU time: from os.wait4, memory then not comparable (printed as such)."""
     out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     command = tool_commands(data, out)[name]
-    with tempfile.TemporaryFile() as errors:
-        start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
-        _pid, status, usage = os.wait4(process.pid, 0)  # this child's own rusage: its CPU and peak RSS
-        seconds = time.perf_counter() - start
-        process.returncode = os.waitstatus_to_exitcode(status)
-        errors.seek(0)
-        stderr = errors.read().decode(errors="replace")
+    with tempfile.TemporaryDirectory(prefix="bench-time-") as tmp:
+        report = Path(tmp) / "time"
+        if GNU_TIME:
+            command = [GNU_TIME, "-q", "-f", "%U %S %M", "-o", str(report), *command]
+        with open(Path(tmp) / "stderr", "w+b") as errors:
+            start = time.perf_counter()
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+            _pid, status, usage = os.wait4(process.pid, 0)
+            seconds = time.perf_counter() - start
+            process.returncode = os.waitstatus_to_exitcode(status)
+            errors.seek(0)
+            stderr = errors.read().decode(errors="replace")
+        if GNU_TIME and report.exists():
+            user, system, peak_kib = report.read_text().split()[-3:]
+            cpu, memory = float(user) + float(system), float(peak_kib) / 1024
+        else:
+            cpu, memory = usage.ru_utime + usage.ru_stime, float("nan")
     outputs = len(list(out.rglob("*.nii*")))
     shutil.rmtree(out, ignore_errors=True)
     if process.returncode not in (0, 1):  # mmar exits 1 when some series failed; still a timing
         raise SystemExit(f"{name} failed ({process.returncode}): {stderr[-2000:]}")
-    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, outputs
+    return seconds, cpu, memory, outputs
 
 
 MEASURES = ("wall", "cpu", "mem")

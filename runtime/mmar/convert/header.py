@@ -163,7 +163,7 @@ def read(path: Path, size: int) -> tuple[Header, int | None] | None:
                     return None
                 data += handle.read()
                 return _parse(data, size)
-    except (NotPlain, _Short, OSError, struct.error, UnicodeDecodeError, ValueError):
+    except Exception:  # NotPlain, cut short, unreadable, a value that does not parse: pydicom reads it and says why
         return None
 
 
