@@ -103,6 +103,28 @@ def test_init_without_task_on_nifti_is_segmentation(tmp_path, seg_data):
     assert load_archive(tmp_path / "Y").task == "segmentation"
 
 
+@pytest.mark.parametrize("item, task", [
+    ({"image": "a.mha", "label": "a_seg.mha"}, "segmentation"),
+    ({"image": ["t1/a.nii.gz", "t2/a.nii.gz"], "label": "a.nii.gz"}, "segmentation"),
+    ({"image": "a.PNG", "label": "1"}, "classification"),
+    ({"image": "a.tiff", "label": [0, 1]}, "classification"),  # a number label, whatever the image
+])
+def test_the_task_a_datalist_tells(tmp_path, item, task):
+    from mmar.scaffold import infer_task
+
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [item]}))
+    assert infer_task(datalist)[0] == task
+
+
+def test_a_datalist_that_tells_no_task_is_one_line_naming_both(tmp_path):
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": "a.dat", "label": "a.lbl"}]}))
+    line = one_error_line(run_mmar("init", str(tmp_path / "Y"), "--datalist", str(datalist), check=False))
+    assert line.startswith(f"error: {datalist}: cannot tell the task from training[0]")
+    assert "--task segmentation" in line and "--task classification" in line
+
+
 # ---- item 3: a datalist whose paths are relative to another data root
 
 

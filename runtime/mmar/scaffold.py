@@ -84,7 +84,7 @@ def command_script(arguments: str, comments: tuple[str, ...]) -> str:
 # what each task reads (mmar.tasks): the image suffixes that tell a datalist's task when --task is not given
 TASK_SUFFIXES = {
     "classification": (".png",),
-    "segmentation": (".nii", ".nii.gz", ".hdr", ".img", ".mgz"),
+    "segmentation": (".nii", ".nii.gz", ".hdr", ".img", ".mgz", ".mha", ".mhd", ".nrrd"),
 }
 TASK_READS = {"classification": "2D PNG images with the labels of the datalist's label_format",
               "segmentation": "3D NIfTI images and masks"}
@@ -171,7 +171,7 @@ def clara_settings(clara_root: str | os.PathLike) -> dict[str, Any]:
         overrides["determinism#random_seed"] = determinism["random_seed"]
     train = config.get("train") if isinstance(config.get("train"), dict) else {}
     for holder in ("dataloader", "image_pipeline"):  # v4's data loader, v3's image pipeline
-        args = train.get(holder, {}).get("args", {}) if isinstance(train.get(holder), dict) else {}
+        args = train[holder].get("args") if isinstance(train.get(holder), dict) else None
         if isinstance(args, dict) and "batch_size" in args:
             overrides["train#batch_size"] = args["batch_size"]
     for key, value in overrides.items():  # a Clara value mmar cannot use is named with its Clara file
@@ -180,7 +180,8 @@ def clara_settings(clara_root: str | os.PathLike) -> dict[str, Any]:
             raise MMARError(f"{config_file}: {key} must be {expected} to carry it over, got {value!r}")
     left = []
     for section in ("train", "validate"):
-        for key, value in (config.get(section) or {}).items() if isinstance(config.get(section), dict) else ():
+        content = config.get(section)
+        for key, value in (content.items() if isinstance(content, dict) else ()):
             names = [v.get("name") for v in (value if isinstance(value, list) else [value])
                      if isinstance(v, dict) and isinstance(v.get("name"), str)]
             if names:
