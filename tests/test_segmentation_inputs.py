@@ -75,6 +75,8 @@ def test_check_spatial_size():
     check_spatial_size({}, 3, "[96,96,96]")
     check_spatial_size({"spatial_size": [224, 224]}, 2, "[224,224]")  # classification
     check_spatial_size({"spatial_size": [32, 32], "network": {"spatial_dims": 2}}, 3, "[96,96,96]")
+    check_spatial_size({"spatial_size": [32, 32], "network": {"dimensions": 2}}, 3, "[96,96,96]")
+    check_spatial_size({"spatial_size": [32, 32, 32], "network": {"spatial_dims": "@dims"}}, 3, "[96,96,96]")
     for wrong in ([1, 2], [16, 16, 0], [16, 16, True], [16.5, 16, 16], 16, "16,16,16", [16, 16, 16, 16]):
         with pytest.raises(MMARError, match=r"spatial_size must be 3 whole numbers"):
             check_spatial_size({"spatial_size": wrong}, 3, "[96,96,96]")

@@ -28,8 +28,9 @@ def check_spatial_size(config: dict, default_dims: int, example: str) -> None:
     if isinstance(value, str) and value.startswith(("@", "$")):
         return
     network = config.get("network")
-    dims = network.get("spatial_dims") if isinstance(network, dict) else None
-    source = "network#spatial_dims" if isinstance(dims, int) and not isinstance(dims, bool) and dims > 0 else None
+    key = next((k for k in ("spatial_dims", "dimensions") if isinstance(network, dict) and k in network), None)
+    dims = network[key] if key else None  # `dimensions`: the name in MONAI before 0.6 (Clara v4 configs)
+    source = f"network#{key}" if isinstance(dims, int) and not isinstance(dims, bool) and dims > 0 else None
     dims = dims if source else default_dims
 
     def whole(size) -> bool:
