@@ -36,6 +36,10 @@ import threading
 import time
 from pathlib import Path
 
+# this benchmark swaps whole components (`_target_`, `$` expressions) through --set, which mmar refuses unless
+# asked (docs/security.md): its subprocesses inherit the opt-in
+os.environ.setdefault("MMAR_ALLOW_EXPRESSIONS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hippocampus"
 DEFAULT_BUDGETS_MIN = {"baseline": 15.0, "mmar": 30.0}

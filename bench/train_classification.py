@@ -40,6 +40,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# this benchmark swaps whole components (`_target_`, `$` expressions) through --set, which mmar refuses unless
+# asked (docs/security.md): its subprocesses inherit the opt-in
+os.environ.setdefault("MMAR_ALLOW_EXPRESSIONS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 DATASETS = {"breastmnist": DATA / "breastmnist", "nih": DATA / "nih-cxr"}

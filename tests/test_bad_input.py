@@ -138,8 +138,9 @@ def test_a_bad_batch_size_names_the_key(mmar_copy):
                   match=["train#batch_size must be", "got 0"])
 
 
-def test_a_component_that_cannot_be_built_names_file_and_key(mmar_copy):
+def test_a_component_that_cannot_be_built_names_file_and_key(mmar_copy, monkeypatch):
     protected = _protected(mmar_copy)
+    monkeypatch.setenv("MMAR_ALLOW_EXPRESSIONS", "1")  # a component through --set is code (docs/security.md)
     _assert_fails(mmar_copy, protected, "validate", str(mmar_copy), "--set", "validate#inferer#sw_batch=2",
                   match=["config_validation.json", "cannot build `validate#inferer`", "sw_batch"])
     _assert_fails(mmar_copy, protected, "train", str(mmar_copy), "--set", "network#_target_=monai.networks.nets.NoSuchNet",
