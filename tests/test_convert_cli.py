@@ -65,6 +65,11 @@ def test_help_and_a_plain_series_import_neither_torch_monai_nor_pydicom(tmp_path
     assert "numpy" in modules and "mmar" in modules  # the check sees imports at all
     assert not modules & {"torch", "monai", "pydicom", "requests", "SimpleITK", "gdcm", "tqdm"}, modules
     assert (tmp_path / "out" / "mr.nii.gz").exists()
+    # the same through `mmar convert` (mmar.cli's dispatch), as python -X importtime sees it
+    done = cli("-q", "-d", tmp_path / "in", "-o", tmp_path / "out2", importtime=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    modules = imported(done.stderr)
+    assert "numpy" in modules and not modules & {"torch", "monai", "pydicom", "SimpleITK"}, modules
 
 
 def test_a_compressed_series_imports_pydicom_without_requests(tmp_path):
