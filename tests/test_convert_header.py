@@ -90,6 +90,42 @@ def test_files_the_fast_path_leaves_to_pydicom(tmp_path):
     _compare(cases)
 
 
+@pytest.mark.parametrize("syntax", ["explicit", "implicit"])
+@pytest.mark.parametrize("length", ["defined", "undefined"])
+def test_a_sequence_just_before_the_pixel_data(tmp_path, syntax, length):
+    """Where the pixels start is known after a sequence of defined length, not after one of undefined length
+    (pydicom's raw element has no end): the raw-pixel offset must be the same as pydicom's either way."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    (source,) = make_series(pydicom_file("MR_small.dcm"), tmp_path / "src", count=1)
+    ds = pydicom.dcmread(source)
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator = "123", "DCM"
+    ds.add_new(0x00880200, "SQ", Sequence([item]))  # Icon Image Sequence: the last element before the pixels
+    if syntax == "implicit":
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    path = tmp_path / "in" / "icon.dcm"
+    path.parent.mkdir()
+    ds.save_as(path, enforce_file_format=True, implicit_vr=syntax == "implicit")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"\x88\x00\x00\x02")
+    head = 12 if syntax == "explicit" else 8
+    declared = int.from_bytes(data[at + head - 4:at + head], "little")
+    if length == "undefined" and declared != 0xFFFFFFFF:  # rewrite: undefined length + item + delimiter
+        data[at + head - 4:at + head] = b"\xff\xff\xff\xff"
+        end = at + head + declared
+        data[end:end] = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    elif length == "defined" and declared == 0xFFFFFFFF:
+        pytest.skip("pydicom wrote an undefined length")
+    path.write_bytes(bytes(data))
+    assert header.read(path, path.stat().st_size) is not None
+    fast, reference = discover.read_header(path.parent, path), discover.read_header_pydicom(path.parent, path)
+    assert _plain(fast) == _plain(reference)
+    assert bool(fast[2][0].raw) == (length == "defined")
+
+
 def test_values_have_pydicoms_types(tmp_path):
     (path,) = make_series(pydicom_file("MR_small.dcm"), tmp_path / "s", count=1, series_number=5)
     fast, offset = header.read(path, path.stat().st_size)

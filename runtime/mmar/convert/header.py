@@ -152,7 +152,7 @@ def read(path: Path, size: int) -> tuple[Header, int | None] | None:
     """(header, file offset of the Pixel Data element or None) of a plain file, None for anything else.
 
     The offset is None, as pydicom's stop_before_pixels leaves it unknown, when the element just before the
-    pixel data is a sequence."""
+    pixel data is of undefined length (a sequence)."""
     try:
         with open(path, "rb") as handle:
             data = handle.read(size if size <= WHOLE_FILE else WHOLE_FILE)
@@ -203,7 +203,7 @@ def _parse(data: bytes, size: int) -> tuple[Header, int | None]:
     explicit = syntax != IMPLICIT_LE
     values: dict = {}
     last = 0
-    last_is_sequence = False
+    last_is_sequence = False  # the last element had undefined length: where it ends is not known
     special = SPECIAL
     while True:
         if pos + 8 > end:
@@ -255,7 +255,7 @@ def _parse(data: bytes, size: int) -> tuple[Header, int | None]:
                 if vr is not None and vr.decode("latin-1") != expected:
                     raise NotPlain
                 values[keyword] = _value(data[pos:pos + length], expected, several)
-        last_is_sequence = vr == b"SQ"
+        last_is_sequence = False
         pos += length
     if tag != PIXEL_DATA or size - pos < 8:  # float pixel data, or none (pydicom stops only at these)
         raise NotPlain
