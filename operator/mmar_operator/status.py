@@ -8,7 +8,7 @@ the status, not the children, is the memory of what has already run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
 
 from mmar import job as contract
@@ -90,6 +90,13 @@ def pod_state(pods: Iterable[Mapping[str, Any]]) -> PodState | None:
                 what = f"{'init container' if init else 'container'} {cs.get('name')}"
                 return PodState(False, waiting["reason"], f"{what}: {waiting.get('message') or waiting['reason']}", since)
     return PodState(False, None, "", since)
+
+
+def _plus_seconds(start: str, seconds: int) -> str:
+    try:
+        return rfc3339(datetime.fromisoformat(str(rfc3339(start)).replace("Z", "+00:00")) + timedelta(seconds=seconds))
+    except ValueError:
+        return f"{seconds} s after {start}"
 
 
 def _seconds_between(start: str | None, end: str) -> float:
@@ -273,9 +280,11 @@ def _pending(entry: dict[str, Any], pod: PodState | None, timeout: int, now: str
                      message=f"its pod did not start within {timeout} s (spec.runPolicy.pendingTimeoutSeconds): "
                              f"{pod.reason}: {pod.message}"[:MESSAGE_MAX])
         entry.setdefault("startTime", now)
-    else:
+    else:  # words that stay the same from one reconcile to the next: no status patch while nothing changes
+        deadline = _plus_seconds(pod.since, timeout) if pod.since else f"{timeout} s"
         entry.update(phase=PENDING, reason=pod.reason,
-                     message=f"its pod cannot start ({int(waited)} s of {timeout} s): {pod.reason}: {pod.message}"[:MESSAGE_MAX])
+                     message=f"its pod cannot start (the step fails at {deadline}, spec.runPolicy.pendingTimeoutSeconds "
+                             f"{timeout}): {pod.reason}: {pod.message}"[:MESSAGE_MAX])
 
 
 def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed: Mapping[int, Observed], now: str,

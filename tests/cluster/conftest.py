@@ -50,6 +50,10 @@ def log(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
 
 
+class Ended(AssertionError):
+    """What is waited for can no longer happen (an MMARJob ended in another phase): fail now."""
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, diagnose: Callable[[], str] = lambda: "",
              interval: float = 1.0) -> Any:
     """Poll until `predicate()` is truthy and return it; else fail naming `what` (and `diagnose()`)."""
@@ -60,6 +64,8 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, diagnose: 
             value = predicate()
             if value:
                 return value
+        except Ended:
+            raise
         except Exception as error:  # noqa: BLE001 - kept for the failure message
             last = error
         time.sleep(interval)
@@ -156,7 +162,7 @@ class Kube:
             job = self.mmarjob(namespace, name)
             phase = ((job or {}).get("status") or {}).get("phase")
             if phase in ("Succeeded", "Failed") and phase not in phases:
-                raise AssertionError(f"MMARJob {namespace}/{name} ended {phase}, not {phases}:\n{self.describe(namespace, name)}")
+                raise Ended(f"MMARJob {namespace}/{name} ended {phase}, not {phases}:\n{self.describe(namespace, name)}")
             return job if phase in phases else None
         return wait_for(reached, timeout, f"MMARJob {namespace}/{name} phase in {phases}", lambda: self.describe(namespace, name), interval=2)
 

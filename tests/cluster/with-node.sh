@@ -56,6 +56,9 @@ done
 
 export PORT_BASE="${MMAR_CLUSTER_PORT_BASE:-28443}"
 DIR="${MMAR_CLUSTER_DIR:-$(mktemp -d -t mmar-node.XXXXXX)}"
+# mktemp makes it 0700: the node's dnsmasq (user nobody) must read its hosts folder inside, or cluster DNS
+# answers NXDOMAIN for every name ("bad dynamic directory ...: Permission denied" in logs/dnsmasq.log)
+chmod 0755 "$DIR"
 export MMAR_CLUSTER_PV_ROOT="${MMAR_CLUSTER_PV_ROOT:-/var/tmp/mmar-cluster-pv}"
 export MMAR_CLUSTER_LOCAL_NODE=1  # the node is this machine: hostPath volumes are folders here
 cleanup() {

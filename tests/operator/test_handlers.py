@@ -610,8 +610,12 @@ def test_a_pod_that_cannot_start_is_pending_with_the_kubelets_reason_then_fails(
     kube.pend("spleen-0-train", waiting=("ErrImageNeverPull", 'Container image "mmar:9" is not present with pull policy of Never'))
     st = reconcile(kube, cluster, metrics, now="2026-01-01T00:01:00Z")
     assert (st["phase"], st["steps"][0]["phase"], st["steps"][0]["reason"]) == ("Pending", "Pending", "ErrImageNeverPull")
-    assert st["message"] == ('step train is pending: its pod cannot start (60 s of 120 s): ErrImageNeverPull: container mmar: '
+    assert st["message"] == ('step train is pending: its pod cannot start (the step fails at 2026-01-01T00:02:00Z, '
+                             'spec.runPolicy.pendingTimeoutSeconds 120): ErrImageNeverPull: container mmar: '
                              'Container image "mmar:9" is not present with pull policy of Never')
+    patches = kube.calls.count("patch_status")
+    assert reconcile(kube, cluster, metrics, now="2026-01-01T00:01:30Z") == st  # nothing new: no status patch
+    assert kube.calls.count("patch_status") == patches
     running = next(c for c in st["conditions"] if c["type"] == "Running")
     assert (running["status"], running["reason"]) == ("False", "ErrImageNeverPull")
     assert "activeDeadlineSeconds" not in kube.jobs()[0]["spec"]
@@ -634,7 +638,8 @@ def test_unschedulable_uses_the_operators_default_timeout(kube, cluster, metrics
     kube.pend("spleen-0-train", unschedulable="0/1 nodes are available: 1 Insufficient cpu.")
     st = reconcile(kube, cluster, metrics, now="2026-01-01T00:09:59Z")
     assert (st["phase"], reason_of(st)) == ("Pending", "Unschedulable")
-    assert st["steps"][0]["message"] == f"its pod cannot start (599 s of {CONFIG.pending_timeout_seconds} s): Unschedulable: 0/1 nodes are available: 1 Insufficient cpu."
+    assert st["steps"][0]["message"] == ("its pod cannot start (the step fails at 2026-01-01T00:10:00Z, spec.runPolicy.pendingTimeoutSeconds "
+                                         f"{CONFIG.pending_timeout_seconds}): Unschedulable: 0/1 nodes are available: 1 Insufficient cpu.")
     st = reconcile(kube, cluster, metrics, now="2026-01-01T00:10:00Z")
     assert (st["phase"], st["steps"][0]["reason"]) == ("Failed", "Unschedulable")
 
