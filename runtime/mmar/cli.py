@@ -102,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         return _exit(1, as_program)
     except (Stopped, KeyboardInterrupt) as stop:
         return _stopped(name, stop, as_program)
+    finally:
+        if gate_text is not None:  # a gate a failed command never decided is not left for the next (in-process) one
+            from mmar import gate
+
+            gate.PENDING = None
 
 
 def _stopped(name: str, stop: BaseException, as_program: bool) -> int:
