@@ -197,6 +197,10 @@ def operator(kube, images) -> Iterator[dict[str, Any]]:
     pods = kube.get("pods", namespace=OPERATOR_NS, selector="app.kubernetes.io/name=mmar-operator")
     assert len(pods) == 1, pods
     log(f"operator installed and Ready in {time.monotonic() - start:.0f} s: pod {pods[0]['metadata']['name']}")
+    # its metrics answer on the pod (through the API server's proxy to the pod's port)
+    port = yaml.safe_load((CHART / "values.yaml").read_text())["metrics"]["port"]
+    scrape = kube.kubectl("get", "--raw", f"/api/v1/namespaces/{OPERATOR_NS}/pods/{pods[0]['metadata']['name']}:{port}/proxy/metrics").stdout
+    assert "mmar_operator_reconcile_errors_total" in scrape, scrape[:1000]
     yield {"namespace": OPERATOR_NS, "deployment": f"{RELEASE}-mmar-operator", "values": values}
     kube.helm("uninstall", RELEASE, "-n", OPERATOR_NS, "--wait", check=False)
     kube.kubectl("delete", "namespace", OPERATOR_NS, "--wait=false", check=False)

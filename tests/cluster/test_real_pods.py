@@ -140,8 +140,10 @@ def test_a_step_that_cannot_start_says_why_and_fails_in_bounded_time(kube, opera
         # the operator stopped the Job: the Job controller failed it and removed its pod
         wait_for(lambda: not [p for p in kube.pods_of_job(ns, failed["jobName"]) if not p["metadata"].get("deletionTimestamp")], 60,
                  f"the pods of {failed['jobName']} gone")
-        child = kube.get("job", failed["jobName"], ns)
-        assert any(c["type"] == "Failed" and c["status"] == "True" for c in child["status"].get("conditions") or []), child["status"]
+        # (the Job controller writes FailureTarget first, then Failed once the pod is gone)
+        wait_for(lambda: any(c["type"] == "Failed" and c["status"] == "True"
+                             for c in kube.get("job", failed["jobName"], ns)["status"].get("conditions") or []), 60,
+                 f"Job {failed['jobName']} Failed", lambda: json.dumps(kube.get("job", failed["jobName"], ns)["status"]))
         log(f"{name}: Failed ({reason}) after {time.monotonic() - start:.0f} s")
 
 
@@ -210,3 +212,24 @@ def test_two_node_training_rendezvous_through_the_headless_service(kube, operato
         wait = kube.kubectl("logs", "-n", ns, pod["metadata"]["name"], "-c", "rendezvous").stdout
         assert f"rank 0 ({train['jobName']}-0.{train['jobName']}) is at" in wait, wait
     assert (space["workspace"] / "two-node" / "models" / "model.ckpt").stat().st_uid == RUNTIME_UID
+
+
+def test_deleting_the_mmarjob_mid_run_removes_its_pods_and_keeps_the_data(kube, operator, space):
+    """`kubectl delete mmarjob` while a step runs: the garbage collector removes its Jobs and pods (owner
+    references), the MMAR on the PV stays."""
+    ns, start = space["namespace"], time.monotonic()
+    job = train_only("deleted", "deleted", 20)
+    job["metadata"]["namespace"] = ns
+    kube.apply(job)
+    # the main container runs (its Job counts a ready pod): `mmar init` has written the MMAR
+    job_name = wait_for(lambda: step_of(kube, ns, "deleted", "train").get("jobName"), 60, "the train step's Job")
+    wait_for(lambda: (kube.get("job", job_name, ns) or {}).get("status", {}).get("ready") == 1, 300, "the train pod ready",
+             lambda: kube.describe(ns, "deleted"), interval=2)
+    assert step_of(kube, ns, "deleted", "train")["phase"] == "Running"
+    kube.kubectl("delete", "mmarjob", "deleted", "-n", ns, "--wait=true", timeout=120)
+    wait_for(lambda: not kube.get("pods", namespace=ns, selector="mmar.dev/mmarjob=deleted")
+             and not kube.get("jobs", namespace=ns, selector="mmar.dev/mmarjob=deleted"), 180,
+             "the deleted MMARJob's Jobs and pods gone", lambda: kube.kubectl("get", "jobs,pods", "-n", ns, check=False).stdout)
+    mmar = space["workspace"] / "deleted"
+    assert (mmar / "config" / "config_train.json").is_file(), sorted(str(p) for p in mmar.rglob("*"))[:20]
+    log(f"deleted: pods gone, MMAR kept, {time.monotonic() - start:.0f} s")
