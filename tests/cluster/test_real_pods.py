@@ -225,7 +225,7 @@ def test_deleting_the_mmarjob_mid_run_removes_its_pods_and_keeps_the_data(kube, 
     job_name = wait_for(lambda: step_of(kube, ns, "deleted", "train").get("jobName"), 60, "the train step's Job")
     wait_for(lambda: (kube.get("job", job_name, ns) or {}).get("status", {}).get("ready") == 1, 300, "the train pod ready",
              lambda: kube.describe(ns, "deleted"), interval=2)
-    assert step_of(kube, ns, "deleted", "train")["phase"] == "Running"
+    wait_for(lambda: step_of(kube, ns, "deleted", "train")["phase"] == "Running", 60, "the train step Running")
     kube.kubectl("delete", "mmarjob", "deleted", "-n", ns, "--wait=true", timeout=120)
     wait_for(lambda: not kube.get("pods", namespace=ns, selector="mmar.dev/mmarjob=deleted")
              and not kube.get("jobs", namespace=ns, selector="mmar.dev/mmarjob=deleted"), 180,
