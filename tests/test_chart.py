@@ -235,6 +235,7 @@ _CLIENT_RESOURCES = {
     "namespaced_job": ("batch", "jobs"),
     "namespaced_service": ("", "services"),
     "namespaced_pod": ("", "pods"),
+    "namespaced_event": ("", "events"),
     "namespaced_custom_object": ("mmar.dev", "mmarjobs"),
     "namespaced_custom_object_status": ("mmar.dev", "mmarjobs/status"),
 }

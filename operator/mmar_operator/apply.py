@@ -221,6 +221,23 @@ class Cluster:
                 return None
             raise
 
+    def post_event(self, mmarjob: Mapping[str, Any], kind: str, reason: str, message: str, now: str) -> None:
+        """A Kubernetes Event about the MMARJob (`kubectl describe mmarjob`, `kubectl get events`). Best
+        effort: an Event that cannot be posted is logged, never a failed reconcile."""
+        meta = mmarjob["metadata"]
+        body = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MMARJob", "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid")},
+            "type": kind, "reason": reason, "message": message[:1024],
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "source": {"component": "mmar-operator"}, "reportingComponent": "mmar-operator",
+        }
+        try:
+            self.fetch(self.core.create_namespaced_event, meta["namespace"], body)
+        except Exception as error:  # noqa: BLE001 - an Event is a courtesy
+            log.warning("event %s on MMARJob %s/%s not posted: %s", reason, meta["namespace"], meta["name"], error)
+
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         """Through the status subresource: users' spec edits and the operator's status never collide."""
         try:

@@ -269,6 +269,31 @@ def _stop_failed(job: Mapping[str, Any], new: Mapping[str, Any], observed: Mappi
             cluster.stop_job(job["metadata"]["namespace"], name)
 
 
+def step_events(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the Events this reconcile's status change calls for, one per step and
+    outcome: a step started, succeeded, was skipped, failed, or cannot start (the kubelet's or the
+    scheduler's reason). Compared with the status before, so a replayed reconcile posts nothing again."""
+    before = {s.get("jobName"): (s.get("phase"), s.get("reason")) for s in previous.get("steps") or []}
+    events = []
+    for step in current.get("steps") or []:
+        phase, reason = step["phase"], step.get("reason")
+        if before.get(step["jobName"]) == (phase, reason):
+            continue
+        was = (before.get(step["jobName"]) or (None, None))[0]
+        name, words = step["name"], step.get("message") or ""
+        if phase == status.SUCCEEDED:
+            events.append(("Normal", "StepSucceeded", f"step {name} succeeded"))
+        elif phase == status.SKIPPED:
+            events.append(("Normal", "StepSkipped", f"step {name}: {words}"))
+        elif phase == status.FAILED:
+            events.append(("Warning", "StepFailed", f"step {name} failed: {words}"))
+        elif phase == status.RUNNING and was != status.RUNNING:
+            events.append(("Normal", "StepStarted", f"step {name} started (Job {step['jobName']})"))
+        elif phase == status.PENDING and reason not in (status.POD_STARTING, "JobCreated", "Queued", None):
+            events.append(("Warning", reason, f"step {name} cannot start: {words}"))
+    return events
+
+
 class NameTaken(Exception):
     """`reconcile(new=True)` found a child's name taken: something of this MMARJob already exists."""
 
@@ -313,6 +338,8 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, config: Config, metrics
     if current != previous:
         # a merge patch keeps keys it does not mention: clear the ones the new status dropped
         cluster.patch_status(namespace, name, {**{k: None for k in previous if k not in current}, **current})
+        for kind, reason, message in step_events(previous, current):
+            cluster.post_event(body, kind, reason, message, now)
     if job is not None:
         _expire_recorded(job, current, observed, cluster)
         _stop_failed(job, current, observed, cluster)

@@ -98,6 +98,10 @@ def test_demo_job_in_real_pods_and_the_operator_pod_replaced_mid_run(kube, opera
     for name in ("models/model.ckpt", "models/model.ts", "models/model.onnx", "eval/metrics.json"):
         path = mmar / name
         assert path.stat().st_size > 0 and path.stat().st_uid == RUNTIME_UID, name
+    # one StepSucceeded Event per step on the MMARJob (the replaced operator repeated none)
+    events = kube.get("events", namespace=ns)
+    succeeded = sorted(e["message"] for e in events if e["involvedObject"].get("name") == "demo" and e["reason"] == "StepSucceeded")
+    assert succeeded == sorted(f"step {s['name']} succeeded" for s in st["steps"]), succeeded
     # kubectl logs of the train step: its epoch lines
     logs = kube.kubectl("logs", "-n", ns, f"job/{step(st, 'train')['jobName']}", "-c", "mmar").stdout
     assert all(f"epoch {e}/{EPOCHS}" in logs for e in range(1, EPOCHS + 1)), logs[-2000:]

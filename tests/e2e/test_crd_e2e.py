@@ -117,6 +117,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("toleration-seconds-string", manifest(tolerations=[{"key": "k", "tolerationSeconds": "60"}]), "spec.tolerations[0].tolerationSeconds"),
     ("backoff-negative", manifest(runPolicy={"backoffLimit": -1}), "spec.runPolicy.backoffLimit"),
     ("deadline-zero", manifest(runPolicy={"activeDeadlineSeconds": 0}), "spec.runPolicy.activeDeadlineSeconds"),
+    ("pending-timeout-zero", manifest(runPolicy={"pendingTimeoutSeconds": 0}), "spec.runPolicy.pendingTimeoutSeconds"),
     ("suspend-not-bool", manifest(runPolicy={"suspend": "no"}), "spec.runPolicy.suspend"),
     ("run-policy-unknown", manifest(runPolicy={"retries": 2}), "spec.runPolicy.retries"),
     ("step-type", manifest({"type": "deploy"}), "spec.steps[0].type"),

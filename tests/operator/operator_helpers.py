@@ -131,6 +131,7 @@ class FakeKube:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.calls: list[str] = []
         self.fail_next: list[Exception] = []  # raised, in order, by the next calls
+        self.events: list[dict[str, Any]] = []  # Events posted (create_namespaced_event)
         self._uid = 0
 
     # -- plumbing
@@ -206,6 +207,11 @@ class FakeKube:
     def list_namespaced_pod(self, namespace, label_selector=None):
         self._call("list_pods")
         return self._list("Pod", namespace, label_selector)
+
+    def create_namespaced_event(self, namespace, body):
+        self._call("create_event")
+        self.events.append(copy.deepcopy(body))
+        return copy.deepcopy(body)
 
     # -- CustomObjectsApi
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):

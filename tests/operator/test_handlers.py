@@ -538,12 +538,13 @@ def test_a_child_event_is_reconciled_from_what_the_watch_brought(kube, cluster, 
     kube.start("spleen-0-train")
     kube.calls.clear()
     handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})
-    assert kube.calls == ["patch_status"] and kube.mmarjob()["status"]["phase"] == "Running"
+    # no read: the status patch, and the step's StepStarted Event
+    assert kube.calls == ["patch_status", "create_event"] and kube.mmarjob()["status"]["phase"] == "Running"
     # the step finishes: pods are read for its result, the next step is created, nothing else is read
     kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT)
     kube.calls.clear()
     handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})
-    assert kube.calls == ["list_pods", "create_job", "patch_status"]
+    assert kube.calls == ["list_pods", "create_job", "patch_status", "create_event"]  # + its StepSucceeded Event
     st = kube.mmarjob()["status"]
     assert [s["phase"] for s in st["steps"]] == ["Succeeded", "Pending"] and st["steps"][0]["result"]["best_metric"] == 0.91
 
@@ -675,3 +676,43 @@ def test_probe_is_not_ok_until_the_api_server_answered(kube, cluster, monkeypatc
     other.jobs_of("ns", "spleen")  # any answered request counts
     runtime.cluster = other
     assert handlers._probe() == "ok" and kube.calls.count("get_api_resources") == 2
+
+
+def test_one_event_per_step_outcome_never_repeated(kube, cluster, metrics):
+    body(kube, {"type": "train"}, {"type": "export"})
+    reconcile(kube, cluster, metrics)
+    kube.pend("spleen-0-train", waiting=("ImagePullBackOff", 'Back-off pulling image "r/mmar:9"'))
+    reconcile(kube, cluster, metrics, now="2026-01-01T00:00:10Z")
+    reconcile(kube, cluster, metrics, now="2026-01-01T00:00:20Z")  # nothing new: no second Event
+    kube.objects[("Job", "ns", "spleen-0-train")]["status"]["ready"] = 1
+    reconcile(kube, cluster, metrics, now="2026-01-01T00:00:30Z")
+    kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT)
+    reconcile(kube, cluster, metrics)
+    kube.finish("spleen-1-export", ok=False, message=None)
+    reconcile(kube, cluster, metrics)
+    reconcile(kube, cluster, metrics)
+    got = [(e["type"], e["reason"], e["message"]) for e in kube.events]
+    assert got == [
+        ("Warning", "ImagePullBackOff", 'step train cannot start: its pod cannot start (the step fails at 2026-01-01T00:10:00Z, '
+                                        'spec.runPolicy.pendingTimeoutSeconds 600): ImagePullBackOff: container mmar: Back-off pulling image "r/mmar:9"'),
+        ("Normal", "StepStarted", "step train started (Job spleen-0-train)"),
+        ("Normal", "StepSucceeded", "step train succeeded"),
+        ("Warning", "StepFailed", "step export failed: Job has reached the specified backoff limit; container mmar exited with code 1"),
+    ], got
+    event = kube.events[0]
+    assert event["involvedObject"] == {"apiVersion": "mmar.dev/v1alpha1", "kind": "MMARJob", "name": "spleen", "namespace": "ns", "uid": "uid-1"}
+    assert event["metadata"] == {"generateName": "spleen.", "namespace": "ns"} and event["source"] == {"component": "mmar-operator"}
+
+
+def test_an_event_that_cannot_be_posted_fails_nothing(kube, cluster, metrics):
+    body(kube, {"type": "train"})
+    reconcile(kube, cluster, metrics)
+    kube.start("spleen-0-train")
+    kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT)
+    real = kube.create_namespaced_event
+
+    def refused(namespace, body):
+        raise ApiException(status=403, reason="Forbidden")
+    kube.create_namespaced_event = refused
+    assert reconcile(kube, cluster, metrics)["phase"] == "Succeeded"
+    kube.create_namespaced_event = real
