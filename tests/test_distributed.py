@@ -30,6 +30,8 @@ EPOCHS = 3
 # the foreground/background indices the recipe precomputes for its random crop are dropped, unused
 CENTER_CROP = ('train#augmentation=[{"_target_": "CenterSpatialCropd", "keys": ["@image_key", "@label_key"], '
                '"roi_size": "@spatial_size"}, {"_target_": "DeleteItemsd", "keys": ["label_fg", "label_bg"]}]')
+# components through --set are code, refused unless asked for (docs/security.md)
+COMPONENTS = {"MMAR_ALLOW_EXPRESSIONS": "1"}
 NO_LR_SCALING = 'multi_gpu={"lr_scaling": false}'
 # Dice per sample: the default "batch Dice" pools a rank's own batch, so 2 ranks of 1 sample and 1 process of
 # 2 samples optimize different (both valid) losses; with per-sample Dice the gradients are the same
@@ -65,10 +67,10 @@ def runs(tmp_path_factory, dist_data):
     double = make_seg_mmar(root / "double", dist_data, epochs=EPOCHS)
     # one thread, as torchrun gives each of the 2 processes: 2 busy cores are not oversubscribed
     single_out = run_mmar("train", str(single), "--set", CENTER_CROP, PER_SAMPLE_DICE, "train#batch_size=2",
-                          env={**CPU, "OMP_NUM_THREADS": "1"})
+                          env={**CPU, **COMPONENTS, "OMP_NUM_THREADS": "1"})
     term = root / "termination.json"
     double_out = run_mmar("train", str(double), "--gpus", "2", "--set", CENTER_CROP, PER_SAMPLE_DICE, "train#batch_size=1",
-                          NO_LR_SCALING, env={**CPU, "MMAR_TERMINATION_LOG": str(term)})
+                          NO_LR_SCALING, env={**CPU, **COMPONENTS, "MMAR_TERMINATION_LOG": str(term)})
     return {"single": single, "double": double, "single_out": single_out, "double_out": double_out, "term": term}
 
 

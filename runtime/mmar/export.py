@@ -37,7 +37,8 @@ from mmar.engine import checkpoint
 from mmar.errors import MMARError
 from mmar.io import SPACE_ERRNOS, atomic_path, atomic_write
 from mmar.tasks import get_task
-from mmar.predict import EXPORT_JSON, default_checkpoint, file_sha256, load_file, load_network, tensorrt_unavailable
+from mmar.io import file_sha256
+from mmar.predict import EXPORT_JSON, default_checkpoint, load_file, load_network, tensorrt_unavailable
 
 FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx", "tensorrt": "model.trt"}
 KIND_OF = {"torchscript": "ts", "onnx": "onnx", "tensorrt": "trt"}

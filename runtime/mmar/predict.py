@@ -17,7 +17,6 @@ error rather than a shape error from deep inside a runtime).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -29,6 +28,7 @@ import torch
 from mmar.archive import Archive
 from mmar.engine import checkpoint
 from mmar.errors import MMARError
+from mmar.io import file_sha256
 
 KINDS = ("ckpt", "ts", "onnx", "trt")
 ALIASES = {"torchscript": "ts", "tensorrt": "trt", "checkpoint": "ckpt", "pt": "ckpt"}
@@ -100,14 +100,6 @@ def load_file(path: str | os.PathLike, kind: str, device=None, **options) -> tor
 
 
 # ---- is an export still the model it stands for? ---------------------------------------------------
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_check(archive: Archive, kind: str, path: Path) -> dict[str, Any]:
