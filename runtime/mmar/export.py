@@ -35,9 +35,8 @@ import torch
 from mmar.archive import Archive
 from mmar.engine import checkpoint
 from mmar.errors import MMARError
-from mmar.io import SPACE_ERRNOS, atomic_path, atomic_write
+from mmar.io import SPACE_ERRNOS, atomic_path, atomic_write, file_sha256
 from mmar.tasks import get_task
-from mmar.io import file_sha256
 from mmar.predict import EXPORT_JSON, default_checkpoint, load_file, load_network, tensorrt_unavailable
 
 FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx", "tensorrt": "model.trt"}
