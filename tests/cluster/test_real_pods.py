@@ -9,6 +9,7 @@ The demo runs first: the later scenarios train on the data its convert steps wro
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -193,7 +194,10 @@ def test_a_train_pod_deleted_mid_run_resumes_on_the_jobs_next_pod(kube, operator
     second = next(p for p in pods if p["status"]["phase"] == "Succeeded")
     assert second["metadata"]["name"] != first["metadata"]["name"]
     out = kube.kubectl("logs", "-n", ns, second["metadata"]["name"], "-c", "mmar").stdout
-    assert "resuming" in out and "epoch 1/" not in out, out[-2000:]  # at most one epoch lost, none redone twice
+    # it resumed from the state the stopped pod saved on the PV: epoch 1 (logged before the deletion) is kept,
+    # so at most the interrupted epoch was lost
+    resumed = re.search(r"resuming .*? after epoch (\d+)", out)
+    assert resumed and int(resumed.group(1)) >= 1, out[-2000:]
     child = kube.get("job", job_name, ns)
     assert child["status"].get("failed", 0) <= 1 and child["status"].get("succeeded") == 1, child["status"]
 

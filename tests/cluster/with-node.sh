@@ -47,7 +47,8 @@ if ! command -v podman >/dev/null; then
   MMAR_CLUSTER_UNAVAILABLE="no podman to save the images (run .ci/images.sh or make images first)" exec "$@"
 fi
 # the images as .ci/images.sh builds them (its containers.conf: runc, ulimits)
-[[ -f /var/tmp/mmar-images/containers.conf && -z "${CONTAINERS_CONF:-}" ]] && export CONTAINERS_CONF=/var/tmp/mmar-images/containers.conf
+conf="${MMAR_IMAGES_STATE:-/var/tmp/mmar-images}/containers.conf"
+[[ -f "$conf" && -z "${CONTAINERS_CONF:-}" ]] && export CONTAINERS_CONF="$conf"
 for image in "$MMAR_RUNTIME_IMAGE" "$MMAR_OPERATOR_IMAGE"; do
   if ! podman image exists "$image"; then
     MMAR_CLUSTER_UNAVAILABLE="image $image is not built (make images, or bash .ci/images.sh; or set MMAR_RUNTIME_IMAGE / MMAR_OPERATOR_IMAGE)" exec "$@"
