@@ -4,8 +4,10 @@
 Reads the per-case table `mmar validate` writes (eval/cases.csv: `<label>_true` and `<label>_prob` columns)
 and resamples the cases with replacement (whole patients when the images are named as ChestX-ray14's
 `<patient>_<follow-up>.png`, since images of one patient are not independent), recomputing the mean AUC
-over the labels with both classes in each resample, with the code that wrote metrics.json.
-docs/classification.md quotes it beside the goals.
+over the labels with both classes in each resample. The bootstrap is the runtime's own
+(`mmar.engine.intervals`, which writes metrics.json's `intervals` in `mmar validate`); this script only adds
+reading a cases.csv and the ChestX-ray14 patient from the file name (metrics.json's interval takes the
+patient from a `patient` key in the datalist's items). docs/classification.md quotes it beside the goals.
 
     python bench/auc_interval.py RUN/eval/cases.csv [MORE.csv ...] [--resamples 2000] [--seed 0]
 """
@@ -58,18 +60,12 @@ def read_cases(path: Path):
 
 
 def interval(probs, labels, fmt, groups, resamples: int, seed: int) -> tuple[float, float, float]:
-    rng = np.random.default_rng(seed)
-    members: dict[str, list[int]] = {}
-    for index, group in enumerate(groups):
-        members.setdefault(group, []).append(index)
-    clusters = list(members.values())
-    values = []
-    for _ in range(resamples):
-        chosen = rng.integers(0, len(clusters), len(clusters))
-        rows = np.concatenate([clusters[c] for c in chosen])
-        values.append(mean_auc(probs[rows], labels[rows], fmt))
-    low, high = np.nanpercentile(values, [2.5, 97.5])
-    return mean_auc(probs, labels, fmt), float(low), float(high)
+    from mmar.engine import intervals
+
+    settings = {**intervals.DEFAULTS, "resamples": resamples, "seed": seed}
+    found = intervals.classification(np.asarray(probs), np.asarray(labels), fmt, "mean_auc", groups, "patient",
+                                     settings)
+    return mean_auc(probs, labels, fmt), found["mean_auc"]["lower"], found["mean_auc"]["upper"]
 
 
 def main(argv=None) -> int:

@@ -266,8 +266,6 @@ def test_finetune_start_names_the_checkpoint_and_how_to_give_one(seg_mmar, tmp_p
     assert finetune_start(archive) is None
 
 
-@pytest.mark.xfail(strict=True, reason="needs `finetune_start(archive, args.ckpt)` called in commands/train.py right "
-                                       "after open_archive (not this change's file); drop this mark then")
 def test_finetune_without_a_model_fails_before_any_work(seg_mmar):
     result = run_mmar("train", str(seg_mmar), "--finetune", check=False)
     line = one_error_line(result)
@@ -279,8 +277,6 @@ def test_finetune_without_a_model_fails_before_any_work(seg_mmar):
 # ---- item 6: a plain training after a finished fine-tuning says what was asked
 
 
-@pytest.mark.xfail(strict=True, reason="needs the plan_run message change in engine/train.py (not this change's "
-                                       "file); drop this mark then")
 def test_training_after_a_finished_finetuning_says_what_was_asked(seg_mmar):
     cpu = {"CUDA_VISIBLE_DEVICES": "", "MMAR_CPU_AMP": "0"}
     run_mmar("train", str(seg_mmar), "--set", "epochs=1", env=cpu)

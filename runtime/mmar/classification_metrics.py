@@ -66,6 +66,29 @@ def nanmean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
+def mean_auc_standard_error(aucs: Sequence[float], labels: torch.Tensor, fmt: LabelFormat) -> float:
+    """The standard error of the mean AUC over the labels that have one: per label Hanley & McNeil (1982)
+    from its AUC and class counts (a categorical label: the mean of its classes' one-vs-rest errors), the
+    labels taken as independent. NaN when no label has an AUC."""
+    from mmar.engine.selection import hanley_mcneil
+
+    errors = []
+    for index, (auc, size) in enumerate(zip(aucs, fmt.sizes)):
+        if math.isnan(auc):
+            continue
+        truth = labels[:, index].long()
+        classes = [1] if size == 1 else range(size)
+        per_class = []
+        for c in classes:
+            positives = int((truth == c).sum())
+            negatives = len(truth) - positives
+            if positives and negatives:
+                per_class.append(hanley_mcneil(auc, positives, negatives))
+        if per_class:
+            errors.append(float(np.mean(per_class)))
+    return math.sqrt(sum(e * e for e in errors)) / len(errors) if errors else float("nan")
+
+
 def summary(probs: torch.Tensor, labels: torch.Tensor, fmt: LabelFormat) -> dict[str, Any]:
     """What metrics.json reports: mean and per-label AUC, accuracy overall and per label."""
     probs, labels = torch.as_tensor(probs).detach().cpu(), torch.as_tensor(labels).detach().cpu()
@@ -73,6 +96,9 @@ def summary(probs: torch.Tensor, labels: torch.Tensor, fmt: LabelFormat) -> dict
     accuracies = label_accuracies(probs, labels, fmt)
     return {
         "mean_auc": nanmean(aucs),
+        # the mean AUC's standard error (Hanley & McNeil, labels taken as independent): the noise the model
+        # selection rule allows for (mmar.engine.selection)
+        "mean_auc_standard_error": mean_auc_standard_error(aucs, labels, fmt),
         "auc_per_label": dict(zip(fmt.names, aucs)),
         "labels_without_auc": [n for n, v in zip(fmt.names, aucs) if math.isnan(v)],
         "accuracy": float(np.mean(accuracies)),

@@ -11,6 +11,11 @@ quickly replaced `model.ckpt`, nor `--ckpt OTHER`, passes on another model's sco
 (`--model ts|onnx|trt`) stands for the checkpoint `models/export.json` says it was made from, while that
 record holds (`mmar.predict.export_check`); a validation of an export likewise speaks for its checkpoint.
 
+`METRIC.lower` / `METRIC.upper` name a bound of the metric's bootstrap interval, which `mmar validate`
+writes under `intervals` in metrics.json (mmar.engine.intervals): `mmar --gate 'val_mean_dice.lower>=0.8'
+push ...` pushes only a model whose whole 95 % interval lies above 0.8, so a push never rests on a lucky
+estimate from a small validation list (`with_interval_bounds`).
+
 The gate is decided by the command itself, after its own argparse parser has read its arguments and under
 the MMAR's lock (`mmar.commands._common.locked`), so a validation running beside it cannot change the answer
 half-way. `mmar.cli` only reads `--gate`'s text (`require`) and leaves it in `PENDING`.
@@ -32,6 +37,7 @@ METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.ckpt"
 SHA_FIELD = "checkpoint_sha256"  # in metrics.json: the sha256 of the model file `mmar validate` measured
 EXAMPLE = "mmar --gate 'val_mean_dice>=0.85' infer MMAR_DIR"
+# the lower bound of the metric's 95 % bootstrap interval (metrics.json's `intervals`): `with_interval_bounds`
 
 # the gate this process's command must pass (`require`'s mapping), set by mmar.cli from `--gate`
 PENDING: dict[str, Any] | None = None
@@ -74,10 +80,42 @@ def passes(command: str, archive, model: Path | None, kind: str = "ckpt") -> boo
 def check(gate: dict[str, Any], command: str, archive, model: Path | None, kind: str = "ckpt") -> dict[str, Any]:
     """The gate record for `command` on `archive` with `model`: passed or not, and why."""
     metrics_file = archive.eval_dir / METRICS_FILE
-    metrics = _read_metrics(metrics_file)
+    metrics = with_interval_bounds(_read_metrics(metrics_file))
     shown = _shown(metrics_file, archive.root)
     stale = _not_validated(metrics, shown, archive, model, kind) if metrics is not None else None
     return contract.gate_decision(gate, metrics, shown, stale=stale)
+
+
+BOUNDS = ("lower", "upper")  # `NAME.lower` / `NAME.upper`: a bound of NAME's interval in metrics.json
+
+
+def with_interval_bounds(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """metrics.json with the bounds of its bootstrap intervals (`intervals`, written by `mmar validate`:
+    mmar.engine.intervals) as metrics of their own: `val_mean_dice.lower`, `val_mean_auc.upper`, and per label
+    or class `auc_per_label.effusion.lower`, `dice_per_class.1.lower`. A gate on `val_mean_dice.lower>=0.8`
+    then passes only when the whole interval lies above 0.8, not just the point estimate. A metrics.json
+    without intervals (an older mmar, or `validate#interval: null`) has none of these names, and the gate says
+    which metrics it has."""
+    if not metrics or not isinstance(metrics.get("intervals"), dict):
+        return metrics
+    flat = dict(metrics)
+
+    def add(prefix: str, entry: Any) -> None:
+        if not isinstance(entry, dict):
+            return
+        if any(bound in entry for bound in BOUNDS):
+            for bound in BOUNDS:
+                if bound in entry:
+                    value = entry[bound]
+                    # null (an undefined bound) stays None: the gate then says it is undefined
+                    flat[f"{prefix}.{bound}"] = value if not isinstance(value, float) or math.isfinite(value) else repr(value)
+            return
+        for name, inner in entry.items():
+            add(f"{prefix}.{name}", inner)
+
+    for name, entry in metrics["intervals"].items():
+        add(name, entry)
+    return flat
 
 
 def archive_of(argv: list[str]):

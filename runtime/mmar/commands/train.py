@@ -41,6 +41,11 @@ def main(argv: list[str]) -> int:
 
 def _run(args, argv: list[str]) -> int:
     archive = open_archive(args)  # a config error is reported once, before any process is started
+    if args.finetune:
+        # no model to fine-tune (--ckpt, PRETRAIN_WEIGHTS_FILE, models/model.ckpt): one error before any work
+        from mmar.archive import finetune_start
+
+        finetune_start(archive, args.ckpt)
     from mmar import distributed
 
     if args.gpus > 1 and not distributed.under_torchrun():

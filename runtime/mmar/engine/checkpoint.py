@@ -128,6 +128,11 @@ def repair_models(models_dir: Path, state: dict[str, Any], log=print) -> list[st
         extra = {}
         if progress.get("key_metric") is not None and progress.get("best_epoch") == epoch:
             extra = {"key_metric": progress["key_metric"], "metric": progress["best_metric"]}
+            if progress.get("selection_rule"):
+                from mmar.engine.selection import record
+
+                extra["selection"] = record(progress["selection_rule"], progress["key_metric"], epoch,
+                                            progress["best_metric"])
         save_weights(models_dir / MODEL_FILE, model_of_state(state), epoch=epoch, **extra, **meta)
         written.append(MODEL_FILE)
     if state.get("complete") and saved_epoch(models_dir / FINAL_FILE) != epoch:

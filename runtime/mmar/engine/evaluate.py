@@ -67,6 +67,12 @@ def validate(archive: Archive, *, ckpt: str | None = None, model: str = "ckpt", 
         "checkpoint_sha256": measured_sha256,
         "seconds": round(seconds, 2),
     }
+    picked = _selection_of(measured) if model == "ckpt" else None
+    if picked:  # which rule picked this checkpoint's epoch, and why (mmar.engine.selection)
+        metrics["selection"] = picked
+    interval = _intervals(task, evaluator, collector, config, items, key_metric, log)
+    if interval:
+        metrics["intervals"] = interval
     check = getattr(predictor, "export_check", None)
     if check:  # an exported model: which checkpoint it stands for, and whether that was verified
         metrics["export"] = {k: check[k] for k in ("status", "checkpoint", "exported_from_sha256") if k in check}
@@ -113,6 +119,38 @@ def infer(archive: Archive, *, ckpt: str | None = None, model: str = "ckpt", lis
         outputs = staging.merge()
     log(f"{len(items)} predictions ({len(outputs)} files) -> {archive.eval_dir}")
     return {"command": "infer", "num_cases": len(items), "outputs": len(outputs), "eval_dir": str(archive.eval_dir)}
+
+
+def _intervals(task, evaluator, collector, config, items, key_metric: str, log) -> dict[str, Any] | None:
+    """metrics.json's `intervals` (mmar.engine.intervals): the key metric's bootstrap interval, and per label /
+    class, resampling whole patients where the items say so (a `patient` key in every item)."""
+    from mmar.engine import intervals
+
+    wanted = intervals.settings(config)
+    compute = getattr(task, "intervals", None)
+    if compute is None:
+        return None
+    units, unit = intervals.units_of(items, wanted["group_key"])
+    found = compute(evaluator, collector, config, units, unit, wanted)
+    if not found:
+        return None
+    low, high = found[key_metric]["lower"], found[key_metric]["upper"]
+    if not (is_undefined(low) or is_undefined(high)):
+        log(f"{key_metric}: {round(wanted['level'] * 100)} % bootstrap interval {low:.4f}-{high:.4f} "
+            f"({wanted['resamples']} resamples of {found['units']} {unit}{'s' if found['units'] != 1 else ''})")
+    return found
+
+
+def _selection_of(path: Path) -> dict[str, Any] | None:
+    """The model-selection record `mmar train` wrote into a checkpoint (model.ckpt), if any."""
+    import torch
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - the predictor has read it already; an odd file just has no record
+        return None
+    found = data.get("selection") if isinstance(data, dict) else None
+    return found if isinstance(found, dict) else None
 
 
 def data_root(archive: Archive) -> Path:

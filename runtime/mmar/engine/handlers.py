@@ -28,30 +28,48 @@ from ignite.engine import Engine, Events
 
 from mmar import distributed
 from mmar.stop import StopSignals, Stopped
-from mmar.engine import checkpoint
+from mmar.engine import checkpoint, selection
 from mmar.errors import user_error
 from mmar.io import atomic_write
 
 
 class Progress:
-    """Run bookkeeping shared by the handlers: best key metric, epoch history (kept across a resume)."""
+    """Run bookkeeping shared by the handlers: the selected model's key metric and epoch (`best_metric`,
+    `best_epoch`: the epoch the selection rule picked, mmar.engine.selection), the validations the rule decides
+    from, the epoch history (all kept across a resume)."""
 
-    def __init__(self, key_metric: str | None):
+    def __init__(self, key_metric: str | None, rule: str = selection.RULE):
         self.key_metric = key_metric
+        self.rule = rule
         self.best_metric = -math.inf
         self.best_epoch = 0
         self.model_epoch = 0  # the epoch whose weights model.ckpt holds (or is about to: see BestModelSaver)
         self.history: list[dict[str, Any]] = []
+        # every validation: its epoch, key metric and that metric's standard error (the rule's input)
+        self.validations: dict[str, list[float]] = {"epochs": [], "values": [], "noise": []}
 
     def state_dict(self) -> dict[str, Any]:
         return {"key_metric": self.key_metric, "best_metric": self.best_metric, "best_epoch": self.best_epoch,
-                "model_epoch": self.model_epoch, "history": self.history}
+                "model_epoch": self.model_epoch, "history": self.history, "selection_rule": self.rule,
+                "validations": self.validations}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_metric = float(state.get("best_metric", -math.inf))
         self.best_epoch = int(state.get("best_epoch", 0))
         self.model_epoch = int(state.get("model_epoch", self.best_epoch))
         self.history = list(state.get("history", []))
+        validations = state.get("validations")
+        if validations is None:  # a state from before the rules: the history has the values, not their noise
+            records = [r for r in self.history if self.key_metric and self.key_metric in r]
+            validations = {"epochs": [r["epoch"] for r in records], "values": [r[self.key_metric] for r in records],
+                           "noise": [math.nan] * len(records)}
+        self.validations = {key: list(values) for key, values in validations.items()}
+
+    def selection(self) -> dict[str, Any] | None:
+        """Which rule picked which epoch of model.ckpt, and why (the checkpoint and metrics.json keep it)."""
+        if not self.key_metric or not self.best_epoch:
+            return None
+        return selection.record(self.rule, self.key_metric, self.best_epoch, self.best_metric)
 
 
 class EpochValidation:
@@ -70,7 +88,8 @@ class EpochValidation:
 
 
 class BestModelSaver:
-    """`model.ckpt` whenever the key metric beats the best so far; the best starts at -inf.
+    """`model.ckpt` whenever the selection rule picks the epoch just validated (mmar.engine.selection: `best`
+    is Clara's "the key metric beats the best so far", from -inf).
 
     Two steps, attached apart: `judge` decides (in `Progress`, which the state records) and `save` writes,
     after the state. Without a validation list the latest epoch's model is the one to use."""
@@ -96,8 +115,15 @@ class BestModelSaver:
             return
         if self.evaluator.state.epoch != epoch or not self.evaluator.state.metrics:
             return  # no validation this epoch
-        value = float(self.evaluator.state.metrics[self.progress.key_metric])
-        if value > self.progress.best_metric:
+        key = self.progress.key_metric
+        value = float(self.evaluator.state.metrics[key])
+        details = (getattr(self.evaluator.state, "metric_details", None) or {}).get(key)
+        seen = self.progress.validations
+        seen["epochs"].append(epoch)
+        seen["values"].append(value)
+        seen["noise"].append(metric_noise(details))
+        if selection.chooses(self.progress.rule, seen["values"], seen["noise"], self.progress.best_epoch,
+                             seen["epochs"], getattr(trainer.state, "max_epochs", None) or epoch):
             self.progress.best_metric, self.progress.best_epoch = value, epoch
             self.progress.model_epoch = epoch
 
@@ -110,9 +136,33 @@ class BestModelSaver:
             return
         value = self.progress.best_metric
         checkpoint.save_model(
-            self.path, self.network, epoch=epoch, key_metric=self.progress.key_metric, metric=value, **self.meta
+            self.path, self.network, epoch=epoch, key_metric=self.progress.key_metric, metric=value,
+            selection=self.progress.selection(), **self.meta
         )
-        self.log(f"epoch {epoch}: new best {self.progress.key_metric} {value:.4f} -> {self.path}")
+        self.log(f"epoch {epoch}: new best {self.progress.key_metric} {value:.4f} -> {self.path} "
+                 f"(rule {self.progress.rule}: {selection.why(self.progress.rule, self.progress.key_metric)})")
+
+
+def metric_noise(details: Any) -> float:
+    """The standard error of a validation's key metric from its details: a classification summary's
+    `standard_error` (mmar.classification_metrics), or the per-case values of a metric such as MeanDice
+    (cases x classes: the standard error of the mean over cases). NaN when the details do not tell."""
+    if isinstance(details, dict):
+        value = details.get("mean_auc_standard_error", details.get("standard_error"))
+        return float(value) if isinstance(value, (int, float)) else math.nan
+    if details is None:
+        return math.nan
+    try:
+        array = details.detach().float().cpu().numpy() if hasattr(details, "detach") else details
+        import numpy as np
+
+        array = np.asarray(array, dtype=float)
+        array = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1, 1)
+        with np.errstate(all="ignore"):
+            per_case = [float(np.nanmean(row)) for row in array if np.isfinite(row).any()]
+    except (TypeError, ValueError):
+        return math.nan
+    return selection.mean_standard_error(per_case)
 
 
 CURVES_INTERVAL_S = 30.0

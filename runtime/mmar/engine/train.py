@@ -38,7 +38,7 @@ from monai.utils import set_determinism
 from mmar import distributed
 from mmar.archive import Archive, num_training_epoch_per_valid
 from mmar.stop import STOP
-from mmar.engine import checkpoint, mixup, precision, transfer
+from mmar.engine import checkpoint, mixup, precision, selection, transfer
 from mmar.engine.data import AUTO_WORKERS, EpochBatches, InBackground, loader_workers, make_dataset, make_loader
 from mmar.engine.handlers import (
     BestModelSaver, EpochSummary, EpochValidation, Progress, StateSaver, StopAtSafePoint, quiet_engine_errors,
@@ -202,6 +202,9 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
     if averaged:
         averaged.attach(trainer)  # first: every later ITERATION_COMPLETED handler sees this step's average
     progress = Progress(config.get("validate", {}).get("key_metric") if evaluator else None)
+    if evaluator is not None:
+        log(f"model selection: rule {progress.rule}: model.ckpt holds {selection.why(progress.rule, progress.key_metric)} "
+            "(engine/selection.py; model_final.ckpt the last epoch)")
 
     # --- handlers, in the order they must run at the end of an epoch
     if seed is not None:
@@ -336,7 +339,11 @@ def plan_run(state: dict[str, Any] | None, mode: str, epochs: int, *, restart: b
     if mode == "finetune":
         return Plan("fresh")
     if state.get("complete"):
-        return Plan("finished", state, f"{done}. Nothing to do, nothing changed. {advice}")
+        return Plan("finished", state, (
+            f"asked for a training (`mmar train` without --finetune), but {models_dir} holds a finished fine-tuning "
+            f"({saved} epochs; {_outcome(progress)}). Nothing to do, nothing changed. To train from scratch, add "
+            f"--restart (the current models are moved to {models_dir}/{PREVIOUS_DIR}/, not deleted); to fine-tune "
+            f"further, `mmar train --finetune ... --set epochs={saved + max(1, saved // 2)}`"))
     raise MMARError(f"{models_dir}/{checkpoint.STATE_FILE} holds an unfinished fine-tuning ({saved} of "
                     f"{state['trainer'].get('max_epochs', '?')} epochs): resume it with `mmar train --finetune`, or "
                     "start training over with --restart (its models are moved aside, not deleted)")

@@ -337,6 +337,18 @@ def summarize(evaluator, collector: CaseCollector, config: dict[str, Any]) -> di
     return summary(*collector.arrays(), collector.format)
 
 
+def intervals(evaluator, collector: CaseCollector, config: dict[str, Any], units, unit: str,
+              settings: dict[str, Any]) -> dict[str, Any] | None:
+    """Bootstrap intervals of the mean AUC and of each label's AUC (mmar.engine.intervals)."""
+    from mmar.engine import intervals as bootstrap
+
+    if not collector.probs:
+        return None
+    probs, labels = collector.arrays()
+    return bootstrap.classification(probs.numpy(), labels.numpy(), collector.format, config["validate"]["key_metric"],
+                                    units, unit, settings)
+
+
 def write_validation(eval_dir: Path, evaluator, collector: CaseCollector, config: dict[str, Any],
                      names: dict[str, str] | None = None) -> None:
     """eval/cases.csv: image, then per label the truth, the prediction (0.5 / argmax), per output the probability."""

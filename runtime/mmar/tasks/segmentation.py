@@ -430,6 +430,19 @@ def summarize(evaluator, collector: CaseCollector, config: dict[str, Any]) -> di
     return {"dice_per_class": dice, "classes_without_dice": undefined_names(dice)}
 
 
+def intervals(evaluator, collector: CaseCollector, config: dict[str, Any], units, unit: str,
+              settings: dict[str, Any]) -> dict[str, Any] | None:
+    """Bootstrap intervals of the mean Dice over cases and of each class's mean Dice (mmar.engine.intervals)."""
+    from mmar.engine import intervals as bootstrap
+
+    key = config["validate"]["key_metric"]
+    details = evaluator.state.metric_details.get(key)
+    if details is None:
+        return None
+    first = 0 if config["validate"]["metrics"][key].get("include_background", True) else 1
+    return bootstrap.segmentation(details, first, key, units, unit, settings)
+
+
 def write_validation(eval_dir: Path, evaluator, collector: CaseCollector, config: dict[str, Any],
                      names: dict[str, str] | None = None) -> None:
     """eval/cases.csv (a row per case, the image's full path first) and overlays of the best and worst cases,
