@@ -36,10 +36,6 @@ import threading
 import time
 from pathlib import Path
 
-# this benchmark swaps whole components (`_target_`, `$` expressions) through --set, which mmar refuses unless
-# asked (docs/security.md): its subprocesses inherit the opt-in
-os.environ.setdefault("MMAR_ALLOW_EXPRESSIONS", "1")
-
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hippocampus"
 DEFAULT_BUDGETS_MIN = {"baseline": 15.0, "mmar": 30.0}
@@ -551,4 +547,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # this benchmark swaps whole components (`_target_`, `$` expressions) through --set, which mmar refuses
+    # unless asked (docs/security.md): its subprocesses inherit the opt-in (set here, not at import: tests import it)
+    os.environ.setdefault("MMAR_ALLOW_EXPRESSIONS", "1")
     sys.exit(main())
