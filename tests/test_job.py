@@ -137,10 +137,10 @@ def test_convert_argv():
 
 
 def test_train_argv_overrides_and_data_root():
-    out = argv({"type": "train", "set": {"epochs": 5, "train#batch_size": 2, "amp": True, "roi": [96, 96, 96], "lr": 1e-4}},
+    out = argv({"type": "train", "set": {"epochs": 5, "train#batch_size": 2, "amp": True, "spatial_size": [96, 96, 96], "learning_rate": 1e-4}},
                mmar={"claimName": "ws", "path": "runs/spleen"}, data={"claimName": "d", "path": "spleen", "datalist": "lists/ds.json"})[0]
     assert out == ["mmar", "train", "/workspace/runs/spleen", "--set", "DATASET_JSON=/data/spleen/lists/ds.json", "epochs=5",
-                   "train#batch_size=2", "amp=true", "roi=[96,96,96]", "lr=0.0001", "--file_root", "/data/spleen"]
+                   "train#batch_size=2", "amp=true", "spatial_size=[96,96,96]", "learning_rate=0.0001", "--file_root", "/data/spleen"]
 
 
 def test_user_set_wins_over_the_manifest_datalist():
@@ -197,3 +197,24 @@ def test_results_fold_across_steps():
                        "validation": {"val_mean_dice": 0.79}, "exported": ["models/model.ts", "models/model.onnx"]}
     assert contract.parse_result("Traceback (most recent call last):") is None
     assert contract.parse_result("[1, 2]") is None and contract.parse_result(None) is None
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"epochs": "abc"}, ["spec.steps[0].set.epochs", "whole number", '"abc"']),
+    ({"epoch": 5}, ["spec.steps[0].set.epoch", "unknown config key 'epoch'", "'epochs'"]),
+    ({"train#batchsize": 4}, ["unknown config key 'train#batchsize'", "'train#batch_size'"]),
+    ({"train#cache#rate": 2}, ["train#cache#rate must be", "got 2"]),
+    ({"learning_rate": "$__import__('os').getcwd()"}, ["spec.steps[0].set.learning_rate", "Python expression"]),
+    ({"train#loss": {"_target_": "subprocess.run"}}, ["`_target_` makes a component"]),
+], ids=["type", "unknown", "section-key", "range", "expression", "component"])
+def test_set_values_are_checked_when_the_manifest_is_loaded(overrides, words):
+    """Issue 31: a bad `set:` of a later step was found only when that step started, after the earlier ones."""
+    with pytest.raises(MMARError) as caught:
+        argv({"type": "train", "set": overrides})
+    assert all(word in str(caught.value) for word in words), str(caught.value)
+
+
+def test_set_values_the_runtime_reads_as_such_pass():
+    out = argv({"type": "train", "set": {"epochs": "5", "network#channels": [8, 16], "validate#inferer#sw_batch_size": 2,
+                                         "train#cache": {"rate": 0}}})[0]
+    assert "epochs=5" in out and "network#channels=[8,16]" in out

@@ -273,6 +273,42 @@ def check_no_code(item: str, key: str, value: Any) -> None:
             f"{ALLOW_EXPRESSIONS}=1 to allow code in --set (docs/security.md)")
 
 
+def check_set_item(item: str, where: str) -> None:
+    """One `--set KEY=VALUE` item checked without the MMAR's config, raising MMARError that names `where`.
+
+    What an MMARJob's `set:` can be refused for when the manifest is loaded (`mmar run`) or admitted (the
+    operator), before any step runs rather than when its step starts after hours of earlier steps: code in the
+    value (check_no_code), a key the runtime does not read at the top level or in a section it checks
+    (`epoch`, `train#batchsize`), and a value of the wrong type or range for a key of VALUE_CHECKS / a cache key
+    (`epochs: abc`). A component's own arguments (`network#channels`) are left to the runtime, which knows the
+    component.
+    """
+    (key, value), = parse_overrides([item])
+    if key in ENV_KEYS:
+        return
+    try:
+        check_no_code(item, key, value)
+    except MMARError as error:
+        raise MMARError(f"{where}: {str(error).removeprefix(f'--set {item}: ')}") from None
+    parts = split_key(key)
+    if parts[0] not in TOP_LEVEL_KEYS:
+        raise MMARError(f"{where}: unknown config key {_with_hint(parts[0], TOP_LEVEL_KEYS | set(ENV_KEYS))}")
+    full = "#".join(parts)
+    if len(parts) >= 2 and parts[0] in SECTION_KEYS and not parts[1].startswith("_") \
+            and parts[1] not in SECTION_KEYS[parts[0]]:
+        raise MMARError(f"{where}: unknown config key "
+                        f"{_with_hint(f'{parts[0]}#{parts[1]}', SECTION_KEYS[parts[0]], parts[0])}")
+    if full in VALUE_CHECKS:
+        valid, expected = VALUE_CHECKS[full]
+        if not valid(value):
+            raise MMARError(f"{where}: {full} must be {expected}, got {_shown(value)}")
+    if len(parts) == 3 and parts[0] in ("train", "validate") and parts[1] == "cache":
+        if parts[2] not in CACHE_VALUES and not parts[2].startswith("_"):
+            raise MMARError(f"{where}: unknown config key {_with_hint(full, CACHE_VALUES, f'{parts[0]}#cache')}")
+        if parts[2] in CACHE_VALUES and not CACHE_VALUES[parts[2]][0](value):
+            raise MMARError(f"{where}: {full} must be {CACHE_VALUES[parts[2]][1]}, got {_shown(value)}")
+
+
 # ---- Clara Train MMARs ---------------------------------------------------------------------------------
 
 MIGRATION_DOC = "docs/clara-migration.md"

@@ -491,6 +491,11 @@ def _validate_step(step: Any, field: str) -> None:
             _fail(f"{field}.set", "must be a mapping of config or environment key to value, e.g. {epochs: 5}")
         if len(overrides) > SET_MAX:
             _fail(f"{field}.set", f"at most {SET_MAX} overrides, got {len(overrides)}")
+        # checked as the step's `--set` will read them, now rather than when the step starts after the others
+        from mmar.archive import check_set_item  # stdlib-only at import, as this module
+
+        for key, value in overrides.items():
+            check_set_item(f"{key}={_value(value)}", f"{field}.set.{key}")
     if "ckpt" in step:
         _check_relative(step["ckpt"], f"{field}.ckpt")
     if "model" in step:

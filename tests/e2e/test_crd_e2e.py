@@ -234,7 +234,7 @@ CEL_CASES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
         manifest(convert(labels=True, force=True, resolution=[1.5], inputExt=".dcm", outputExt=".nii.gz")),
         manifest({"type": "validate", "outputExt": ".nii"})),
     ("spec.steps[]", "set is an option of"): (
-        manifest({"type": "infer", "set": {"epochs": 1, "roi": [96, 96, 96], "amp": True}}), manifest({"type": "export", "set": {"a": 1}})),
+        manifest({"type": "infer", "set": {"epochs": 1, "spatial_size": [96, 96, 96], "amp": True}}), manifest({"type": "export", "set": {"epochs": 1}})),
     ("spec.steps[]", "ckpt is an option of train, finetune, validate, infer and export steps only"): (
         manifest({"type": "finetune", "ckpt": "models/best.pt"}), manifest(convert(ckpt="models/best.pt"))),
     ("spec.steps[]", "model is an option of validate and infer steps only"): (

@@ -124,7 +124,7 @@ CEL_CASES = [
     ("are options of convert steps only",
      steps({"type": "convert", "input": "a", "output": "b", "labels": True}), steps({"type": "train", "labels": True})),
     ("set is an option of train, finetune, validate and infer steps only",
-     steps({"type": "infer", "set": {"a": 1}}), steps({"type": "export", "set": {"a": 1}})),
+     steps({"type": "infer", "set": {"epochs": 1}}), steps({"type": "export", "set": {"epochs": 1}})),
     ("ckpt is an option of train, finetune, validate, infer and export steps only",
      steps({"type": "export", "ckpt": "models/m.pt"}), steps({"type": "convert", "input": "a", "output": "b", "ckpt": "m.pt"})),
     ("model is an option of validate and infer steps only",
