@@ -284,6 +284,23 @@ def test_cli_reports_a_bad_manifest(tmp_path):
     assert "error: spec.mmar: is required" in proc.stderr
 
 
+def test_a_bad_set_of_a_later_step_fails_before_the_first_step_runs(tmp_path):
+    """Issue 31: `epochs: abc` in the train step was found only when train started, after the convert steps."""
+    body = yaml.safe_load((ROOT / "examples" / "demo-job.yaml").read_text())
+    train = next(step for step in body["spec"]["steps"] if step["type"] == "train")
+    train["set"] = {**train.get("set", {}), "epochs": "abc"}
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(body))
+    data, workspace = tmp_path / "data", tmp_path / "workspace"
+    data.mkdir(), workspace.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "mmar", "run", str(manifest), "--volume", f"demo-data={data}",
+                           "--volume", f"demo-workspace={workspace}"], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    index = body["spec"]["steps"].index(train)
+    assert f"error: spec.steps[{index}].set.epochs: epochs must be a whole number" in proc.stderr
+    assert list(workspace.iterdir()) == [] and list(data.iterdir()) == []  # nothing ran
+
+
 @pytest.mark.skipif(any(importlib.util.find_spec(f"mmar.commands.{c}") is None for c in ("init", "demo_data")),
                     reason="mmar init / demo-data not built yet")
 def test_real_init_scaffolds_once(tmp_path):
