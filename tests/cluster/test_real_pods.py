@@ -241,3 +241,21 @@ def test_deleting_the_mmarjob_mid_run_removes_its_pods_and_keeps_the_data(kube, 
     mmar = space["workspace"] / "deleted"
     assert (mmar / "config" / "config_train.json").is_file(), sorted(str(p) for p in mmar.rglob("*"))[:20]
     log(f"deleted: pods gone, MMAR kept, {time.monotonic() - start:.0f} s")
+
+
+def test_a_command_that_exits_1_shows_its_own_error_line(kube, operator, space):
+    """A validate step on an MMAR that holds no trained model: `mmar validate` exits 1; the MMARJob's
+    message carries the runtime's own error line (its result's `error`), the one `kubectl logs` shows."""
+    ns, start = space["namespace"], time.monotonic()
+    job = demo_manifest("no-model")
+    job["metadata"]["namespace"] = ns
+    job["spec"]["mmar"]["path"] = "no-model"
+    job["spec"]["steps"] = [{"type": "validate"}]
+    kube.apply(job)
+    done = kube.wait_phase(ns, "no-model", ("Failed",), 300)
+    message = step(done["status"], "validate")["message"]
+    assert "container mmar exited with code 1: " in message, message
+    words = message.split("container mmar exited with code 1: ", 1)[1]
+    logs = kube.kubectl("logs", "-n", ns, f"job/{step(done['status'], 'validate')['jobName']}", "-c", "mmar").stdout
+    assert words and f"error: {words}" in logs, (words, logs[-1500:])
+    log(f"no-model: Failed in {time.monotonic() - start:.0f} s: {message}")
