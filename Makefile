@@ -35,7 +35,7 @@ demo: install
 	@echo "  best model        $(DEMO)/workspace/seg-demo/models/model.ckpt (final: model_final.ckpt)"
 	@echo "  training curves   $(DEMO)/workspace/seg-demo/models/training_curves.png (TensorBoard: $(PY) -m tensorboard.main --logdir $(DEMO)/workspace/seg-demo/models)"
 	@echo "  metrics           $(DEMO)/workspace/seg-demo/eval/metrics.json, per case: eval/cases.csv, overlays: eval/overlays/"
-	@echo "  predicted masks   $(DEMO)/workspace/seg-demo/eval/imagesTr/*_seg.nii.gz (each at its image's path relative to the data root)"
+	@echo "  predicted masks   $(DEMO)/workspace/seg-demo/eval/predictions/imagesTr/*_seg.nii.gz (each at its image's path relative to the data root)"
 	@echo "  exported models   $(DEMO)/workspace/seg-demo/models/model.ts, model.onnx (export.json: parity vs PyTorch)"
 	@echo "  job status        $(DEMO)/workspace/demo.status.json"
 

@@ -132,3 +132,10 @@ def test_a_pull_cannot_write_a_read_only_data_claim():
     body["spec"]["data"]["readOnly"] = True
     with pytest.raises(MMARError, match="spec.data.readOnly: a pull step writes into the data claim"):
         contract.parse(body)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_metric_never_passes_the_operators_gate(value):
+    """The operator's rule (mmar.job.gate_decision) as the runtime's: Infinity in metrics.json is no pass."""
+    record = contract.gate_decision({"metric": "val_mean_dice", "atLeast": 0.5}, {"val_mean_dice": value})
+    assert record["passed"] is False and record["value"] is None and "undefined" in record["message"]

@@ -8,7 +8,7 @@ first step is created straight from the event (`reconcile_new`); a name already 
 
 MMARJobs are watched with kopf.on.event, not on.create/on.update/on.resume: those make kopf diff a deep copy
 of every event's body and PATCH its bookkeeping annotations onto every MMARJob (a third of the operator's
-CPU and one request per MMARJob in bench/operator.py). `Triggers` tells the cases apart in memory instead.
+CPU and one request per MMARJob in bench/operator_latency.py). `Triggers` tells the cases apart in memory instead.
 
 No handler here makes kopf add a finalizer (no timers or daemons, the delete handler is optional):
 deleting an MMARJob is never blocked, even while no operator runs. The periodic resync is therefore not a
@@ -458,7 +458,7 @@ def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 class NoDiffBase(kopf.DiffBaseStorage):
     """No diff base at all. kopf builds one for every event of every watched resource (a deep copy of the
-    body: the largest share of the operator's CPU in a profile of bench/operator.py) for on.create/on.update
+    body: the largest share of the operator's CPU in a profile of bench/operator_latency.py) for on.create/on.update
     handlers and daemons; this operator registers neither, so the diff would be thrown away."""
 
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:

@@ -182,11 +182,13 @@ def termination_message(pods: Iterable[Mapping[str, Any]], succeeded: bool) -> s
 
 
 def _own_words(message: str | None) -> str | None:
-    """A container's termination message as one line: its result's `error`, else (FallbackToLogsOnError:
-    the log tail of a crash) the last `error:` line or the last line."""
+    """A container's termination message as one line: its result's `error` (a convert's `first_error`: the
+    first failed case's words), else (FallbackToLogsOnError: the log tail of a crash) the last `error:` line or
+    the last line."""
     result = contract.parse_result(message)
     if result is not None:
-        return str(result["error"]) if result.get("error") else None
+        words = result.get("error") or result.get("first_error")
+        return str(words) if words else None
     return result_contract.error_line(message)
 
 

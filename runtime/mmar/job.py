@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
@@ -683,7 +684,7 @@ def credentials_secret(job: Mapping[str, Any], index: int) -> str | None:
 #
 # `gate: {metric: val_mean_dice, atLeast: 0.85}` on an infer, export or push step: the step runs only if the
 # MMAR's last validation (its eval/metrics.json) reaches the threshold. The runtime decides, in the step's own
-# pod or process (`mmar --gate val_mean_dice>=0.85 infer ...`), because only it can read the MMAR's files;
+# pod or process (`mmar --gate 'val_mean_dice>=0.85' infer ...`), because only it can read the MMAR's files;
 # below the threshold it writes a skip as its result and exits 0. The operator and `mmar run` read that
 # result the same way (`skipped_by_gate`): the step and every later one are Skipped, the job Succeeded with
 # reason GateNotMet: a gated push never sends what a later or earlier step should not have made.
@@ -710,7 +711,8 @@ def parse_gate_text(text: str) -> dict[str, Any]:
             except MMARError:
                 break
             return gate
-    raise MMARError(f"--gate: expected METRIC>=NUMBER or METRIC<=NUMBER (e.g. val_mean_dice>=0.85), got {text!r}")
+    raise MMARError(f"--gate: expected METRIC>=NUMBER or METRIC<=NUMBER, quoted (e.g. --gate 'val_mean_dice>=0.85': "
+                    f"unquoted, the shell reads > as a redirect), got {text!r}")
 
 
 def gate_decision(gate: Mapping[str, Any], metrics: Mapping[str, Any] | None, source: str = "eval/metrics.json",
@@ -733,7 +735,8 @@ def gate_decision(gate: Mapping[str, Any], metrics: Mapping[str, Any] | None, so
         known = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
         raise MMARError(f"gate.metric: {metric!r} is not in {source} (its metrics: {', '.join(known) or 'none'})")
     value = metrics[metric]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+    # NaN and +-Infinity (a bare `Infinity` in a hand-edited metrics.json) are undefined: never a pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         record["message"] = f"{metric} is undefined in {source} ({value!r}); {wanted} required"
         return record
     record["value"] = value

@@ -216,3 +216,24 @@ def test_finished_steps_reports_each_transition_once():
     first = status.compute(job, {}, {0: status.Observed(done)}, NOW)
     assert [s["name"] for s in status.finished_steps({}, first)] == ["train"]
     assert status.finished_steps(first, status.compute(job, first, {0: status.Observed(done)}, NOW)) == []
+
+
+def test_a_convert_that_failed_says_why_in_the_runtimes_own_words(tmp_path):
+    """Issue 30: `{converted 0, failed 24}` with the cause only in `kubectl logs`. The real converter's
+    termination message (its producer) carries the first failure, and the pod's failure line shows it."""
+    import subprocess
+    import sys
+
+    import nibabel as nib
+    import numpy as np
+
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(tmp_path / "in" / "a.nii.gz"))
+    (tmp_path / "blocker").write_text("a file where the output folder should be")
+    term = tmp_path / "termination-log"
+    done = subprocess.run([sys.executable, "-m", "mmar", "convert", "-d", "in", "-o", "blocker/out", "-s", ".nii.gz"],
+                          cwd=tmp_path, env={**__import__("os").environ, "MMAR_TERMINATION_LOG": str(term)},
+                          capture_output=True, text=True)
+    assert done.returncode == 1, done.stdout + done.stderr
+    why = status.pod_failure([failed_pod(main=(1, "Error", term.read_text()))])
+    assert why == "container mmar exited with code 1: a.nii.gz: [Errno 20] Not a directory: 'blocker/out'"
