@@ -48,6 +48,35 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, (ConnectionError, TimeoutError)) or type(error).__name__ in {"MaxRetryError", "ProtocolError", "NewConnectionError"}
 
 
+# An API server's refusal of a child's create that no retry of the same request mends: the object is
+# invalid (400, 422: the step fails) or forbidden (403: a ResourceQuota, an admission policy, RBAC, which
+# someone may change: the step waits and the create is retried)
+PERMANENT_REFUSALS = {400, 422}
+RETRIED_REFUSALS = {403}
+
+
+def api_message(error: BaseException) -> str:
+    """The API server's own words for a refused request (the Status object's message)."""
+    body = getattr(error, "body", None)
+    if body:
+        try:
+            message = json.loads(body).get("message")
+        except (ValueError, AttributeError):
+            message = None
+        if message:
+            return str(message)
+    return str(getattr(error, "reason", None) or error)
+
+
+def refusal(error: BaseException) -> tuple[int, str] | None:
+    """(HTTP status, the server's message) when `error` is a create refused for the object itself or for
+    a policy (see PERMANENT_REFUSALS, RETRIED_REFUSALS); None for anything else (re-raised as a failure)."""
+    status = _status_of(error)
+    if status in PERMANENT_REFUSALS or status in RETRIED_REFUSALS:
+        return status, api_message(error)
+    return None
+
+
 def _serialize(obj: Any) -> Any:
     """Client model objects -> camelCase dicts (what the API speaks); dicts pass through."""
     if obj is None or isinstance(obj, (dict, list, str, int, float, bool)):

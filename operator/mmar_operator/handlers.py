@@ -21,6 +21,7 @@ import asyncio
 import copy
 import logging
 import threading
+import time
 from collections import defaultdict
 from datetime import datetime, timezone
 from typing import Any, Mapping
@@ -31,7 +32,7 @@ from mmar import job as contract
 from mmar.errors import MMARError
 
 from mmar_operator import render, status
-from mmar_operator.apply import GROUP, PLURAL, VERSION, Cluster
+from mmar_operator.apply import GROUP, PLURAL, VERSION, Cluster, refusal
 from mmar_operator.config import Config
 from mmar_operator.metrics import Metrics
 
@@ -145,6 +146,24 @@ class Runtime:
         # MMARJobs whose last reconcile failed: the resync retries them (kopf retries no on.event handler),
         # finished ones too (e.g. a step appended after success)
         self.failed: set[tuple[str, str]] = set()
+        # MMARJobs whose next step's create is refused for now (403: a quota): (retries so far, when the
+        # resync tries again, time.monotonic()); each retry waits twice as long, up to RETRY_MAX_SECONDS
+        self.refused: dict[tuple[str, str], tuple[int, float]] = {}
+
+    def retry_due(self, key: tuple[str, str], now: float) -> bool:
+        with self._guard:
+            return key not in self.refused or self.refused[key][1] <= now
+
+    def after_retry(self, key: tuple[str, str], current: Mapping[str, Any] | None, interval: float, now: float) -> None:
+        """Back off the resync of an MMARJob whose step's create the API server refuses (see `retry_due`)."""
+        refused = any(s.get("phase") == status.PENDING and s.get("reason") == status.JOB_CREATE_FAILED
+                      for s in (current or {}).get("steps") or [])
+        with self._guard:
+            if not refused:
+                self.refused.pop(key, None)
+                return
+            retries = self.refused.get(key, (0, now))[0] + 1
+            self.refused[key] = (retries, now + min(RETRY_MAX_SECONDS, interval * 2 ** (retries - 1)))
 
     def enqueue(self, namespace: str, name: str) -> bool:
         """False when a reconcile of this MMARJob already waits for its lock: that one reads the cluster
@@ -168,6 +187,7 @@ class Runtime:
 
 
 RUNTIME = Runtime()
+RETRY_MAX_SECONDS = 300.0  # the longest wait between two tries of a create the API server refused (403)
 
 
 def now_iso() -> str:
@@ -286,7 +306,7 @@ def step_events(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list
         elif phase == status.SKIPPED:
             events.append(("Normal", "StepSkipped", f"step {name}: {words}"))
         elif phase == status.FAILED:
-            events.append(("Warning", "StepFailed", f"step {name} failed: {words}"))
+            events.append(("Warning", reason if reason == status.JOB_CREATE_FAILED else "StepFailed", f"step {name} failed: {words}"))
         elif phase == status.RUNNING and was != status.RUNNING:
             events.append(("Normal", "StepStarted", f"step {name} started (Job {step['jobName']})"))
         elif phase == status.PENDING and reason not in (status.POD_STARTING, "JobCreated", "Queued", None):
@@ -325,13 +345,24 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, config: Config, metrics
         current = status.compute(job, previous, observed, now, pending_timeout_default=timeout)
         index = status.next_step(job, current)
         if index is not None:
-            created = None
+            created = refused = None
             for obj in render.render_step(job, index, config):
-                created = cluster.create(obj) if new else cluster.ensure(obj)
+                what = f"{obj['kind']} {namespace}/{obj['metadata']['name']}"
+                try:
+                    created = cluster.create(obj) if new else cluster.ensure(obj)
+                except Exception as error:  # noqa: BLE001 - a refusal becomes the step's status, the rest is re-raised
+                    code_message = refusal(error)
+                    if code_message is None:
+                        raise
+                    refused = (code_message[0], what, code_message[1])
+                    # one line naming the object, not a traceback: the status and an Event carry the words
+                    log.warning("MMARJob %s/%s: step %s: the API server refused to create %s (%d): %s", namespace, name,
+                                contract.steps_of(job)[index]["name"], what, *code_message)
+                    break
                 if created is None:
-                    raise NameTaken(f"{obj['kind']} {namespace}/{obj['metadata']['name']} exists")
+                    raise NameTaken(f"{what} exists")
                 metrics.children_created.labels(kind=obj["kind"]).inc()
-            observed[index] = status.Observed(job=created)
+            observed[index] = status.Observed(job=None if refused else created, refused=refused)
             current = status.compute(job, previous, observed, now, pending_timeout_default=timeout)
         metrics.observe_finished(status.finished_steps(previous, current))
     metrics.set_phase(namespace, name, current["phase"])
@@ -436,6 +467,7 @@ def forget(namespace: str, name: str, runtime: Runtime | None = None, uid: str |
     runtime = runtime or RUNTIME
     runtime.metrics.set_phase(namespace, name, None)
     runtime.failed.discard((namespace, name))
+    runtime.refused.pop((namespace, name), None)
     runtime.known.forget(namespace, name)
     if uid:
         runtime.triggers.forget(uid)
@@ -508,10 +540,13 @@ async def resync(index: Mapping[tuple[str, str], Any], interval: float, runtime:
     while True:
         await asyncio.sleep(interval)
         for namespace, name in {*index, *runtime.failed}:  # a snapshot: both change while we await
+            if not runtime.retry_due((namespace, name), time.monotonic()):
+                continue  # its step's create was refused (a quota): retried with back-off
             try:
-                await loop.run_in_executor(None, reconcile_guarded, {"metadata": {"namespace": namespace, "name": name}}, runtime)
+                current = await loop.run_in_executor(None, reconcile_guarded, {"metadata": {"namespace": namespace, "name": name}}, runtime)
             except kopf.TemporaryError:
-                pass  # logged and counted by reconcile_guarded; the next round retries
+                continue  # logged and counted by reconcile_guarded; the next round retries
+            runtime.after_retry((namespace, name), current, interval, time.monotonic())
 
 
 @kopf.on.startup()

@@ -32,6 +32,10 @@ POD_STARTING = "PodStarting"
 # claim) before the step fails with that reason: spec.runPolicy.pendingTimeoutSeconds, else the operator's
 # MMAR_OPERATOR_PENDING_TIMEOUT_SECONDS (config.Config.pending_timeout_seconds)
 DEFAULT_PENDING_TIMEOUT = 600
+# A step whose Job the API server refused to create: Failed when the object itself is invalid (422),
+# Pending while a policy forbids it (403: a ResourceQuota, RBAC), retried until it is created
+JOB_CREATE_FAILED = "JobCreateFailed"
+RETRIED_CREATE = (403,)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ class Observed:
     failure: str | None = None
     # for an unfinished step whose Job has no ready pod: what its pods show (`pod_state`)
     pod: "PodState | None" = None
+    # for a step whose Job (or Service) the API server refused to create: (HTTP status, "Job ns/name", its message)
+    refused: "tuple[int, str, str] | None" = None
 
 
 @dataclass(frozen=True)
@@ -341,6 +347,14 @@ def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed
                 entry["message"] = message[:MESSAGE_MAX]
             if phase == PENDING and reason == POD_STARTING:
                 _pending(entry, seen.pod, pending_timeout(job, pending_timeout_default), now)
+        elif seen.refused is not None:
+            code, what, words = seen.refused
+            if code in RETRIED_CREATE:
+                entry.update(phase=PENDING, reason=JOB_CREATE_FAILED,
+                             message=f"the API server refused to create {what} ({code}); retried until it is created: {words}"[:MESSAGE_MAX])
+            else:
+                entry.update(phase=FAILED, reason=JOB_CREATE_FAILED, startTime=now, completionTime=now,
+                             message=f"the API server refused to create {what} ({code}): {words}"[:MESSAGE_MAX])
         steps.append(entry)
 
     status = _summarize(job, previous, steps, now, generation)
@@ -356,6 +370,8 @@ def _summarize(job: Mapping[str, Any], previous: Mapping[str, Any], steps: list[
     queue = queue_of(job)
     if failed is not None:
         phase, reason, message = FAILED, "StepFailed", f"step {failed['name']} failed" + (f": {failed['message']}" if failed.get("message") else "")
+        if failed.get("reason") == JOB_CREATE_FAILED:
+            reason = JOB_CREATE_FAILED
     elif current is None and gated is not None:
         ran = sum(s["phase"] == SUCCEEDED for s in steps)
         phase, reason = SUCCEEDED, contract.GATE_NOT_MET
@@ -442,7 +458,8 @@ def next_step(job: Mapping[str, Any], status: Mapping[str, Any]) -> int | None:
     for index, step in enumerate(status.get("steps") or []):
         if step["phase"] in DONE:
             continue
-        return index if step["phase"] == WAITING else None
+        retry = step["phase"] == PENDING and step.get("reason") == JOB_CREATE_FAILED
+        return index if step["phase"] == WAITING or retry else None
     return None
 
 

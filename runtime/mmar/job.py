@@ -62,6 +62,12 @@ COMMON_STEP_FIELDS = {"name", "type", "nodes", "gpusPerNode", "resources"}
 
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # a DNS-1035 label (Service names need one)
 CLAIM_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")  # a DNS-1123 subdomain
+# a label key (nodeSelector): an optional DNS-1123 subdomain and '/', then a name of at most 63 characters
+LABEL_KEY_RE = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_KEY_MAX = 317  # 253 + '/' + 63
+LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+LABEL_VALUE_MAX = 63
+NODE_SELECTOR_MAX = 64
 STEP_NAME_MAX = 20
 JOB_NAME_MAX = 36  # child "<job>-<index>-<step>" plus an indexed pod's "-<rank>" stays a 63-character DNS label
 QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
@@ -271,6 +277,23 @@ def _check_tolerations(value: Any, field: str) -> None:
             _check_str(toleration["effect"], f"{where}.effect", TOLERATION_EFFECTS)
 
 
+def _check_node_selector(selector: Any, where: str) -> None:
+    """Node labels as the Job's pod template takes them (else the Job create fails with 422)."""
+    if not isinstance(selector, dict):
+        _fail(where, "must be a mapping of label key to string value")
+    if len(selector) > NODE_SELECTOR_MAX:
+        _fail(where, f"at most {NODE_SELECTOR_MAX} labels, got {len(selector)}")
+    for key, value in selector.items():
+        if not isinstance(key, str) or len(key) > LABEL_KEY_MAX or not LABEL_KEY_RE.match(key):
+            _fail(where, f"keys must be label keys: an optional DNS subdomain and '/', then a name of at most 63 letters, "
+                         f"digits, '-', '_' or '.', starting and ending with a letter or digit; got {key!r}")
+        if not isinstance(value, str):
+            _fail(f"{where}.{key}", f"must be a string, got {value!r}")
+        if len(value) > LABEL_VALUE_MAX or not LABEL_VALUE_RE.match(value):
+            _fail(f"{where}.{key}", f"must be a label value: at most {LABEL_VALUE_MAX} letters, digits, '-', '_' or '.', "
+                                    f"starting and ending with a letter or digit; got {value!r}")
+
+
 def validate(job: dict[str, Any]) -> None:
     """Raise MMARError naming the first field at fault; `job` must have had its defaults applied."""
     if not isinstance(job, dict):
@@ -300,6 +323,8 @@ def validate(job: dict[str, Any]) -> None:
         if not isinstance(spec["serviceAccountName"], str):
             _fail("spec.serviceAccountName", f"must be a string, got {spec['serviceAccountName']!r}")
         _check_length(spec["serviceAccountName"], "spec.serviceAccountName", K8S_NAME_MAX)
+        if not CLAIM_RE.match(spec["serviceAccountName"]):
+            _fail("spec.serviceAccountName", f"must be a ServiceAccount name (a lower-case DNS-1123 subdomain), got {spec['serviceAccountName']!r}")
     _check_str(spec["imagePullPolicy"], "spec.imagePullPolicy", PULL_POLICIES)
     if "task" in spec:
         _check_str(spec["task"], "spec.task", TASKS)
@@ -314,8 +339,8 @@ def validate(job: dict[str, Any]) -> None:
     _check_quantity(spec["shmSize"], "spec.shmSize")
     if "resources" in spec:
         _check_resources(spec["resources"], "spec.resources")
-    if "nodeSelector" in spec and not (isinstance(spec["nodeSelector"], dict) and all(isinstance(v, str) for v in spec["nodeSelector"].values())):
-        _fail("spec.nodeSelector", "must be a mapping of label to string value")
+    if "nodeSelector" in spec:
+        _check_node_selector(spec["nodeSelector"], "spec.nodeSelector")
     if "tolerations" in spec:
         _check_tolerations(spec["tolerations"], "spec.tolerations")
     if "imagePullSecrets" in spec:

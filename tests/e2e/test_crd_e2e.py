@@ -97,6 +97,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("pull-secrets-too-many", manifest(imagePullSecrets=[{"name": f"s{i}"} for i in range(9)]), "spec.imagePullSecrets"),
     ("service-account-not-string", manifest(serviceAccountName=7), "spec.serviceAccountName"),
     ("service-account-too-long", manifest(serviceAccountName="s" * 254), "spec.serviceAccountName"),
+    ("service-account-pattern", manifest(serviceAccountName="Bad_SA"), "spec.serviceAccountName"),
     ("task", manifest(task="detection"), "spec.task"),
     ("claim-name-upper-case", manifest(data={"claimName": "Data_Set"}), "spec.data.claimName"),
     ("claim-name-missing", manifest(mmar={"path": "m"}), "spec.mmar.claimName"),
@@ -112,6 +113,10 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("resources-unknown-key", manifest(resources={"claims": {"a": "1"}}), "spec.resources.claims"),
     ("shm-size", manifest(shmSize="2 GB"), "spec.shmSize"),
     ("node-selector-value", manifest(nodeSelector={"gpu": True}), "spec.nodeSelector.gpu"),
+    ("node-selector-key", manifest(nodeSelector={"bad key!": "x"}), "spec.nodeSelector"),
+    ("node-selector-key-prefix", manifest(nodeSelector={"Nvidia.COM/gpu": "x"}), "spec.nodeSelector"),
+    ("node-selector-label-value", manifest(nodeSelector={"pool": "a b"}), "spec.nodeSelector.pool"),
+    ("node-selector-too-many", manifest(nodeSelector={f"k{i}": "v" for i in range(65)}), "spec.nodeSelector"),
     ("toleration-operator", manifest(tolerations=[{"key": "k", "operator": "Maybe"}]), "spec.tolerations[0].operator"),
     ("toleration-effect", manifest(tolerations=[{"key": "k", "effect": "Evict"}]), "spec.tolerations[0].effect"),
     ("toleration-seconds-string", manifest(tolerations=[{"key": "k", "tolerationSeconds": "60"}]), "spec.tolerations[0].tolerationSeconds"),
@@ -275,6 +280,9 @@ CEL_CASES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
         manifest({"type": "export", "ckpt": "models/..best.pt"}), manifest({"type": "export", "ckpt": "models\\best.pt"})),
     ("spec.steps[].input", "must be a relative path"): (manifest(convert(input="raw/ct")), manifest(convert(input="../raw"))),
     ("spec.steps[].output", "must be a relative path"): (manifest(convert(output="out/ct")), manifest(convert(output="/out"))),
+    ("spec.nodeSelector", "keys must be label keys"): (
+        manifest(nodeSelector={"nvidia.com/gpu.product": "A100-SXM4-80GB", "kubernetes.io/arch": "amd64", "pool": ""}),
+        manifest(nodeSelector={"bad key!": "x"})),
     ("spec.steps[].resolution", "one isotropic spacing or three"): (
         manifest(convert(resolution=[0.8, 0.8, 2.5])), manifest(convert(resolution=[1.0, 2.0]))),
 }

@@ -552,3 +552,42 @@ def test_the_stand_ins_results_pass_the_runtimes_own_check(argv):
     result = realistic_result(argv, "segmentation", processes=8 if argv[0] == "torchrun" else None)
     message = termination_message(result)
     assert json.loads(message) == results.check(result).to_dict() == results.decode(message)
+
+
+def _events(core, namespace: str, name: str) -> list[Any]:
+    return core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}").items
+
+
+def test_a_step_job_the_server_refuses_is_shown_on_the_mmarjob(ns, kubelet, k8s, core):
+    """422 (a Job the Job API finds invalid, though the CRD and mmar.job let it through): the step and the
+    MMARJob fail with reason JobCreateFailed in the server's words, a Warning Event, no retry. 403 (a quota of
+    no Jobs): Pending with the quota's words, retried with back-off, created once the quota goes."""
+    # tolerationSeconds needs effect NoExecute: a rule of the pod spec the MMARJob schema does not repeat
+    toleration = {"key": "k", "operator": "Equal", "value": "v", "effect": "NoSchedule", "tolerationSeconds": 60}
+    k8s.create(ns, manifest("refused-invalid", [{"type": "train"}, {"type": "export"}], tolerations=[toleration]))
+    status = k8s.wait_phase(ns, "refused-invalid", "Failed")
+    step = status["steps"][0]
+    assert (step["phase"], step["reason"]) == ("Failed", "JobCreateFailed"), step
+    assert f"refused to create Job {ns}/refused-invalid-0-train (422)" in step["message"] and "tolerationSeconds" in step["message"]
+    assert condition(status, "Failed")["reason"] == "JobCreateFailed" and "tolerationSeconds" in condition(status, "Failed")["message"]
+    warned = k8s.wait(lambda: [e for e in _events(core, ns, "refused-invalid") if e.reason == "JobCreateFailed"], "a JobCreateFailed Event")
+    assert warned[0].type == "Warning" and "tolerationSeconds" in warned[0].message
+    assert k8s.jobs(ns, "refused-invalid") == []
+
+    core.create_namespaced_resource_quota(ns, {"metadata": {"name": "no-jobs"}, "spec": {"hard": {"count/jobs.batch": "0"}}})
+    try:
+        k8s.wait(lambda: (core.read_namespaced_resource_quota("no-jobs", ns).status.hard or {}).get("count/jobs.batch"), "the quota's status")
+        k8s.create(ns, manifest("refused-quota", [{"type": "train"}]))
+        status = k8s.wait_step(ns, "refused-quota", 0, "Pending", "JobCreateFailed")
+        assert status["phase"] == "Pending" and "exceeded quota" in status["steps"][0]["message"], status
+        assert "exceeded quota" in status["message"] and condition(status, "Running")["reason"] == "JobCreateFailed"
+        k8s.wait(lambda: [e for e in _events(core, ns, "refused-quota") if e.reason == "JobCreateFailed" and e.type == "Warning"], "a JobCreateFailed Event")
+        time.sleep(3 * RESYNC_SECONDS)  # retried meanwhile: still one Event, one line per try, no traceback
+        assert len([e for e in _events(core, ns, "refused-quota") if e.reason == "JobCreateFailed"]) == 1
+        log = k8s.operator.log_text()
+        assert f"MMARJob {ns}/refused-quota: step train: the API server refused to create Job" in log
+        assert f"reconcile of {ns}/refused-quota failed" not in log
+    finally:
+        core.delete_namespaced_resource_quota("no-jobs", ns)
+    status = k8s.wait_phase(ns, "refused-quota", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded" and [j.metadata.name for j in k8s.jobs(ns, "refused-quota")] == ["refused-quota-0-train"]

@@ -131,6 +131,7 @@ class FakeKube:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.calls: list[str] = []
         self.fail_next: list[Exception] = []  # raised, in order, by the next calls
+        self.refuse_jobs: list[Exception] = []  # raised, in order, by the next Job creates (a quota, an invalid Job)
         self.events: list[dict[str, Any]] = []  # Events posted (create_namespaced_event)
         self._uid = 0
 
@@ -173,6 +174,8 @@ class FakeKube:
     # -- BatchV1Api
     def create_namespaced_job(self, namespace, body):
         self._call("create_job")
+        if self.refuse_jobs:
+            raise self.refuse_jobs.pop(0)
         return self._create("Job", namespace, body)
 
     def read_namespaced_job(self, name, namespace):

@@ -159,6 +159,8 @@ CEL_CASES = [
      steps({"type": "convert", "input": "a", "output": "b", "resolution": [1.5]}), steps({"type": "convert", "input": "a", "output": "b", "resolution": [1, 1]})),
     ("must be relative to the claim's root, without '..'",
      manifest(mmar={"claimName": "ws", "path": "runs/x"}), manifest(mmar={"claimName": "ws", "path": "/abs"})),
+    ("keys must be label keys",
+     manifest(nodeSelector={"nvidia.com/gpu.product": "A100-SXM4-80GB", "pool": ""}), manifest(nodeSelector={"bad key!": "x"})),
     ("must be relative to the data root, without '..'",
      manifest(data={"claimName": "d", "datalist": "lists/a.json"}), manifest(data={"claimName": "d", "datalist": "lists/../../x.json"})),
 ]
@@ -203,6 +205,8 @@ SCHEMA_BAD = [
     manifest(task="detection"),
     manifest(data={"claimName": "Data_Set"}),
     manifest(image=""),
+    manifest(serviceAccountName="Bad_SA"),
+    manifest(nodeSelector={"pool": "not a value"}),
     {**manifest(), "spec": {"data": {"claimName": "d"}, "steps": [{"type": "train"}]}},
 ]
 

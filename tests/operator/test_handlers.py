@@ -516,7 +516,7 @@ def test_a_failed_reconcile_is_retried_by_the_resync_even_when_finished(kube, cl
     body(kube, {"type": "train"})
     runtime = handlers.Runtime()
     runtime.cluster, runtime.metrics, runtime.config = cluster, metrics, CONFIG
-    kube.fail_next = [ApiException(status=403, reason="Forbidden")]
+    kube.fail_next = [ApiException(status=401, reason="Unauthorized")]
     with pytest.raises(kopf.TemporaryError):
         handlers.reconcile_new(kube.mmarjob(), runtime)
     assert runtime.failed == {("ns", "spleen")} and kube.jobs() == []
@@ -716,3 +716,77 @@ def test_an_event_that_cannot_be_posted_fails_nothing(kube, cluster, metrics):
     kube.create_namespaced_event = refused
     assert reconcile(kube, cluster, metrics)["phase"] == "Succeeded"
     kube.create_namespaced_event = real
+
+
+# ----------------------------------------------------------------------- a step's Job the server refuses
+
+
+def refused(status, message):
+    import json
+
+    error = ApiException(status=status, reason="Refused")
+    error.body = json.dumps({"kind": "Status", "status": "Failure", "message": message, "code": status})
+    return error
+
+
+INVALID_SA = ('Job.batch "spleen-0-train" is invalid: spec.template.spec.serviceAccountName: Invalid value: "Bad_SA": '
+              'a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters')
+QUOTA = 'jobs.batch "spleen-0-train" is forbidden: exceeded quota: no-jobs, requested: count/jobs.batch=1, used: count/jobs.batch=0, limited: count/jobs.batch=0'
+
+
+def test_an_invalid_job_fails_the_step_in_the_servers_words(kube, cluster, metrics, caplog):
+    body(kube)
+    kube.refuse_jobs = [refused(422, INVALID_SA)]
+    with caplog.at_level("WARNING", logger="mmar_operator.handlers"):
+        st = reconcile(kube, cluster, metrics)
+    assert st["phase"] == "Failed" and kube.jobs() == []
+    step = st["steps"][0]
+    assert (step["phase"], step["reason"]) == ("Failed", "JobCreateFailed")
+    assert "refused to create Job ns/spleen-0-train (422)" in step["message"] and INVALID_SA[:60] in step["message"]
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert (failed["status"], failed["reason"]) == ("True", "JobCreateFailed") and "serviceAccountName" in failed["message"]
+    assert [(e["type"], e["reason"]) for e in kube.events] == [("Warning", "JobCreateFailed")]
+    assert "serviceAccountName" in kube.events[0]["message"]
+    # one line naming the object, no traceback
+    lines = [r for r in caplog.records if r.name == "mmar_operator.handlers"]
+    assert len(lines) == 1 and "ns/spleen" in lines[0].getMessage() and lines[0].exc_info is None
+    # not retried: a failed MMARJob makes no more Jobs
+    kube.calls.clear()
+    assert reconcile(kube, cluster, metrics, now="2026-01-01T00:05:00Z") == st
+    assert "create_job" not in kube.calls and len(kube.events) == 1
+
+
+def test_a_forbidden_job_waits_pending_and_is_retried_until_created(kube, cluster, metrics):
+    body(kube)
+    kube.refuse_jobs = [refused(403, QUOTA)]
+    st = reconcile(kube, cluster, metrics)
+    assert st["phase"] == "Pending" and kube.jobs() == []
+    assert (st["steps"][0]["phase"], st["steps"][0]["reason"]) == ("Pending", "JobCreateFailed")
+    assert "exceeded quota" in st["steps"][0]["message"] and "exceeded quota" in st["message"]
+    running = next(c for c in st["conditions"] if c["type"] == "Running")
+    assert (running["status"], running["reason"]) == ("False", "JobCreateFailed")
+    assert [(e["type"], e["reason"]) for e in kube.events] == [("Warning", "JobCreateFailed")]
+    # refused again: tried again, nothing new to say (no patch, no second Event)
+    kube.refuse_jobs = [refused(403, QUOTA)]
+    kube.calls.clear()
+    assert reconcile(kube, cluster, metrics, now="2026-01-01T00:01:00Z") == st
+    assert "create_job" in kube.calls and "patch_status" not in kube.calls and len(kube.events) == 1
+    # the quota is lifted: the next try creates it
+    st = reconcile(kube, cluster, metrics, now="2026-01-01T00:02:00Z")
+    assert [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-0-train"]
+    assert st["steps"][0]["phase"] == "Pending" and st["steps"][0]["reason"] != "JobCreateFailed"
+
+
+def test_the_resync_backs_off_a_refused_create():
+    runtime = handlers.Runtime()
+    key = ("ns", "spleen")
+    waiting = {"steps": [{"phase": "Pending", "reason": "JobCreateFailed"}]}
+    assert runtime.retry_due(key, 0.0)
+    waits = []
+    for _ in range(6):
+        runtime.after_retry(key, waiting, 30.0, 1000.0)
+        waits.append(runtime.refused[key][1] - 1000.0)
+    assert waits == [30.0, 60.0, 120.0, 240.0, 300.0, 300.0]
+    assert not runtime.retry_due(key, 1299.0) and runtime.retry_due(key, 1300.0)
+    runtime.after_retry(key, {"steps": [{"phase": "Running", "reason": "JobRunning"}]}, 30.0, 1400.0)
+    assert runtime.retry_due(key, 0.0) and key not in runtime.refused
