@@ -182,8 +182,16 @@ def write_split(dataset: Path, split: str, out: Path, holdout: float = 0.2, seed
         validation = absolute(data["validation"], dataset)
     lists = {k: v for k, v in data.items() if k not in ("training", "validation")}
     path = out / f"{dataset.name}_{split}.json"
-    path.write_text(json.dumps({**lists, "training": training, "validation": validation}, indent=1))
+    path.write_text(json.dumps({**lists, "training": with_patients(training), "validation": with_patients(validation)},
+                               indent=1))
     return path
+
+
+def with_patients(items: list[dict]) -> list[dict]:
+    """Each ChestX-ray14 image's patient as a `patient` key: `mmar validate`'s bootstrap interval then draws
+    whole patients (mmar.engine.intervals). Other images are left as they are (one case, one unit)."""
+    return [{**item, "patient": patient_of(item)} if NIH_NAME.match(Path(item["image"]).name) else item
+            for item in items]
 
 
 # ---- one run -------------------------------------------------------------------------------------

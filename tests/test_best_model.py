@@ -1,4 +1,5 @@
-"""model.ckpt changes only when the key metric improves (best starts at -inf); model_final.ckpt always.
+"""model.ckpt under Clara's `best` rule changes only when the key metric improves (best starts at -inf);
+model_final.ckpt always.
 The verdict (`judge`, recorded by the state) comes before the write (`save`, after the state)."""
 
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ def _validated(evaluator, epoch, metric):
 
 def test_model_ckpt_only_on_improvement(tmp_path):
     network = torch.nn.Linear(2, 1)
-    progress = Progress("val_mean_dice")
+    progress = Progress("val_mean_dice", rule="best")  # Clara's rule (the others: test_model_selection.py)
     evaluator = SimpleNamespace(state=SimpleNamespace(epoch=0, metrics={}))
     saver = BestModelSaver(progress, evaluator, network, tmp_path, {}, log=lambda *_: None)
     path = tmp_path / "model.ckpt"
@@ -36,7 +37,7 @@ def test_model_ckpt_only_on_improvement(tmp_path):
 
 def test_the_verdict_is_recorded_before_model_ckpt_is_written(tmp_path):
     network = torch.nn.Linear(2, 1)
-    progress = Progress("val_mean_dice")
+    progress = Progress("val_mean_dice", rule="best")  # Clara's rule (the others: test_model_selection.py)
     evaluator = SimpleNamespace(state=SimpleNamespace(epoch=0, metrics={}))
     saver = BestModelSaver(progress, evaluator, network, tmp_path, {}, log=lambda *_: None)
     engine = SimpleNamespace(state=SimpleNamespace(epoch=1))

@@ -44,6 +44,12 @@ def test_dev_split_never_reads_the_validation_list(bench, tmp_path):
     assert all(Path(i["image"]).is_absolute() for i in dev["training"])
 
 
+def test_chestxray14_items_carry_their_patient_for_the_interval(bench):
+    found = bench.with_patients([{"image": "/d/00012345_001.png", "label": [1]}, {"image": "/d/other.png", "label": [0]}])
+    assert found == [{"image": "/d/00012345_001.png", "label": [1], "patient": "00012345"},
+                     {"image": "/d/other.png", "label": [0]}]
+
+
 def test_table_gives_medians_and_spread_over_seeds(bench):
     def run(seed, auc):
         return {"datalist": "/x/breastmnist_final.json", "recipe": "default", "seed": seed,
