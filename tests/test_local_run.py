@@ -134,7 +134,8 @@ def test_first_failure_stops_the_job(tmp_path, fake, monkeypatch, capfd):
     status = json.loads(status_path.read_text())
     reason = "datalist.json: validation[0].label: file not found: x.nii.gz"  # the step's own error line
     assert status["phase"] == "Failed" and status["message"] == f"step validate failed (exit code 3): {reason}"
-    assert [s["phase"] for s in status["steps"]] == ["Succeeded", "Failed", "Waiting"]
+    assert [s["phase"] for s in status["steps"]] == ["Succeeded", "Failed", "NotRun"]
+    assert status["steps"][2]["reason"] == "PreviousStepFailed" and status["steps"][2]["message"] == f"not run: step {status['steps'][1]['name']} failed"
     assert status["steps"][1]["message"] == reason and status["steps"][1]["exitCode"] == 3
     assert status["results"]["epochs"] == 2  # what succeeded before the failure is kept
     assert any("validate: FAILED" in line and reason in line for line in lines)

@@ -314,6 +314,16 @@ def step_events(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list
     return events
 
 
+def spec_events(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """A Warning SpecChangeIgnored Event when an edit of a started step is first seen (or another one is)."""
+    def edited(st: Mapping[str, Any]) -> str | None:
+        found = next((c for c in st.get("conditions") or [] if c.get("type") == status.SPEC_CHANGE_IGNORED), None)
+        return found["message"] if found and found.get("status") == "True" else None
+
+    now, before = edited(current), edited(previous)
+    return [("Warning", status.SPEC_CHANGE_IGNORED, now)] if now and now != before else []
+
+
 class NameTaken(Exception):
     """`reconcile(new=True)` found a child's name taken: something of this MMARJob already exists."""
 
@@ -369,7 +379,7 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, config: Config, metrics
     if current != previous:
         # a merge patch keeps keys it does not mention: clear the ones the new status dropped
         cluster.patch_status(namespace, name, {**{k: None for k in previous if k not in current}, **current})
-        for kind, reason, message in step_events(previous, current):
+        for kind, reason, message in step_events(previous, current) + spec_events(previous, current):
             cluster.post_event(body, kind, reason, message, now)
     if job is not None:
         _expire_recorded(job, current, observed, cluster)

@@ -8,6 +8,8 @@ torchrun's rendezvous. The container's argv is `mmar.job.step_argv()`, the same 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from typing import Any, Mapping
 
 from mmar import job as contract
@@ -76,6 +78,22 @@ def _metadata(job: Mapping[str, Any], index: int) -> dict[str, Any]:
     if job["metadata"].get("namespace"):
         meta["namespace"] = job["metadata"]["namespace"]
     return meta
+
+
+# The hash of what a step's Job was made from (`spec_hash`), on the Job: a step that started runs with the
+# spec it started with; a later edit of it is reported (status: condition SpecChangeIgnored), never applied
+SPEC_HASH = f"{GROUP}/spec-hash"
+# what the operator applies to a running step (suspend, the TTL after it finished, the pending timeout)
+LIVE_POLICY = ("suspend", "ttlSecondsAfterFinished", "pendingTimeoutSeconds")
+
+
+def spec_hash(job: Mapping[str, Any], index: int) -> str:
+    """A digest of the spec a step's Job is made from: the step and the job-wide fields (image, claims,
+    resources, selectors, runPolicy but what is applied live), not the other steps."""
+    spec = {k: v for k, v in job["spec"].items() if k not in ("steps", "runPolicy")}
+    policy = {k: v for k, v in (job["spec"].get("runPolicy") or {}).items() if k not in LIVE_POLICY}
+    text = json.dumps({"step": contract.steps_of(job)[index], "spec": spec, "runPolicy": policy}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def render_service(job: Mapping[str, Any], index: int) -> dict[str, Any]:
@@ -255,4 +273,6 @@ def render_job(job: Mapping[str, Any], index: int, config: Config) -> dict[str, 
     # could delete the Job and its pods, with the termination message, before the result was read.
     if step["nodes"] > 1:
         job_spec.update(completionMode="Indexed", completions=step["nodes"], parallelism=step["nodes"])
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(job, index), "spec": job_spec}
+    meta = _metadata(job, index)
+    meta["annotations"] = {SPEC_HASH: spec_hash(job, index)}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}

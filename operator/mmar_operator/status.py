@@ -14,15 +14,17 @@ from typing import Any, Iterable, Mapping
 from mmar import job as contract
 from mmar import results as result_contract
 
-from mmar_operator.render import CONTAINER, KUEUE_PREFIX, child_name, passthrough_labels
+from mmar_operator.render import CONTAINER, KUEUE_PREFIX, SPEC_HASH, child_name, passthrough_labels, spec_hash
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
 WAITING = "Waiting"  # a step whose Job is not created yet
 SKIPPED = "Skipped"  # a step its gate held back, and every step after it (mmar.job: gate)
 TERMINAL = (SUCCEEDED, FAILED)
 DONE = (SUCCEEDED, SKIPPED)  # steps the job needs nothing more from
+NOT_RUN = contract.NOT_RUN  # a step after a failed one (mmar.job.not_run)
 STEP_FINAL = (SUCCEEDED, FAILED, SKIPPED)  # a step's phase that never changes again
 CONDITION_TYPES = (RUNNING, SUSPENDED, SUCCEEDED, FAILED)
+SPEC_CHANGE_IGNORED = "SpecChangeIgnored"  # an edit to a step that started: not applied (see `ignored_edits`)
 MESSAGE_MAX = 512
 # A pod's waiting reasons that are part of every start, not a problem (the pod is being set up)
 STARTING = (None, "", "PodInitializing", "ContainerCreating")
@@ -306,6 +308,7 @@ def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed
     steps: list[dict[str, Any]] = []
     queue = queue_of(job)
     blocked: dict[str, Any] | None = None  # the step whose gate skipped it: every later step is skipped too
+    failed_at: str | None = None  # the first failed step: every later step not started is NotRun
 
     for index, step in enumerate(contract.steps_of(job)):
         name = child_name(job, index)
@@ -317,10 +320,15 @@ def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed
         if old and old.get("phase") in STEP_FINAL:
             if old.get("phase") == SKIPPED and blocked is None:
                 blocked = old
+            if old.get("phase") == FAILED and failed_at is None:
+                failed_at = old["name"]
             # finished: never re-evaluated, even if its Job was garbage-collected
             steps.append({**old, **{k: rfc3339(old[k]) for k in ("startTime", "completionTime") if old.get(k)}})
             continue
         seen = observed.get(index) or Observed()
+        if failed_at is not None and seen.job is None:  # after a failed step: never runs (as `mmar run` records it)
+            steps.append({"name": step["name"], "type": step["type"], "jobName": name, **contract.not_run(failed_at)})
+            continue
         entry: dict[str, Any] = {"name": step["name"], "type": step["type"], "jobName": name, "phase": WAITING}
         if seen.job is not None:
             phase, reason, message = job_phase(seen.job, queue)
@@ -355,11 +363,45 @@ def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed
             else:
                 entry.update(phase=FAILED, reason=JOB_CREATE_FAILED, startTime=now, completionTime=now,
                              message=f"the API server refused to create {what} ({code}): {words}"[:MESSAGE_MAX])
+        if entry["phase"] == FAILED and failed_at is None:
+            failed_at = step["name"]
         steps.append(entry)
 
     status = _summarize(job, previous, steps, now, generation)
     status["results"] = results
+    edited = _spec_condition(job, previous, observed, now, generation)
+    if edited is not None:
+        status["conditions"].append(edited)
     return status
+
+
+def ignored_edits(job: Mapping[str, Any], observed: Mapping[int, Observed]) -> list[tuple[str, str]]:
+    """(step name, Job name) of each step whose Job exists and was made from another spec than the step's
+    now (`render.spec_hash`, kept on the Job): the edit is not applied to it (a started step runs with the
+    spec it started with). Jobs made before the hash was kept say nothing."""
+    found = []
+    for index, step in enumerate(contract.steps_of(job)):
+        seen = observed.get(index)
+        made_from = (((seen.job if seen else None) or {}).get("metadata") or {}).get("annotations", {}) or {}
+        if made_from.get(SPEC_HASH) and made_from[SPEC_HASH] != spec_hash(job, index):
+            found.append((step["name"], child_name(job, index)))
+    return found
+
+
+def _spec_condition(job: Mapping[str, Any], previous: Mapping[str, Any], observed: Mapping[int, Observed], now: str,
+                    generation: int | None) -> dict[str, Any] | None:
+    """Condition SpecChangeIgnored: True while a step's Job runs (or ran) with a spec edited since; False once
+    no such Job is left, if it was ever True; absent otherwise."""
+    old_conditions = previous.get("conditions") or []
+    ignored = ignored_edits(job, observed)
+    if ignored:
+        steps = ", ".join(f"{name} (Job {job_name})" for name, job_name in ignored)
+        message = (f"the spec was edited (generation {generation}) after step(s) {steps} started: they run with the spec they "
+                   f"started with; edits apply only to steps not yet started (delete and re-create the MMARJob to run them again)")
+        return _set_condition(old_conditions, SPEC_CHANGE_IGNORED, True, "StepAlreadyStarted", message, now, generation)
+    if any(c.get("type") == SPEC_CHANGE_IGNORED for c in old_conditions):
+        return _set_condition(old_conditions, SPEC_CHANGE_IGNORED, False, "NoStartedStepEdited", "", now, generation)
+    return None
 
 
 def _summarize(job: Mapping[str, Any], previous: Mapping[str, Any], steps: list[dict[str, Any]], now: str, generation: int | None) -> dict[str, Any]:
@@ -397,6 +439,7 @@ def _summarize(job: Mapping[str, Any], previous: Mapping[str, Any], steps: list[
     conditions = [_set_condition(old_conditions, kind, *_condition_of(kind, phase, reason, message), now, generation) for kind in CONDITION_TYPES]
     status: dict[str, Any] = {
         "phase": phase,
+        "reason": reason,
         "observedGeneration": generation,
         "currentStep": (failed or current or steps[-1])["name"],
         "conditions": conditions,
@@ -442,7 +485,7 @@ def invalid(job_body: Mapping[str, Any], previous: Mapping[str, Any] | None, err
                        message if kind == FAILED else "", now, generation)
         for kind in CONDITION_TYPES
     ]
-    status = {"phase": FAILED, "conditions": conditions, "message": message[:MESSAGE_MAX],
+    status = {"phase": FAILED, "reason": "InvalidSpec", "conditions": conditions, "message": message[:MESSAGE_MAX],
               "steps": previous.get("steps") or [], "results": previous.get("results") or {},
               "completionTime": rfc3339(previous.get("completionTime") or now)}
     if generation is not None:

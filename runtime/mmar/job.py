@@ -102,6 +102,15 @@ CREDENTIAL_ENV = {"username": "MMAR_DICOMWEB_USERNAME", "password": "MMAR_DICOMW
 # gate: run a step only if the MMAR's last validation reaches a threshold
 GATE_METRIC_RE = re.compile(r"^[A-Za-z0-9_.:/-]+$")
 GATE_BOUNDS = {"atLeast": ">=", "atMost": "<="}
+# The phase and reason of every step after a failed one (`mmar run` and the operator record it alike)
+NOT_RUN, PREVIOUS_STEP_FAILED = "NotRun", "PreviousStepFailed"
+
+
+def not_run(failed_step: str) -> dict[str, str]:
+    """A later step's phase, reason and message once step `failed_step` failed: it never runs."""
+    return {"phase": NOT_RUN, "reason": PREVIOUS_STEP_FAILED, "message": f"not run: step {failed_step} failed"}
+
+
 GATE_NOT_MET = "GateNotMet"  # the step's and the job's condition reason when a gate skips a step
 
 DEFAULTS: dict[str, Any] = {

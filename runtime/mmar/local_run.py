@@ -383,6 +383,8 @@ def _run_steps(job: Mapping[str, Any], commands: list[list[list[str]]], status_p
             return _interrupted(status, status_path, interrupt, f"during step {entry['name']}", out, line)
         if finished.code != 0:
             entry.update(phase="Failed", message=line or f"exit code {finished.code}")
+            for later in status["steps"][index + 1:]:
+                later.update(contract.not_run(entry["name"]))
             status.update(phase="Failed", completionTime=_now(),
                           message=f"step {entry['name']} failed (exit code {finished.code})" + (f": {line}" if line else ""))
             write_json(status_path, status)

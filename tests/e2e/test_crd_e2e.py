@@ -379,12 +379,17 @@ def test_printer_columns(kubectl, make_namespace):
     gate = {"metric": "val_mean_dice", "atLeast": 0.85, "value": 0.81, "passed": False,
             "message": "val_mean_dice 0.81 < 0.85 (eval/metrics.json)"}
     kubectl("patch", "mmarjob", "cols", "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps(
-        {"status": {"phase": "Running", "currentStep": "train", "results": {"epochs": 12, "bestMetric": 0.875, "gate": gate}}}))
+        {"status": {"phase": "Running", "currentStep": "train", "reason": "StepRunning", "message": "step train is running",
+                    "results": {"epochs": 12, "bestMetric": 0.875, "gate": gate}}}))
     stored = json.loads(kubectl("get", "mmarjob", "cols", "-n", namespace, "-o", "json").stdout)
     assert stored["status"]["results"]["gate"] == gate  # typed in the schema: kept whole, nothing pruned
     for resource in ("mmarjobs", "mmarj", "mmar"):  # plural, short name, category
+        plain = kubectl("get", resource, "-n", namespace).stdout.splitlines()
+        assert plain[0].split() == ["NAME", "PHASE", "STEP", "EPOCHS", "BEST", "GATE", "AGE"], plain
+        assert "StepRunning" not in plain[1]
         lines = kubectl("get", resource, "-n", namespace, "-o", "wide").stdout.splitlines()
         header, row = lines[0].split(), lines[1].split()
-        assert header == ["NAME", "PHASE", "STEP", "EPOCHS", "BEST", "GATE", "AGE"], lines
+        assert header == ["NAME", "PHASE", "STEP", "EPOCHS", "BEST", "GATE", "AGE", "REASON", "MESSAGE"], lines
+        assert lines[1].rstrip().endswith("StepRunning   step train is running"), lines
         assert row[:5] == ["cols", "Running", "train", "12", "0.875"], lines
         assert gate["message"] in lines[1], lines

@@ -111,6 +111,12 @@ def test_helm_install(helm, kubectl, api, crd, make_namespace, mode):
     try:
         status = json.loads(helm("status", release, "-n", release_ns, "-o", "json").stdout)
         assert status["info"]["status"] == "deployed"
+        notes = status["info"]["notes"]  # what `helm status` prints: which namespaces run MMARJobs
+        if mode == "namespaced":
+            assert f"namespaces {', '.join(watch)}" in notes and "its status stays blank" in notes, notes
+        else:
+            assert "every namespace" in notes and "stays blank" not in notes, notes
+        assert "kubectl apply --server-side -f examples/" in notes and "-o wide" in notes, notes
         manifest = documents(helm("get", "manifest", release, "-n", release_ns).stdout)
         for obj in manifest:  # each one is there, as the chart rendered it
             namespace = obj["metadata"].get("namespace")

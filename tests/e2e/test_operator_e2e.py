@@ -297,7 +297,9 @@ def test_a_failing_container_fails_the_job_with_its_own_message(ns, kubelet, k8s
     for name, (_, _, expected) in FAILURES.items():
         status = k8s.wait_phase(ns, name, "Failed", "Succeeded")
         assert status["phase"] == "Failed"
-        assert [s["phase"] for s in status["steps"]] == ["Failed", "Waiting"]
+        assert [s["phase"] for s in status["steps"]] == ["Failed", "NotRun"]  # export never runs (as `mmar run` says)
+        assert (status["steps"][1]["reason"], status["steps"][1]["message"]) == ("PreviousStepFailed", "not run: step train failed")
+        assert status["reason"] == "StepFailed"  # kubectl get -o wide: the Reason column
         step = status["steps"][0]
         # the Job controller's reason, then the failing container's own words
         assert step["message"] == f"Job has reached the specified backoff limit; {expected}"
@@ -591,3 +593,33 @@ def test_a_step_job_the_server_refuses_is_shown_on_the_mmarjob(ns, kubelet, k8s,
         core.delete_namespaced_resource_quota("no-jobs", ns)
     status = k8s.wait_phase(ns, "refused-quota", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded" and [j.metadata.name for j in k8s.jobs(ns, "refused-quota")] == ["refused-quota-0-train"]
+
+
+def test_an_edit_of_a_running_step_is_reported_on_the_mmarjob(ns, kubelet, k8s, core, custom):
+    """set.epochs 30 -> 5 while train runs: the Job keeps 30, and the MMARJob says so (condition
+    SpecChangeIgnored naming the step, a Warning Event); an edit of a step not started yet applies."""
+    held = kubelet.script("edited-0-train", Outcome.running())
+    k8s.create(ns, manifest("edited", [{"type": "train", "set": {"epochs": 30}}, {"type": "validate", "set": {"epochs": 30}}]))
+    k8s.wait(lambda: k8s.pod_running(ns, "edited-0-train"), "train's pod to run", ns, "edited")
+    # a merge patch (a list is replaced whole): both steps' epochs 30 -> 5
+    custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "edited", {"spec": {"steps": [
+        {"type": "train", "set": {"epochs": 5}}, {"type": "validate", "set": {"epochs": 5}}]}})
+
+    def reported():
+        status = k8s.status(ns, "edited")
+        found = [c for c in status.get("conditions") or [] if c["type"] == "SpecChangeIgnored" and c["status"] == "True"]
+        return status if found and status.get("observedGeneration") == 2 else None
+
+    status = k8s.wait(reported, "condition SpecChangeIgnored", ns, "edited")
+    ignored = condition(status, "SpecChangeIgnored")
+    assert ignored["reason"] == "StepAlreadyStarted" and "train (Job edited-0-train)" in ignored["message"], ignored
+    assert "validate" not in ignored["message"]
+    args = k8s.batch.read_namespaced_job("edited-0-train", ns).spec.template.spec.containers[0].args
+    assert "epochs=30" in args and "epochs=5" not in args, args
+    warned = k8s.wait(lambda: [e for e in _events(core, ns, "edited") if e.reason == "SpecChangeIgnored"], "a SpecChangeIgnored Event")
+    assert warned[0].type == "Warning" and "edits apply only to steps not yet started" in warned[0].message
+    kubelet.release(held)
+    status = k8s.wait_phase(ns, "edited", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded"
+    args = k8s.batch.read_namespaced_job("edited-1-validate", ns).spec.template.spec.containers[0].args
+    assert "epochs=5" in args, args  # the step not started yet ran with the edit

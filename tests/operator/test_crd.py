@@ -71,7 +71,8 @@ def test_crd_names_columns_and_status():
     assert (crd["spec"]["group"], names["kind"], names["plural"], names["shortNames"]) == ("mmar.dev", "MMARJob", "mmarjobs", ["mmarj"])
     version = crd["spec"]["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Step", "Epochs", "Best", "Gate", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Step", "Epochs", "Best", "Gate", "Age", "Reason", "Message"]
+    assert [c.get("priority", 0) for c in version["additionalPrinterColumns"]] == [0] * 6 + [1, 1]  # -o wide only
     assert version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["phase"]["enum"] == ["Pending", "Running", "Succeeded", "Failed", "Suspended"]
 
 

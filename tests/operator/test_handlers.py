@@ -790,3 +790,63 @@ def test_the_resync_backs_off_a_refused_create():
     assert not runtime.retry_due(key, 1299.0) and runtime.retry_due(key, 1300.0)
     runtime.after_retry(key, {"steps": [{"phase": "Running", "reason": "JobRunning"}]}, 30.0, 1400.0)
     assert runtime.retry_due(key, 0.0) and key not in runtime.refused
+
+
+# ------------------------------------------------------------------------- an edit of a step that started
+
+
+def edit(kube, change):
+    edited = kube.mmarjob()
+    change(edited["spec"])
+    edited["metadata"]["generation"] += 1
+    kube.add_mmarjob(edited)
+
+
+def test_an_edit_of_a_running_step_is_reported_not_applied(kube, cluster, metrics):
+    body(kube, {"type": "train", "set": {"epochs": 30}}, {"type": "export"})
+    reconcile(kube, cluster, metrics)
+    kube.start("spleen-0-train")
+    reconcile(kube, cluster, metrics)
+    args = kube.jobs()[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "epochs=30" in " ".join(args)
+    edit(kube, lambda spec: spec["steps"][1].update(precision="fp16"))  # a step not started yet: applies
+    st = reconcile(kube, cluster, metrics, now="2026-01-01T00:01:00Z")
+    assert all(c["type"] != "SpecChangeIgnored" for c in st["conditions"]) and kube.events[-1]["reason"] == "StepStarted"
+
+    edit(kube, lambda spec: spec["steps"][0]["set"].update(epochs=5))
+    st = reconcile(kube, cluster, metrics, now="2026-01-01T00:02:00Z")
+    assert st["observedGeneration"] == 3 and st["phase"] == "Running"
+    ignored = next(c for c in st["conditions"] if c["type"] == "SpecChangeIgnored")
+    assert (ignored["status"], ignored["reason"]) == ("True", "StepAlreadyStarted")
+    assert "step(s) train (Job spleen-0-train)" in ignored["message"] and "edits apply only to steps not yet started" in ignored["message"]
+    assert kube.jobs()[0]["spec"]["template"]["spec"]["containers"][0]["args"] == args  # the Job keeps 30
+    assert [(e["type"], e["reason"]) for e in kube.events[-1:]] == [("Warning", "SpecChangeIgnored")]
+    posted = len(kube.events)
+    assert reconcile(kube, cluster, metrics, now="2026-01-01T00:03:00Z") == st and len(kube.events) == posted  # said once
+
+    edit(kube, lambda spec: spec["steps"][0]["set"].update(epochs=30))  # edited back: nothing ignored any more
+    st = reconcile(kube, cluster, metrics, now="2026-01-01T00:04:00Z")
+    assert next(c for c in st["conditions"] if c["type"] == "SpecChangeIgnored")["status"] == "False"
+
+
+def test_suspend_and_ttl_edits_are_applied_to_a_running_step_not_reported(kube, cluster, metrics):
+    body(kube, {"type": "train"})
+    reconcile(kube, cluster, metrics)
+    kube.start("spleen-0-train")
+    edit(kube, lambda spec: spec.setdefault("runPolicy", {}).update(suspend=True, ttlSecondsAfterFinished=60, pendingTimeoutSeconds=30))
+    st = reconcile(kube, cluster, metrics)
+    assert st["phase"] == "Suspended" and all(c["type"] != "SpecChangeIgnored" for c in st["conditions"])
+
+
+def test_after_a_failed_step_the_later_steps_are_not_run(kube, cluster, metrics):
+    """The rule `mmar run` records too (mmar.job.not_run): NotRun, not Waiting forever; status.reason for -o wide."""
+    from mmar import job as contract
+
+    body(kube, {"type": "train"}, {"type": "validate"}, {"type": "export"})
+    reconcile(kube, cluster, metrics)
+    kube.finish("spleen-0-train", ok=False, message='{"command":"train","error":"out of memory"}')
+    st = reconcile(kube, cluster, metrics)
+    assert [s["phase"] for s in st["steps"]] == ["Failed", "NotRun", "NotRun"]
+    assert all({k: s[k] for k in ("phase", "reason", "message")} == contract.not_run("train") for s in st["steps"][1:])
+    assert (st["phase"], st["reason"]) == ("Failed", "StepFailed") and [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-0-train"]
+    assert reconcile(kube, cluster, metrics) == st
