@@ -41,11 +41,13 @@ def render_manifest(path: Path, step: str | None, config: Config) -> str:
 
 
 def configure_logging(verbose: bool) -> None:
-    """One handler on the root logger, kopf's (its format, with each object's namespace/name), at INFO or,
-    with -v, DEBUG. Not also `logging.basicConfig`: that is a second root handler, so every line printed twice."""
+    """One handler on the root logger, kopf's, at INFO or, with -v, DEBUG; each of kopf's per-object lines
+    prefixed with the object's `[namespace/name]` (`log_prefix`: kopf's default leaves it out, so its
+    `Handler 'mmarjob' succeeded.` named nothing). Not also `logging.basicConfig`: that is a second root
+    handler, so every line printed twice."""
     import kopf
 
-    kopf.configure(verbose=verbose)
+    kopf.configure(verbose=verbose, log_prefix=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -312,7 +312,7 @@ def test_operator_runs_with_exactly_the_charts_rbac(helm, kubectl, kubeconfig, a
             log = operator.log_text()
             assert operator.running(), log[-4000:]
         assert not kubelet.errors, kubelet.errors
-        assert re.search(r"Handler '(\w*create|mmarjob)' succeeded", log), log[-2000:]  # kopf's line for the MMARJob on.event handler  # the operator's log, and it did its work
+        assert re.search(rf"\[{radiology}/spleen\] Handler 'mmarjob' succeeded", log), log[-2000:]  # kopf's line for the MMARJob on.event handler  # the operator's log, and it did its work
         refused = denied(log)
         assert not refused, "permission errors with the chart's RBAC:\n" + "\n".join(refused[:20])
     finally:

@@ -18,6 +18,8 @@ def run(**_):
     logging.getLogger("mmar_operator.handlers").info("operator-info-line")
     logging.getLogger("mmar_operator.handlers").debug("operator-debug-line")
     logging.getLogger("mmar_operator.apply").warning("operator-warning-line")
+    body = {"apiVersion": "mmar.dev/v1alpha1", "kind": "MMARJob", "metadata": {"namespace": "radiology", "name": "spleen"}}
+    kopf.ObjectLogger(body=body, settings=kopf.OperatorSettings()).info("Handler 'mmarjob' succeeded.")
 
 kopf.run = run
 sys.exit(cli.main(sys.argv[1:]))
@@ -43,3 +45,9 @@ def test_verbose_adds_debug_lines_once():
     out = run_cli("-v")
     for line in ("kopf-info-line", "operator-info-line", "operator-debug-line", "operator-warning-line"):
         assert out.count(line) == 1, out
+
+
+def test_kopf_lines_about_an_object_name_it():
+    """kopf's per-object lines (100 MMARJobs: hundreds of `Handler 'mmarjob' succeeded.`) say which one."""
+    out = run_cli()
+    assert out.count("[radiology/spleen] Handler 'mmarjob' succeeded.") == 1, out
