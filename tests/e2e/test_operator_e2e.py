@@ -253,7 +253,8 @@ def test_every_example_reaches_succeeded(kubectl, core, ns, kubelet, k8s):
             # kubectl's printer columns show the run
             table = kubectl("get", "mmarjobs", name, "-n", namespace, "-o", "wide").stdout.splitlines()
             header, row = table[0].split(), table[1].split()
-            assert header == ["NAME", "PHASE", "STEP", "EPOCHS", "BEST", "GATE", "AGE"]
+            assert header == ["NAME", "PHASE", "STEP", "EPOCHS", "BEST", "GATE", "AGE", "REASON", "MESSAGE"]
+            assert table[1].rstrip().endswith(f"{status['reason']}   {status['message']}"), table  # -o wide: why, in words
             epochs = next((s["set"]["epochs"] for s in steps if s["type"] in ("train", "finetune")), None)
             if epochs is not None:
                 assert row[:5] == [name, "Succeeded", status["currentStep"], str(epochs), str(status["results"]["bestMetric"])]
