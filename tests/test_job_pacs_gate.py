@@ -139,3 +139,18 @@ def test_a_non_finite_metric_never_passes_the_operators_gate(value):
     """The operator's rule (mmar.job.gate_decision) as the runtime's: Infinity in metrics.json is no pass."""
     record = contract.gate_decision({"metric": "val_mean_dice", "atLeast": 0.5}, {"val_mean_dice": value})
     assert record["passed"] is False and record["value"] is None and "undefined" in record["message"]
+
+
+def test_a_gate_on_the_lower_bound_renders_the_runtimes_interval_name():
+    """Issue 35: `gate: {metric, atLeast, bound: lower}` -> `--gate val_mean_dice.lower>=0.8`, which mmar.gate
+    compares with eval/metrics.json's interval; the text reads back as the gate on that name."""
+    gate = {"metric": "val_mean_dice", "atLeast": 0.8, "bound": "lower"}
+    contract._check_gate(gate, "spec.steps[0].gate")
+    text = contract.gate_text(gate)
+    assert text == "val_mean_dice.lower>=0.8"
+    assert contract.parse_gate_text(text) == {"metric": "val_mean_dice.lower", "atLeast": 0.8}
+
+
+def test_a_gate_bound_other_than_an_interval_end_is_refused():
+    with pytest.raises(MMARError, match=r"spec.steps\[0\].gate.bound: must be one of lower, upper"):
+        contract._check_gate({"metric": "val_mean_dice", "atLeast": 0.8, "bound": "middle"}, "spec.steps[0].gate")

@@ -102,6 +102,9 @@ CREDENTIAL_ENV = {"username": "MMAR_DICOMWEB_USERNAME", "password": "MMAR_DICOMW
 # gate: run a step only if the MMAR's last validation reaches a threshold
 GATE_METRIC_RE = re.compile(r"^[A-Za-z0-9_.:/-]+$")
 GATE_BOUNDS = {"atLeast": ">=", "atMost": "<="}
+# `bound`: compare the threshold with an end of the 95 % interval `mmar validate` writes (eval/metrics.json
+# `intervals`), not the point estimate, so a push never rests on a lucky estimate (docs/model-selection.md)
+GATE_INTERVAL_ENDS = ("lower", "upper")
 # The phase and reason of every step after a failed one (`mmar run` and the operator record it alike)
 NOT_RUN, PREVIOUS_STEP_FAILED = "NotRun", "PreviousStepFailed"
 
@@ -452,8 +455,11 @@ def _check_gate(value: Any, field: str) -> None:
     if not isinstance(value, dict):
         _fail(field, "must be a mapping such as {metric: val_mean_dice, atLeast: 0.85}")
     for key in value:
-        if key not in ("metric", *GATE_BOUNDS):
-            _fail(f"{field}.{key}", "unknown field (allowed: metric, atLeast, atMost)")
+        if key not in ("metric", *GATE_BOUNDS, "bound"):
+            _fail(f"{field}.{key}", "unknown field (allowed: metric, atLeast, atMost, bound)")
+    if "bound" in value and value["bound"] not in GATE_INTERVAL_ENDS:
+        _fail(f"{field}.bound", f"must be one of {', '.join(GATE_INTERVAL_ENDS)} (an end of the metric's 95 % interval); "
+                                f"got {value['bound']!r}")
     metric = value.get("metric")
     if not (isinstance(metric, str) and GATE_METRIC_RE.match(metric) and len(metric) <= KEY_MAX):
         _fail(f"{field}.metric", f"is required: the name of a metric in the MMAR's eval/metrics.json, such as val_mean_dice; got {metric!r}")
@@ -725,9 +731,11 @@ def credentials_secret(job: Mapping[str, Any], index: int) -> str | None:
 
 
 def gate_text(gate: Mapping[str, Any]) -> str:
-    """The gate as the runtime's `--gate` value: `val_mean_dice>=0.85` / `val_loss<=0.2`."""
+    """The gate as the runtime's `--gate` value: `val_mean_dice>=0.85` / `val_loss<=0.2`, with `bound: lower`
+    `val_mean_dice.lower>=0.85` (the runtime's name for an end of the interval: mmar.gate)."""
     (bound,) = [key for key in GATE_BOUNDS if key in gate]
-    return f"{gate['metric']}{GATE_BOUNDS[bound]}{_value(gate[bound])}"
+    metric = f"{gate['metric']}.{gate['bound']}" if gate.get("bound") else gate["metric"]
+    return f"{metric}{GATE_BOUNDS[bound]}{_value(gate[bound])}"
 
 
 def parse_gate_text(text: str) -> dict[str, Any]:

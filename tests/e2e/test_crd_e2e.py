@@ -177,6 +177,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("gate-both-bounds", manifest({"type": "export", "gate": {"metric": "m", "atLeast": 0.5, "atMost": 0.9}}), "spec.steps[0].gate"),
     ("gate-without-metric", manifest({"type": "export", "gate": {"atLeast": 0.5}}), "spec.steps[0].gate.metric"),
     ("gate-bound-not-number", manifest({"type": "export", "gate": {"metric": "m", "atLeast": "high"}}), "spec.steps[0].gate.atLeast"),
+    ("gate-interval-end", manifest({"type": "export", "gate": {"metric": "m", "atLeast": 0.5, "bound": "middle"}}), "spec.steps[0].gate.bound"),
 ]
 
 
