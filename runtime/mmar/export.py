@@ -35,7 +35,7 @@ import torch
 from mmar.archive import Archive
 from mmar.engine import checkpoint
 from mmar.errors import MMARError
-from mmar.io import SPACE_ERRNOS, atomic_path, atomic_write, file_sha256
+from mmar.io import SPACE_ERRNOS, atomic_path, atomic_write, file_sha256, space_error
 from mmar.tasks import get_task
 from mmar.predict import EXPORT_JSON, default_checkpoint, load_file, load_network, tensorrt_unavailable
 
@@ -309,7 +309,7 @@ def write_onnx(network: torch.nn.Module, inputs: Sequence[torch.Tensor], path: P
         except MMARError:
             raise
         except Exception as error:  # noqa: BLE001 - exporter and runtime errors vary by network
-            if _space_error(error) is not None:  # a full disk, not the network: named by the caller (`_writing`)
+            if space_error(error) is not None:  # a full disk, not the network: named by the caller (`_writing`)
                 raise
             failure = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             if spatial:
@@ -469,7 +469,7 @@ def _named(target: Path, write, *args, **kwargs):
     except MMARError as error:
         failure = error
     except Exception as error:  # noqa: BLE001 - only a full disk is renamed; everything else goes on up
-        space = _space_error(error)
+        space = space_error(error)
         if space is None:
             raise
         failure = MMARError(f"{SPACE_ERRNOS[space.errno]} writing {target} (nothing was exported: the previous "
@@ -484,17 +484,6 @@ def _write_report(path: Path, report: dict[str, Any]) -> None:
     with atomic_write(path, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
         handle.write("\n")
-
-
-def _space_error(error: BaseException | None) -> OSError | None:
-    """The out-of-space OSError in `error`'s chain (`raise ... from`, or raised while handling it)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in SPACE_ERRNOS:
-            return error
-        error = error.__cause__ or error.__context__
-    return None
 
 
 @contextlib.contextmanager

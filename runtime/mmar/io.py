@@ -57,7 +57,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             stop = stop_in_chain(error)
             if stop is not None:  # a stop signal landed in the writer's callback (torch.save): it is the stop's
                 raise stop from None
-            space = _space_error(error)
+            space = space_error(error)
             if space is None:
                 raise
             raise _write_error(target, space) from None
@@ -72,7 +72,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def _space_error(error: BaseException) -> OSError | None:
+def space_error(error: BaseException | None) -> OSError | None:
     """The out-of-space OSError in `error`'s chain: torch.save, for one, reports a failed write as
     `RuntimeError: unexpected pos 925504 vs 925396` with the OSError only as its context."""
     seen = set()
