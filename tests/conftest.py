@@ -82,6 +82,17 @@ def trained_seg_mmar(tmp_path_factory, seg_data) -> Path:
     return root
 
 
+@pytest.fixture
+def trained_seg_copy(trained_seg_mmar, tmp_path) -> Path:
+    """A copy of the session's trained MMAR without eval/, for a test that validates or infers into it."""
+    import shutil
+
+    root = tmp_path / "mmar"
+    shutil.copytree(trained_seg_mmar, root)
+    shutil.rmtree(root / "eval", ignore_errors=True)
+    return root
+
+
 # ---- a real PACS (Orthanc + DICOMweb), for the `pacs` tests: one for the session (tests/orthanc.py) ----
 
 

@@ -21,11 +21,8 @@ DEAD_PID = 2 ** 22 + 4321  # above Linux's default pid_max: no such process
 
 
 @pytest.fixture
-def mmar(trained_seg_mmar, tmp_path):
-    root = tmp_path / "mmar"
-    shutil.copytree(trained_seg_mmar, root)
-    shutil.rmtree(root / "eval", ignore_errors=True)
-    return root
+def mmar(trained_seg_copy):
+    return trained_seg_copy
 
 
 @pytest.fixture

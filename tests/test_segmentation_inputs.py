@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import nibabel as nib
 import numpy as np
@@ -20,11 +19,8 @@ from test_runs_support import digests
 
 
 @pytest.fixture
-def mmar(trained_seg_mmar, tmp_path):
-    root = tmp_path / "mmar"
-    shutil.copytree(trained_seg_mmar, root)
-    shutil.rmtree(root / "eval", ignore_errors=True)
-    return root
+def mmar(trained_seg_copy):
+    return trained_seg_copy
 
 
 def _one_error(result) -> str:

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmar.job import STEP_TYPES  # the types whose default resources MMAR_OPERATOR_STEP_RESOURCES may set
+
 
 def _int(name: str, default: int) -> int:
     raw = os.environ.get(name)
@@ -25,39 +27,41 @@ def _positive(name: str, default: int) -> int:
     return value
 
 
-def _resources(name: str) -> dict[str, Any]:
+def _json_env(name: str, example: str) -> Any:
+    """The JSON value of environment variable `name` (None when unset or empty)."""
     raw = os.environ.get(name)
     if not raw:
-        return {}
+        return None
     try:
-        value = json.loads(raw)
+        return json.loads(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be JSON like {{\"requests\": {{\"cpu\": \"4\"}}}}, got {raw!r}") from None
+        raise ValueError(f"environment variable {name} must be JSON like {example}, got {raw!r}") from None
+
+
+def _check_resources(value: Any, where: str) -> None:
     if not isinstance(value, dict) or set(value) - {"requests", "limits"}:
-        raise ValueError(f"environment variable {name} must be a JSON object with requests and/or limits, got {raw!r}")
+        raise ValueError(f"{where} must be a JSON object with requests and/or limits, got {value!r}")
+
+
+def _resources(name: str) -> dict[str, Any]:
+    value = _json_env(name, '{"requests": {"cpu": "4"}}')
+    if value is None:
+        return {}
+    _check_resources(value, f"environment variable {name}")
     return value
-
-
-# Step types whose default resources MMAR_OPERATOR_STEP_RESOURCES may set (mmar.job.STEP_TYPES)
-STEP_TYPES = ("pull", "convert", "train", "finetune", "validate", "infer", "export", "push")
 
 
 def _step_resources(name: str) -> dict[str, dict[str, Any]]:
     """{step type: resources}: the default resources of each step type (the chart's runtime.stepResources)."""
-    raw = os.environ.get(name)
-    if not raw:
+    value = _json_env(name, '{"convert": {"requests": {"cpu": "1"}}}')
+    if value is None:
         return {}
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be JSON like {{\"convert\": {{\"requests\": {{\"cpu\": \"1\"}}}}}}, got {raw!r}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"environment variable {name} must be a JSON object of step type -> resources, got {raw!r}")
+        raise ValueError(f"environment variable {name} must be a JSON object of step type -> resources, got {value!r}")
     for kind, resources in value.items():
         if kind not in STEP_TYPES:
             raise ValueError(f"environment variable {name}: {kind!r} is not a step type ({', '.join(STEP_TYPES)})")
-        if not isinstance(resources, dict) or set(resources) - {"requests", "limits"}:
-            raise ValueError(f"environment variable {name}: {kind} must be a JSON object with requests and/or limits, got {resources!r}")
+        _check_resources(resources, f"environment variable {name}: {kind}")
     return value
 
 
