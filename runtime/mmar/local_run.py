@@ -28,12 +28,13 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from mmar import job as contract
 from mmar import results
+from mmar.job import outcome
+from mmar.job.outcome import now_iso
 from mmar.errors import MMARError
 from mmar.io import write_json
 
@@ -288,14 +289,10 @@ def read_result(path: Path) -> dict[str, Any] | None:
         message = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return None
-    return contract.parse_result(message)
+    return results.decode(message)
 
 
 # ---------------------------------------------------------------------------------------------- the job
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def default_status_path(job: Mapping[str, Any], mounts: Mapping[str, Path]) -> Path:
@@ -347,7 +344,7 @@ def _run_steps(job: Mapping[str, Any], commands: list[list[list[str]]], status_p
     status: dict[str, Any] = {
         "name": name,
         "phase": "Running",
-        "startTime": _now(),
+        "startTime": now_iso(),
         "steps": [{"name": s["name"], "type": s["type"], "phase": "Waiting"} for s in steps],
         "results": {},
     }
@@ -357,7 +354,7 @@ def _run_steps(job: Mapping[str, Any], commands: list[list[list[str]]], status_p
         tag = f"[{index + 1}/{len(steps)}] {entry['name']}"
         if interrupt.signal is not None:  # arrived between steps
             return _interrupted(status, status_path, interrupt, f"before step {entry['name']}", out)
-        entry.update(phase="Running", startTime=_now())
+        entry.update(phase="Running", startTime=now_iso())
         write_json(status_path, status)
         out(f"{tag}: running")
         started = time.monotonic()
@@ -371,7 +368,7 @@ def _run_steps(job: Mapping[str, Any], commands: list[list[list[str]]], status_p
             if finished.code != 0:
                 break
         seconds = time.monotonic() - started
-        entry.update(completionTime=_now(), seconds=round(seconds, 1))
+        entry.update(completionTime=now_iso(), seconds=round(seconds, 1))
         if result is not None:
             entry["result"] = result
         if finished.code != 0:
@@ -382,28 +379,42 @@ def _run_steps(job: Mapping[str, Any], commands: list[list[list[str]]], status_p
                          message=f"interrupted by {interrupt.name}" + (f": {line}" if line else ""))
             return _interrupted(status, status_path, interrupt, f"during step {entry['name']}", out, line)
         if finished.code != 0:
-            entry.update(phase="Failed", message=line or f"exit code {finished.code}")
+            entry.update(phase=outcome.FAILED, message=line or f"exit code {finished.code}")
             for later in status["steps"][index + 1:]:
-                later.update(contract.not_run(entry["name"]))
-            status.update(phase="Failed", completionTime=_now(),
-                          message=f"step {entry['name']} failed (exit code {finished.code})" + (f": {line}" if line else ""))
-            write_json(status_path, status)
-            out(f"{tag}: FAILED after {seconds:.1f}s (exit code {finished.code})" + (f": {line}" if line else "")
-                + f"; status in {status_path}")
-            return finished.code
-        status["results"] = contract.merge_results(status["results"], entry["type"], result)
-        gate = contract.skipped_by_gate(result)
+                later.update(outcome.not_run(entry["name"]))
+            return _finish(status, status_path, out, f"{tag}: FAILED after {seconds:.1f}s (exit code {finished.code})"
+                           + (f": {line}" if line else ""), finished.code)
+        status["results"] = results.fold(status["results"], entry["type"], result)
+        gate = outcome.skipped_by_gate(result)
         if gate is not None:
-            return _gate_not_met(status, status_path, index, gate, tag, out)
-        entry["phase"] = "Succeeded"
+            entry.update(outcome.gate_skipped(gate))
+            for later in status["steps"][index + 1:]:
+                later.update(outcome.skipped_after(entry["name"]))
+            return _finish(status, status_path, out, f"{tag}: SKIPPED: {gate.get('message', 'its gate was not met')}", 0)
+        entry["phase"] = outcome.SUCCEEDED
         write_json(status_path, status)
         out(f"{tag}: succeeded in {seconds:.1f}s{_summary(entry['type'], result)}")
     if interrupt.signal is not None:  # the last step finished anyway; the run was still cut short
         return _interrupted(status, status_path, interrupt, "after the last step", out)
-    status.update(phase="Succeeded", completionTime=_now(), message=f"{len(steps)} step(s) succeeded")
+    return _finish(status, status_path, out, None, 0)
+
+
+def _finish(status: dict[str, Any], status_path: Path, out: Callable[[str], None], line: str | None, code: int) -> int:
+    """The job ended (a step failed, a gate held one back, or all succeeded): its phase, reason and message by
+    the rule the operator records too (`mmar.job.outcome.job_outcome`), written and said."""
+    end = outcome.job_outcome(status["steps"])
+    status.update(end, completionTime=now_iso())
     write_json(status_path, status)
-    out(f"{name}: all {len(steps)} step(s) succeeded; status in {status_path}")
-    return 0
+    if line:
+        out(line + ("" if code == 0 else f"; status in {status_path}"))
+    steps = status["steps"]
+    if end["reason"] == outcome.GATE_NOT_MET:
+        ran = sum(s["phase"] == outcome.SUCCEEDED for s in steps)
+        out(f"{status['name']}: {ran} step(s) succeeded, {len(steps) - ran} skipped ({outcome.GATE_NOT_MET}); "
+            f"status in {status_path}")
+    elif end["phase"] == outcome.SUCCEEDED:
+        out(f"{status['name']}: all {len(steps)} step(s) succeeded; status in {status_path}")
+    return code
 
 
 def _unless_hung_up(out: Callable[[str], None]) -> Callable[[str], None]:
@@ -416,28 +427,10 @@ def _unless_hung_up(out: Callable[[str], None]) -> Callable[[str], None]:
     return say
 
 
-def _gate_not_met(status: dict[str, Any], status_path: Path, index: int, gate: Mapping[str, Any], tag: str,
-                  out: Callable[[str], None]) -> int:
-    """A step's gate held it back: it and every later step are Skipped, the job ends Succeeded (as the
-    operator records it: mmar_operator.status)."""
-    steps = status["steps"]
-    entry = steps[index]
-    entry.update(phase="Skipped", reason=contract.GATE_NOT_MET, message=f"skipped by its gate: {gate.get('message', '')}")
-    for later in steps[index + 1:]:
-        later.update(phase="Skipped", reason=contract.GATE_NOT_MET, message=f"not run: step {entry['name']} was skipped by its gate")
-    ran = sum(s["phase"] == "Succeeded" for s in steps)
-    status.update(phase="Succeeded", reason=contract.GATE_NOT_MET, completionTime=_now(),
-                  message=f"step {entry['name']} {entry['message']}; {ran} step(s) succeeded, {len(steps) - ran} skipped")
-    write_json(status_path, status)
-    out(f"{tag}: SKIPPED: {gate.get('message', 'its gate was not met')}")
-    out(f"{status['name']}: {ran} step(s) succeeded, {len(steps) - ran} skipped (GateNotMet); status in {status_path}")
-    return 0
-
-
 def _interrupted(status: dict[str, Any], status_path: Path, interrupt: Interrupt, when: str,
                  out: Callable[[str], None], line: str | None = None) -> int:
     message = f"interrupted by {interrupt.name} {when}" + (f": {line}" if line else "")
-    status.update(phase=INTERRUPTED, signal=interrupt.name, completionTime=_now(), message=message)
+    status.update(phase=INTERRUPTED, signal=interrupt.name, completionTime=now_iso(), message=message)
     write_json(status_path, status)
     out(f"{status['name']}: {message}; status in {status_path}")
     return 128 + int(interrupt.signal or 0)

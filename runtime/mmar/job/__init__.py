@@ -26,9 +26,9 @@ from typing import Any, Mapping
 
 from mmar import results
 from mmar.errors import MMARError
+from mmar.job.outcome import (API_VERSION, GATE_NOT_MET, GROUP, KIND, NOT_RUN, PLURAL, PREVIOUS_STEP_FAILED, VERSION,  # noqa: F401
+                              job_outcome, not_run, now_iso, skipped_by_gate)
 
-API_VERSION = "mmar.dev/v1alpha1"
-KIND = "MMARJob"
 
 WORKSPACE_ROOT = "/workspace"  # the MMAR claim, mounted whole
 DATA_ROOT = "/data"  # the data claim, mounted whole
@@ -105,17 +105,6 @@ GATE_BOUNDS = {"atLeast": ">=", "atMost": "<="}
 # `bound`: compare the threshold with an end of the 95 % interval `mmar validate` writes (eval/metrics.json
 # `intervals`), not the point estimate, so a push never rests on a lucky estimate (docs/model-selection.md)
 GATE_INTERVAL_ENDS = ("lower", "upper")
-# The phase and reason of every step after a failed one (`mmar run` and the operator record it alike)
-NOT_RUN, PREVIOUS_STEP_FAILED = "NotRun", "PreviousStepFailed"
-
-
-def not_run(failed_step: str) -> dict[str, str]:
-    """A later step's phase, reason and message once step `failed_step` failed: it never runs."""
-    return {"phase": NOT_RUN, "reason": PREVIOUS_STEP_FAILED, "message": f"not run: step {failed_step} failed"}
-
-
-GATE_NOT_MET = "GateNotMet"  # the step's and the job's condition reason when a gate skips a step
-
 DEFAULTS: dict[str, Any] = {
     "imagePullPolicy": "IfNotPresent",
     "gpusPerNode": 1,
@@ -790,14 +779,6 @@ def gate_decision(gate: Mapping[str, Any], metrics: Mapping[str, Any] | None, so
         record["message"] += f", but {stale}"
     record["passed"] = passed
     return record
-
-
-def skipped_by_gate(result: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The gate record of a step that its gate skipped (its result carries a gate that did not pass), else None."""
-    gate = result.get("gate") if isinstance(result, Mapping) else None
-    if isinstance(gate, Mapping) and gate.get("passed") is False:
-        return dict(gate)
-    return None
 
 
 # ---------------------------------------------------------------------------------------------- results
