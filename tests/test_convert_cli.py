@@ -72,8 +72,23 @@ def test_help_and_a_plain_series_import_neither_torch_monai_nor_pydicom(tmp_path
     assert "numpy" in modules and not modules & {"torch", "monai", "pydicom", "SimpleITK"}, modules
 
 
-def test_a_compressed_series_imports_pydicom_without_requests(tmp_path):
-    make_series(pydicom_file("MR_small_RLE.dcm"), tmp_path / "in" / "rle", count=3)
+def test_lossless_compressed_series_import_only_their_codec_not_pydicom(tmp_path):
+    """RLE, JPEG-LS and JPEG 2000 lossless are decoded by the codec's own module (mmar.convert.encapsulated):
+    a folder of them never imports pydicom, and each series only the one codec it needs."""
+    codecs = {"MR_small_RLE.dcm": "rle", "MR_small_jpeg_ls_lossless.dcm": "_libjpeg",
+              "MR_small_jp2klossless.dcm": "_openjpeg"}
+    for name, codec in codecs.items():
+        make_series(pydicom_file(name), tmp_path / codec / "in" / "s", count=3)
+        done, modules = loaded_by_run("-q", "-d", tmp_path / codec / "in", "-o", tmp_path / codec / "out")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "summary: 1 converted" in done.stdout, done.stdout
+        assert codec in modules, (name, modules)
+        others = set(codecs.values()) - {codec}
+        assert not modules & {"pydicom", "gdcm", "PIL", "requests", "torch", "monai", *others}, (name, modules)
+
+
+def test_a_lossy_compressed_series_imports_pydicom_without_requests(tmp_path):
+    make_series(pydicom_file("693_J2KI.dcm"), tmp_path / "in" / "j2k", count=3)  # lossy JPEG 2000: pydicom's
     done, modules = loaded_by_run("-q", "-d", tmp_path / "in", "-o", tmp_path / "out")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "pydicom" in modules and not modules & {"requests", "torch", "monai"}, modules

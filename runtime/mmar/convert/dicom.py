@@ -51,7 +51,7 @@ class SliceInfo:
     mosaic: tuple[int, int] = ()  # (slices, tiles per side): `frame` is the tile of a mosaic image
     acquisition_3d: bool = False  # MRAcquisitionType 3D: dcm2niix writes these in the closest RAS orientation
     repetition_ms: float = 0.0  # RepetitionTime: the time step of a 4D series
-    raw: tuple = ()  # (offset, dtype, shape, bits stored) of uncompressed little-endian pixels: read directly
+    raw: tuple = ()  # where the pixels are read without pydicom: raw_pixels (uncompressed) or encapsulated.plan
 
 
 def _floats(value, n: int | None = None):
@@ -88,11 +88,16 @@ NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}
 
 def raw_pixels(ds, pixel_offset: int | None) -> tuple:
     """Where the pixels of an uncompressed little-endian file start, to read them without pydicom:
-    (offset of the PixelData element, dtype, array shape, bits stored, explicit VR); () for anything else
-    (compressed, big endian, odd bit depths, planar RGB), which pydicom decodes."""
+    (offset of the PixelData element, dtype, array shape, bits stored, explicit VR); for compressed pixels
+    the codec's own module decodes exactly as pydicom would, `encapsulated.plan` ("encapsulated", ...); ()
+    for anything else (big endian, odd bit depths, planar RGB, colour JPEG, ...), which pydicom decodes."""
     syntax = str(getattr(getattr(ds, "file_meta", None), "get", lambda *_: None)("TransferSyntaxUID") or "")
-    if pixel_offset is None or syntax not in NATIVE_LITTLE_ENDIAN:
+    if pixel_offset is None:
         return ()
+    if syntax not in NATIVE_LITTLE_ENDIAN:
+        from mmar.convert import encapsulated
+
+        return encapsulated.plan(ds, syntax, pixel_offset)
     bits = int(ds.get("BitsAllocated", 0) or 0)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if bits not in (8, 16, 32) or (samples > 1 and int(ds.get("PlanarConfiguration", 0) or 0) != 0):
@@ -345,7 +350,12 @@ def _decode(path: Path, cache: dict, mosaic_shape: tuple = (), raw: tuple = ()) 
     """All frames of one file as (frames, rows, cols[, samples]); True if GDCM already applied rescale."""
     if path in cache:
         return cache[path]
-    array = _read_raw(path, raw) if raw else None
+    if raw and raw[0] == "encapsulated":  # compressed: the codec's own module, pydicom where it declines
+        from mmar.convert import encapsulated
+
+        array = encapsulated.decode(path, raw)
+    else:
+        array = _read_raw(path, raw) if raw else None
     if array is not None:
         if mosaic_shape:
             from mmar.convert.mosaic import split_tiles

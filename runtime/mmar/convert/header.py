@@ -44,6 +44,7 @@ WANTED: dict[int, tuple[str, str, bool]] = {
     0x00200037: ("ImageOrientationPatient", "DS", True),
     0x00200100: ("TemporalPositionIdentifier", "IS", False),
     0x00280002: ("SamplesPerPixel", "US", False),
+    0x00280004: ("PhotometricInterpretation", "CS", False),
     0x00280006: ("PlanarConfiguration", "US", False),
     0x00280008: ("NumberOfFrames", "IS", False),
     0x00280010: ("Rows", "US", False),
