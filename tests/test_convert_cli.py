@@ -60,8 +60,11 @@ def test_help_and_a_plain_series_import_neither_torch_monai_nor_pydicom(tmp_path
         assert done.returncode == 0 and "-d" in done.stdout
         assert not imported(done.stderr) & {"torch", "monai", "pydicom", "numpy"}, module
     make_series(pydicom_file("MR_small.dcm"), tmp_path / "in" / "mr", count=4)  # uncompressed: the fast path
+    (tmp_path / "in" / "truth.nii.gz").write_bytes(b"\x1f\x8b" + bytes(300))  # files beside them, ignored
+    (tmp_path / "in" / "notes.json").write_text("{}")  # without pydicom's say
     done, modules = loaded_by_run("-q", "-d", tmp_path / "in", "-o", tmp_path / "out")
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 non-DICOM file(s) ignored" in done.stdout, done.stdout
     assert "numpy" in modules and "mmar" in modules  # the check sees imports at all
     assert not modules & {"torch", "monai", "pydicom", "requests", "SimpleITK", "gdcm", "tqdm"}, modules
     assert (tmp_path / "out" / "mr.nii.gz").exists()

@@ -126,6 +126,24 @@ def test_a_sequence_just_before_the_pixel_data(tmp_path, syntax, length):
     assert bool(fast[2][0].raw) == (length == "defined")
 
 
+def test_files_plainly_not_dicom_are_ignored_as_pydicom_would(tmp_path):
+    """Without a DICM prefix or a DICOM name, pydicom (force=False) refuses the file and it is ignored: said
+    without importing pydicom; a .dcm name or a DICM prefix still goes to pydicom, which words the problem."""
+    (source,) = make_series(pydicom_file("MR_small.dcm"), tmp_path / "src", count=1)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    files = {"truth.nii.gz": b"\x1f\x8b" + bytes(400), "notes.json": b"{}", "empty": b"", "short": b"DICM",
+             "no_preamble": source.read_bytes()[128:], "bad.dcm": bytes(50), "cut_dicm": source.read_bytes()[:140],
+             "README": b"x" * 200}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    for name in files:
+        path = folder / name
+        fast, reference = discover.read_header(folder, path), discover.read_header_pydicom(folder, path)
+        assert _plain(fast) == _plain(reference), name
+    assert discover._plainly_not_dicom(folder / "truth.nii.gz") and not discover._plainly_not_dicom(folder / "bad.dcm")
+
+
 def test_values_have_pydicoms_types(tmp_path):
     (path,) = make_series(pydicom_file("MR_small.dcm"), tmp_path / "s", count=1, series_number=5)
     fast, offset = header.read(path, path.stat().st_size)

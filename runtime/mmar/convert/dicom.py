@@ -290,7 +290,7 @@ def plan_volume(slices: list[SliceInfo], tolerance: float = 0.01) -> VolumePlan:
         dz = first.thickness or 1.0
     else:
         steps = np.diff(rel)
-        nominal = float(np.median(steps))
+        nominal = _median(steps)
         if nominal <= 0:
             raise SeriesError("slices are not separated along the normal")
         tol = max(tolerance, 0.01 * nominal)
@@ -323,6 +323,14 @@ def plan_volume(slices: list[SliceInfo], tolerance: float = 0.01) -> VolumePlan:
             warnings.append(f"gantry tilt {angle:.2f} deg: resampled onto an orthogonal grid")
     direction = np.stack([row, col, normal], axis=1)
     return VolumePlan(origin, direction, np.array([sx, sy, dz], float), stack, rel, target, shear, warnings)
+
+
+def _median(values: np.ndarray) -> float:
+    """np.median of a 1D float array without NaN, bit for bit ((a + b) / 2 of the middle two when even),
+    without np.median's import of numpy.ma (~10 ms of a small folder's run)."""
+    ordered = np.sort(values)
+    middle = len(ordered) // 2
+    return float(ordered[middle]) if len(ordered) % 2 else float((ordered[middle - 1] + ordered[middle]) / 2)
 
 
 def _read_raw(path: Path, raw: tuple) -> np.ndarray | None:

@@ -108,6 +108,20 @@ def _looks_like_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def _plainly_not_dicom(path: Path) -> bool:
+    """No DICM prefix and no DICOM name: pydicom's dcmread (force=False) would raise InvalidDicomError and
+    `_looks_like_dicom` say no, so the file is ignored; told here without importing pydicom (NIfTI ground
+    truths, JSON, notes beside the DICOM files). An unreadable file is left to pydicom, which words it."""
+    if path.suffix.lower() in {".dcm", ".dicom", ".ima"}:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return head[128:132] != b"DICM"
+
+
 def read_header(root: Path, path: Path) -> tuple:
     """One file's header -> what it is, as plain data:
     ("ignored",) | ("skipped", Skipped, lost, unreadable uid or None) | ("non_image", uid, kind, rel)
@@ -133,6 +147,8 @@ def read_header(root: Path, path: Path) -> tuple:
             ident = (str(ds.get("SOPInstanceUID", "")), str(ds.get("SeriesNumber", "") or ""),
                      str(ds.get("SeriesDescription", "") or "").strip())
             return ("image", str(ds.get("SeriesInstanceUID", "")), infos, ident)
+    elif _plainly_not_dicom(path):
+        return ("ignored",)
     return read_header_pydicom(root, path)
 
 
