@@ -1,7 +1,7 @@
 """Benchmark: convert the same DICOM folders with mmar, dcm2niix and dicom2nifti in one run.
 
     .venv/bin/python bench/convert.py [--data DIR ...] [--repeats 5] [--large-files 600] [--epi-files 620]
-                                      [--many-files 10000] [--no-dicom2nifti]
+                                      [--many-files 10000] [--no-dicom2nifti] [--baseline TREE]
 
 Folders: ../shared/data/dicom (real MR series, several codecs), ../shared/data/dicom-qa/In (Siemens
 mosaics), and three generated from them (each copy of a series with new Study/Series/SOP Instance UIDs):
@@ -15,6 +15,12 @@ user would run it (a subprocess, interpreter start-up and imports included); the
 each repeat, so load changes hit all of them alike. Prints per folder the median wall time, CPU time
 (user + system, worker processes included) and peak memory (the largest process) per tool, and the ratios
 mmar / dcm2niix of all three (goal: wall <= 1.5x on every folder of 100+ files, <= 1.0x on 500+).
+
+mmar's modules are byte-compiled first, as installing a wheel does: with PYTHONDONTWRITEBYTECODE set (as in
+this workspace's shell) an editable install would otherwise compile its ~20 modules from source on every
+run (~0.03-0.05 s, a third of a small folder's run), which no installed mmar does. `--baseline TREE` also
+times the mmar of another source tree (e.g. `git archive COMMIT runtime | tar -x -C TREE`; its `runtime/`
+first on PYTHONPATH) as `mmar-base`, taking turns with the others: before/after under the same load.
 """
 
 from __future__ import annotations
@@ -32,11 +38,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SHARED = ROOT.parent / "shared" / "data"
+BASELINE: Path | None = None  # --baseline: a source tree whose runtime/ holds the mmar to compare with
 
 
 def tool_commands(data: Path, out: Path) -> dict[str, list[str]]:
     return {
         "mmar": [str(BIN / "mmar"), "convert", "-q", "-d", str(data), "-o", str(out)],
+        "mmar-base": [str(BIN / "mmar"), "convert", "-q", "-d", str(data), "-o", str(out)],  # env: BASELINE
         "dcm2niix": [str(BIN / "dcm2niix") if (BIN / "dcm2niix").exists() else "dcm2niix",
                      "-z", "y", "-b", "n", "-o", str(out), str(data)],
         # -S: also convert the single-slice series, as the other two do
@@ -202,7 +210,7 @@ def run_once(name: str, data: Path) -> tuple[float, float, float, int]:
             command = [GNU_TIME, "-q", "-f", "%U %S %M", "-o", str(report), *command]
         with open(Path(tmp) / "stderr", "w+b") as errors:
             start = time.perf_counter()
-            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, env=tool_env(name))
             _pid, status, usage = os.wait4(process.pid, 0)
             seconds = time.perf_counter() - start
             process.returncode = os.waitstatus_to_exitcode(status)
@@ -221,6 +229,21 @@ def run_once(name: str, data: Path) -> tuple[float, float, float, int]:
 
 
 MEASURES = ("wall", "cpu", "mem")
+
+
+def tool_env(name: str) -> dict[str, str]:
+    env = dict(os.environ)
+    if name == "mmar-base" and BASELINE is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(BASELINE / "runtime"), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def compile_mmar(trees: list[Path]) -> None:
+    """Byte-compile mmar's modules (this checkout's and the baseline's), as installing a wheel does."""
+    import compileall
+
+    for tree in trees:
+        compileall.compile_dir(tree / "runtime" / "mmar", quiet=1)
 
 
 def bench_folder(data: Path, tools: list[str], repeats: int) -> dict[str, dict[str, float]]:
@@ -242,6 +265,10 @@ def bench_folder(data: Path, tools: list[str], repeats: int) -> dict[str, dict[s
               f"{med['wall'] / len(files) * 1000:6.2f} ms/file  n={len(walls)}  {outputs[name]} NIfTI files")
     ratios = {m: medians["mmar"][m] / medians["dcm2niix"][m] for m in MEASURES}
     print(f"  mmar / dcm2niix: wall {ratios['wall']:.2f}x  cpu {ratios['cpu']:.2f}x  memory {ratios['mem']:.2f}x", flush=True)
+    if "mmar-base" in medians:
+        base = {m: medians["mmar-base"][m] / medians["dcm2niix"][m] for m in MEASURES}
+        print(f"  mmar-base / dcm2niix: wall {base['wall']:.2f}x  cpu {base['cpu']:.2f}x  memory {base['mem']:.2f}x; "
+              f"mmar / mmar-base: wall {medians['mmar']['wall'] / medians['mmar-base']['wall']:.2f}x", flush=True)
     return medians
 
 
@@ -256,8 +283,13 @@ def main() -> int:
     parser.add_argument("--many-files", type=int, default=10000,
                         help="files in the generated folder of many small EPI slices (0: none)")
     parser.add_argument("--no-dicom2nifti", action="store_true", help="time only mmar and dcm2niix")
+    parser.add_argument("--baseline", type=Path, help="also time the mmar of this source tree (its runtime/) "
+                        "as mmar-base, alternating with the others")
     args = parser.parse_args()
-    tools = ["dcm2niix", "mmar"] + ([] if args.no_dicom2nifti else ["dicom2nifti"])
+    global BASELINE
+    BASELINE = args.baseline.resolve() if args.baseline else None
+    tools = ["dcm2niix", "mmar"] + (["mmar-base"] if BASELINE else []) + ([] if args.no_dicom2nifti else ["dicom2nifti"])
+    compile_mmar([ROOT] + ([BASELINE] if BASELINE else []))
     folders = list(args.data or [p for p in (SHARED / "dicom", SHARED / "dicom-qa" / "In") if p.is_dir()])
     scratch = None
     if not args.data:
@@ -296,6 +328,14 @@ def main() -> int:
         print(f"| {folder.name} | {files} | {d['wall']:.2f} | {m['wall']:.2f} | {m['wall'] / d['wall']:.2f}x | "
               f"{d['cpu']:.2f} | {m['cpu']:.2f} | {m['cpu'] / d['cpu']:.2f}x | {d['mem']:.0f} | {m['mem']:.0f} | "
               f"{m['mem'] / d['mem']:.2f}x | {m['wall'] / files * 1000:.2f} |")
+    if BASELINE is not None:
+        print(f"\nmmar-base ({BASELINE}), the same runs:")
+        print("| folder | mmar-base wall s | wall ratio to dcm2niix | mmar-base CPU s | CPU ratio | mmar / mmar-base wall |")
+        print("| --- " * 6 + "|")
+        for folder, files, medians in table:
+            d, m, b = medians["dcm2niix"], medians["mmar"], medians["mmar-base"]
+            print(f"| {folder.name} | {b['wall']:.2f} | {b['wall'] / d['wall']:.2f}x | {b['cpu']:.2f} | "
+                  f"{b['cpu'] / d['cpu']:.2f}x | {m['wall'] / b['wall']:.2f}x |")
     return 0
 
 
