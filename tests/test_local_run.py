@@ -282,7 +282,7 @@ def test_cli_reports_a_bad_manifest(tmp_path):
     bad.write_text("apiVersion: mmar.dev/v1alpha1\nkind: MMARJob\nmetadata: {name: x}\nspec: {steps: []}\n")
     proc = subprocess.run([sys.executable, "-m", "mmar", "run", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 1
-    assert "error: spec.mmar: is required" in proc.stderr
+    assert f"error: {bad}: spec.mmar: is required" in proc.stderr  # the file, then each field at fault
 
 
 def test_a_bad_set_of_a_later_step_fails_before_the_first_step_runs(tmp_path):
@@ -298,7 +298,7 @@ def test_a_bad_set_of_a_later_step_fails_before_the_first_step_runs(tmp_path):
                            "--volume", f"demo-workspace={workspace}"], capture_output=True, text=True)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     index = body["spec"]["steps"].index(train)
-    assert f"error: spec.steps[{index}].set.epochs: epochs must be a whole number" in proc.stderr
+    assert f"error: {manifest}: spec.steps[{index}].set.epochs: epochs must be a whole number" in proc.stderr
     assert list(workspace.iterdir()) == [] and list(data.iterdir()) == []  # nothing ran
 
 

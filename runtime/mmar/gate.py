@@ -1,8 +1,8 @@
 """`mmar --gate 'METRIC>=X' COMMAND ...`: run an infer, export or push only if the MMAR's last validation
 reaches a threshold, and only with the model that validation measured.
 
-The rule itself is `mmar.job.gate_decision` (one definition for the operator, `mmar run` and this). What
-this module adds is what only the runtime can see: the MMAR's `eval/metrics.json` (wherever its environment
+The rule itself, the `--gate` text and the interval bounds are `mmar.job.gate` (pure, one definition for the
+operator, `mmar run` and this). What this module adds is what only the runtime can see: the MMAR's `eval/metrics.json` (wherever its environment
 puts the eval folder, `--set` overrides included) and whether the model the gated command is about to use
 is the one that validation measured. `mmar validate` records the sha256 of the file it validated
 (`checkpoint_sha256`); the gate compares it with the sha256 of the file the command will load (`--ckpt`,
@@ -29,32 +29,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mmar import job as contract
 from mmar.errors import MMARError
+from mmar.job.gate import EXAMPLE, gate_decision, require, with_interval_bounds  # noqa: F401 (mmar.cli: gate.require)
 
 # not imported from mmar.engine (that imports torch): evaluate.METRICS_FILE, checkpoint.MODEL_FILE
 METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.ckpt"
 SHA_FIELD = "checkpoint_sha256"  # in metrics.json: the sha256 of the model file `mmar validate` measured
-EXAMPLE = "mmar --gate 'val_mean_dice>=0.85' infer MMAR_DIR"
 # the lower bound of the metric's 95 % bootstrap interval (metrics.json's `intervals`): `with_interval_bounds`
 
 # the gate this process's command must pass (`require`'s mapping), set by mmar.cli from `--gate`
 PENDING: dict[str, Any] | None = None
-
-
-def require(text: str, command: str) -> dict[str, Any]:
-    """`--gate TEXT` for `command`, checked before anything runs; the parsed gate (`mmar.job`'s mapping).
-
-    A value without a bound (`val_mean_dice`) is what the shell leaves of an unquoted `val_mean_dice>=0.85`:
-    it read `>` as a redirect (and wrote stdout to a file `=0.85`). That error says to quote it."""
-    if not any(mark in text for mark in "<>="):
-        raise MMARError(f"--gate {text!r} has no bound (>= or <=): quote it: the shell reads `>` as a redirect "
-                        f"(and `<`), e.g. {EXAMPLE}")
-    gate = contract.parse_gate_text(text)
-    if command not in contract.GATED_TYPES:
-        raise MMARError(f"--gate: only {', '.join(contract.GATED_TYPES)} can be gated, not {command}")
-    return gate
 
 
 def passes(command: str, archive, model: Path | None, kind: str = "ckpt") -> bool:
@@ -83,39 +68,7 @@ def check(gate: dict[str, Any], command: str, archive, model: Path | None, kind:
     metrics = with_interval_bounds(_read_metrics(metrics_file))
     shown = _shown(metrics_file, archive.root)
     stale = _not_validated(metrics, shown, archive, model, kind) if metrics is not None else None
-    return contract.gate_decision(gate, metrics, shown, stale=stale)
-
-
-BOUNDS = ("lower", "upper")  # `NAME.lower` / `NAME.upper`: a bound of NAME's interval in metrics.json
-
-
-def with_interval_bounds(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
-    """metrics.json with the bounds of its bootstrap intervals (`intervals`, written by `mmar validate`:
-    mmar.engine.intervals) as metrics of their own: `val_mean_dice.lower`, `val_mean_auc.upper`, and per label
-    or class `auc_per_label.effusion.lower`, `dice_per_class.1.lower`. A gate on `val_mean_dice.lower>=0.8`
-    then passes only when the whole interval lies above 0.8, not just the point estimate. A metrics.json
-    without intervals (an older mmar, or `validate#interval: null`) has none of these names, and the gate says
-    which metrics it has."""
-    if not metrics or not isinstance(metrics.get("intervals"), dict):
-        return metrics
-    flat = dict(metrics)
-
-    def add(prefix: str, entry: Any) -> None:
-        if not isinstance(entry, dict):
-            return
-        if any(bound in entry for bound in BOUNDS):
-            for bound in BOUNDS:
-                if bound in entry:
-                    value = entry[bound]
-                    # null (an undefined bound) stays None: the gate then says it is undefined
-                    flat[f"{prefix}.{bound}"] = value if not isinstance(value, float) or math.isfinite(value) else repr(value)
-            return
-        for name, inner in entry.items():
-            add(f"{prefix}.{name}", inner)
-
-    for name, entry in metrics["intervals"].items():
-        add(name, entry)
-    return flat
+    return gate_decision(gate, metrics, shown, stale=stale)
 
 
 def archive_of(argv: list[str]):
