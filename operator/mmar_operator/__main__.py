@@ -66,11 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import kopf  # imported here so `--help` works without the operator extras
 
-    # both register their handlers with kopf's default registry
-    from mmar_operator import handlers, tuning  # noqa: F401 - tuning: kopf's settings for bursts
+    from mmar_operator import handlers  # registers its handlers with kopf's default registry
 
-    handlers.RUNTIME.config = config
-    handlers.RUNTIME.metrics.serve(config.metrics_port)
+    handlers.STATE.config = config
+    handlers.STATE.metrics.serve(config.metrics_port)
     namespaces = args.namespace or list(config.namespaces)
     kopf.run(
         # one replica (the chart runs a Deployment of 1, strategy Recreate): no peering objects to manage

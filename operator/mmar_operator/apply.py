@@ -1,8 +1,8 @@
 """The only code that talks to the Kubernetes API server.
 
 `Cluster` wraps the official client's BatchV1Api, CoreV1Api and CustomObjectsApi (injected, so tests pass
-in-memory fakes with the same method names). It creates children by deterministic name and adopts what is
-already there, so a replayed event or a restarted operator never makes a duplicate; it retries transient
+in-memory fakes with the same method names). It creates children by deterministic name and finds its own when
+they are already there, so a replayed event or a restarted operator never makes a duplicate; it retries transient
 errors (429, 5xx, connection resets) with exponential back-off and jitter.
 
 With the real client, responses are read as JSON into plain dicts (`_preload_content=False`): the typed
@@ -33,7 +33,7 @@ MERGE_PATCH = "application/merge-patch+json"
 
 
 class AdoptionError(RuntimeError):
-    """A child's name is taken by an object that another controller owns."""
+    """A child's name is taken by an object that is not its owner's (another controller's, or no one's)."""
 
 
 def _status_of(error: BaseException) -> int | None:
@@ -184,24 +184,26 @@ class Cluster:
         return created
 
     def ensure(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Create `obj`, or adopt the object already there under its name (409). Returns the live object."""
+        """Create `obj`, or find it already there under its name (409) when it is this owner's (its controller
+        ownerReference has the owner's uid: a replayed create, an operator restart). An object of that name
+        that is not (another controller's, or none's: e.g. left by a deleted owner of the same name) is never
+        taken over: AdoptionError. Returns the live object."""
         created = self.create(obj)
         if created is not None:
             return created
         kind, meta = obj["kind"], obj["metadata"]
         namespace, name = meta["namespace"], meta["name"]
-        _, read, patch = self._methods(kind)
+        _, read, _ = self._methods(kind)
         live = self.fetch(read, name, namespace)
         owner = meta["ownerReferences"][0]
         refs = (live.get("metadata") or {}).get("ownerReferences") or []
         controller = next((r for r in refs if r.get("controller")), None)
         if controller is not None and controller.get("uid") == owner["uid"]:
-            return live  # ours already: a replayed create or an operator restart
-        if controller is not None:
-            raise AdoptionError(f"{kind} {namespace}/{name} exists and is controlled by {controller.get('kind')} {controller.get('name')}")
-        log.info("adopting %s %s/%s", kind, namespace, name)
-        body = {"metadata": {"ownerReferences": [*refs, owner], "labels": meta.get("labels", {})}}
-        return self.fetch(patch, name, namespace, body, _content_type=MERGE_PATCH)
+            return live
+        whose = (f"is controlled by {controller.get('kind')} {controller.get('name')}" if controller is not None
+                 else "has no controller")
+        raise AdoptionError(f"{kind} {namespace}/{name} exists and {whose}, not by {owner['kind']} {owner['name']} "
+                            f"(uid {owner['uid']}): not taken over; delete or rename it")
 
     def is_own_create(self, namespace: str, name: str, resource_version: str | None) -> bool:
         """Whether a Job's watch event shows it exactly as this operator's create returned it: the echo of our

@@ -19,7 +19,6 @@ from mmar_operator.config import Config
 GROUP = "mmar.dev"
 LABEL_JOB = f"{GROUP}/mmarjob"
 LABEL_STEP = f"{GROUP}/step"
-LABEL_STEP_INDEX = f"{GROUP}/step-index"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "mmar-operator", "app.kubernetes.io/name": "mmar"}
 KUEUE_PREFIX = "kueue.x-k8s.io/"  # queue-name, priority-class: passed through so Kueue admits the Jobs
 CONTAINER = "mmar"
@@ -30,13 +29,31 @@ RENDEZVOUS_CONTAINER = "rendezvous"  # a multi-node step's init container: waits
 RENDEZVOUS_DNS_SECONDS = 180  # ... at most this long (mmar.distributed.wait_for_address)  # SIGTERM -> SIGKILL: time to save the training state (render_job)
 
 
-def child_name(job: Mapping[str, Any], index: int) -> str:
-    """Deterministic: a replayed event or a restarted operator finds the same name and adopts it."""
-    return f"{contract.name_of(job)}-{index}-{contract.steps_of(job)[index]['name']}"
+# A child's name: `<mmarjob>-<step>-<hash>`, the hash 5 hex digits of sha256("<MMARJob uid>/<step name>") (as
+# the Job controller names pods). The step's name is its identity (never its index: inserting a step renames
+# no child), and the owner's uid makes two MMARJobs' children differ even where `<mmarjob>-<step>` reads the
+# same ("a" + "x-train" and "a-x" + "train"). The readable part is cut to leave a valid DNS-1035 label (a
+# Service name) of at most CHILD_NAME_MAX characters, so that an indexed pod's hostname `<job>-<rank>` (rank
+# < 64, at most "-63") stays a 63-character DNS label too.
+CHILD_NAME_MAX = 60
+CHILD_HASH_HEX = 5
+LABEL_UID = f"{GROUP}/mmarjob-uid"  # the owner's uid, on every child: what marks it as this MMARJob's
+
+
+def child_name(job: Mapping[str, Any], step: str | int) -> str:
+    """Deterministic: a replayed event or a restarted operator finds the same name. `step`: the step's name
+    (or its index in spec.steps)."""
+    name = contract.steps_of(job)[step]["name"] if isinstance(step, int) else step
+    digest = hashlib.sha256(f"{job['metadata'].get('uid') or ''}/{name}".encode()).hexdigest()[:CHILD_HASH_HEX]
+    readable = f"{contract.name_of(job)}-{name}"[:CHILD_NAME_MAX - CHILD_HASH_HEX - 1].rstrip("-")
+    return f"{readable}-{digest}"
 
 
 def selector_labels(job: Mapping[str, Any], index: int) -> dict[str, str]:
-    return {LABEL_JOB: contract.name_of(job), LABEL_STEP: contract.steps_of(job)[index]["name"], LABEL_STEP_INDEX: str(index)}
+    labels = {LABEL_JOB: contract.name_of(job), LABEL_STEP: contract.steps_of(job)[index]["name"]}
+    if job["metadata"].get("uid"):
+        labels[LABEL_UID] = job["metadata"]["uid"]
+    return labels
 
 
 def passthrough_labels(job: Mapping[str, Any]) -> dict[str, str]:
@@ -269,7 +286,7 @@ def render_job(job: Mapping[str, Any], index: int, config: Config) -> dict[str, 
     if "activeDeadlineSeconds" in policy:
         job_spec["activeDeadlineSeconds"] = policy["activeDeadlineSeconds"]
     # No ttlSecondsAfterFinished here: the operator sets it on a finished Job once the step's result is
-    # recorded in the MMARJob's status (handlers._expire_recorded). Set at creation, the TTL controller
+    # recorded in the MMARJob's status (reconcile._expire_recorded). Set at creation, the TTL controller
     # could delete the Job and its pods, with the termination message, before the result was read.
     if step["nodes"] > 1:
         job_spec.update(completionMode="Indexed", completions=step["nodes"], parallelism=step["nodes"])

@@ -25,6 +25,12 @@ NOT_RUN = contract.NOT_RUN  # a step after a failed one (mmar.job.not_run)
 STEP_FINAL = (SUCCEEDED, FAILED, SKIPPED)  # a step's phase that never changes again
 CONDITION_TYPES = (RUNNING, SUSPENDED, SUCCEEDED, FAILED)
 SPEC_CHANGE_IGNORED = "SpecChangeIgnored"  # an edit to a step that started: not applied (see `ignored_edits`)
+# A step's Job (or Service) name is taken by an object that is not this MMARJob's (another owner, or none):
+# the step waits (Pending, reason ChildNameConflict) and the create is retried; never adopted
+CHILD_NAME_CONFLICT = "ChildNameConflict"
+# Jobs labelled with this MMARJob's name that are not its own (left by a deleted MMARJob of the same name,
+# `kubectl delete --cascade=orphan`): never taken as this MMARJob's results, never adopted, left alone
+FOREIGN_JOBS_IGNORED = "ForeignJobsIgnored"
 MESSAGE_MAX = 512
 # A pod's waiting reasons that are part of every start, not a problem (the pod is being set up)
 STARTING = (None, "", "PodInitializing", "ContainerCreating")
@@ -50,7 +56,8 @@ class Observed:
     failure: str | None = None
     # for an unfinished step whose Job has no ready pod: what its pods show (`pod_state`)
     pod: "PodState | None" = None
-    # for a step whose Job (or Service) the API server refused to create: (HTTP status, "Job ns/name", its message)
+    # for a step whose Job (or Service) the API server refused to create: (HTTP status, "Job ns/name", its
+    # message); 409: its name is taken by an object that is not this MMARJob's (CHILD_NAME_CONFLICT)
     refused: "tuple[int, str, str] | None" = None
 
 
@@ -297,22 +304,30 @@ def _pending(entry: dict[str, Any], pod: PodState | None, timeout: int, now: str
                              f"{timeout}): {pod.reason}: {pod.message}"[:MESSAGE_MAX])
 
 
-def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed: Mapping[int, Observed], now: str,
-            *, pending_timeout_default: int = DEFAULT_PENDING_TIMEOUT) -> dict[str, Any]:
-    """The MMARJob status from the spec, the previous status and what each step's Job shows now.
-    `pending_timeout_default`: the operator's default of spec.runPolicy.pendingTimeoutSeconds."""
+def job_name_of(seen: "Observed | None") -> str | None:
+    return (((seen.job if seen else None) or {}).get("metadata") or {}).get("name")
+
+
+def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed: Mapping[str, Observed], now: str,
+            *, pending_timeout_default: int = DEFAULT_PENDING_TIMEOUT, foreign: Iterable[str] | None = None) -> dict[str, Any]:
+    """The MMARJob status from the spec, the previous status and what each step's Job shows now (`observed`,
+    by step name: a step's name is its identity, its index is not). A step recorded as finished is matched by
+    its name, whatever its Job was called (an older operator named Jobs `<mmarjob>-<index>-<step>`).
+    `pending_timeout_default`: the operator's default of spec.runPolicy.pendingTimeoutSeconds. `foreign`: the
+    names of Jobs labelled with this MMARJob's name that are not its own (None: not looked at this time)."""
     previous = dict(previous or {})
     generation = job["metadata"].get("generation")
-    remembered = {s.get("jobName"): s for s in previous.get("steps") or []}
+    remembered = {s.get("name"): s for s in previous.get("steps") or []}
     results: dict[str, Any] = dict(previous.get("results") or {})
     steps: list[dict[str, Any]] = []
     queue = queue_of(job)
     blocked: dict[str, Any] | None = None  # the step whose gate skipped it: every later step is skipped too
     failed_at: str | None = None  # the first failed step: every later step not started is NotRun
 
-    for index, step in enumerate(contract.steps_of(job)):
-        name = child_name(job, index)
-        old = remembered.get(name)
+    for step in contract.steps_of(job):
+        seen = observed.get(step["name"]) or Observed()
+        name = job_name_of(seen) or child_name(job, step["name"])
+        old = remembered.get(step["name"])
         if blocked is not None and (old is None or old.get("phase") not in STEP_FINAL):
             steps.append({"name": step["name"], "type": step["type"], "jobName": name, "phase": SKIPPED,
                           "reason": contract.GATE_NOT_MET, "message": f"not run: step {blocked['name']} was skipped by its gate"})
@@ -325,7 +340,6 @@ def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed
             # finished: never re-evaluated, even if its Job was garbage-collected
             steps.append({**old, **{k: rfc3339(old[k]) for k in ("startTime", "completionTime") if old.get(k)}})
             continue
-        seen = observed.get(index) or Observed()
         if failed_at is not None and seen.job is None:  # after a failed step: never runs (as `mmar run` records it)
             steps.append({"name": step["name"], "type": step["type"], "jobName": name, **contract.not_run(failed_at)})
             continue
@@ -357,7 +371,10 @@ def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed
                 _pending(entry, seen.pod, pending_timeout(job, pending_timeout_default), now)
         elif seen.refused is not None:
             code, what, words = seen.refused
-            if code in RETRIED_CREATE:
+            if code == 409:
+                entry.update(phase=PENDING, reason=CHILD_NAME_CONFLICT,
+                             message=f"{words}; retried until the name is free"[:MESSAGE_MAX])
+            elif code in RETRIED_CREATE:
                 entry.update(phase=PENDING, reason=JOB_CREATE_FAILED,
                              message=f"the API server refused to create {what} ({code}); retried until it is created: {words}"[:MESSAGE_MAX])
             else:
@@ -369,44 +386,81 @@ def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed
 
     status = _summarize(job, previous, steps, now, generation)
     status["results"] = results
-    edited = _spec_condition(job, previous, observed, now, generation)
-    if edited is not None:
-        status["conditions"].append(edited)
+    for extra in (_spec_condition(job, previous, observed, now, generation),
+                  _conflict_condition(previous, steps, now, generation),
+                  _foreign_condition(previous, foreign, now, generation)):
+        if extra is not None:
+            status["conditions"].append(extra)
     return status
 
 
-def ignored_edits(job: Mapping[str, Any], observed: Mapping[int, Observed]) -> list[tuple[str, str]]:
+def ignored_edits(job: Mapping[str, Any], observed: Mapping[str, Observed]) -> list[tuple[str, str]]:
     """(step name, Job name) of each step whose Job exists and was made from another spec than the step's
     now (`render.spec_hash`, kept on the Job): the edit is not applied to it (a started step runs with the
     spec it started with). Jobs made before the hash was kept say nothing."""
     found = []
     for index, step in enumerate(contract.steps_of(job)):
-        seen = observed.get(index)
+        seen = observed.get(step["name"])
         made_from = (((seen.job if seen else None) or {}).get("metadata") or {}).get("annotations", {}) or {}
         if made_from.get(SPEC_HASH) and made_from[SPEC_HASH] != spec_hash(job, index):
-            found.append((step["name"], child_name(job, index)))
+            found.append((step["name"], job_name_of(seen) or child_name(job, step["name"])))
     return found
 
 
-def _spec_condition(job: Mapping[str, Any], previous: Mapping[str, Any], observed: Mapping[int, Observed], now: str,
-                    generation: int | None) -> dict[str, Any] | None:
-    """Condition SpecChangeIgnored: True while a step's Job runs (or ran) with a spec edited since; False once
-    no such Job is left, if it was ever True; absent otherwise."""
+def _flag(previous: Mapping[str, Any], kind: str, message: str | None, reasons: tuple[str, str], now: str,
+          generation: int | None) -> dict[str, Any] | None:
+    """A condition that is True with `message` while there is something to say; False (`reasons[1]`) once
+    there is nothing, if it was ever there; absent otherwise."""
     old_conditions = previous.get("conditions") or []
+    if message:
+        return _set_condition(old_conditions, kind, True, reasons[0], message, now, generation)
+    if any(c.get("type") == kind for c in old_conditions):
+        return _set_condition(old_conditions, kind, False, reasons[1], "", now, generation)
+    return None
+
+
+def _spec_condition(job: Mapping[str, Any], previous: Mapping[str, Any], observed: Mapping[str, Observed], now: str,
+                    generation: int | None) -> dict[str, Any] | None:
+    """Condition SpecChangeIgnored: True while a step's Job runs (or ran) with a spec edited since."""
     ignored = ignored_edits(job, observed)
+    message = None
     if ignored:
         steps = ", ".join(f"{name} (Job {job_name})" for name, job_name in ignored)
         message = (f"the spec was edited (generation {generation}) after step(s) {steps} started: they run with the spec they "
                    f"started with; edits apply only to steps not yet started (delete and re-create the MMARJob to run them again)")
-        return _set_condition(old_conditions, SPEC_CHANGE_IGNORED, True, "StepAlreadyStarted", message, now, generation)
-    if any(c.get("type") == SPEC_CHANGE_IGNORED for c in old_conditions):
-        return _set_condition(old_conditions, SPEC_CHANGE_IGNORED, False, "NoStartedStepEdited", "", now, generation)
-    return None
+    return _flag(previous, SPEC_CHANGE_IGNORED, message, ("StepAlreadyStarted", "NoStartedStepEdited"), now, generation)
+
+
+def _conflict_condition(previous: Mapping[str, Any], steps: list[dict[str, Any]], now: str,
+                        generation: int | None) -> dict[str, Any] | None:
+    """Condition ChildNameConflict: True while a step waits for its child's name, taken by another object."""
+    conflict = next((s for s in steps if s.get("reason") == CHILD_NAME_CONFLICT), None)
+    message = f"step {conflict['name']}: {conflict.get('message', '')}" if conflict else None
+    return _flag(previous, CHILD_NAME_CONFLICT, message, ("NameTaken", "NoConflict"), now, generation)
+
+
+def _foreign_condition(previous: Mapping[str, Any], foreign: Iterable[str] | None, now: str,
+                       generation: int | None) -> dict[str, Any] | None:
+    """Condition ForeignJobsIgnored: True while Jobs labelled with this MMARJob's name but not owned by it
+    exist (e.g. left by a deleted MMARJob of the same name); `foreign` None: unknown, the condition stays."""
+    if foreign is None:
+        return next((dict(c) for c in previous.get("conditions") or [] if c.get("type") == FOREIGN_JOBS_IGNORED), None)
+    names = sorted(foreign)
+    message = None
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        message = (f"Job(s) {shown} carry this MMARJob's name but are not its own (another owner's, or orphaned by a "
+                   f"deleted MMARJob of this name): not taken as its results, not adopted, left alone; delete them "
+                   f"if they are of no use")
+    return _flag(previous, FOREIGN_JOBS_IGNORED, message, ("NotOwned", "NoForeignJobs"), now, generation)
 
 
 def _summarize(job: Mapping[str, Any], previous: Mapping[str, Any], steps: list[dict[str, Any]], now: str, generation: int | None) -> dict[str, Any]:
     failed = next((s for s in steps if s["phase"] == FAILED), None)
-    current = next((s for s in steps if s["phase"] not in DONE), None)
+    # the step being worked on: the one whose Job is there and unfinished (an edit may have put a step that
+    # waits before it), else the first one not done
+    current = next((s for s in steps if s["phase"] not in DONE and s["phase"] != WAITING), None) \
+        or next((s for s in steps if s["phase"] not in DONE), None)
     gated = next((s for s in steps if s["phase"] == SKIPPED and s.get("result")), None)
     suspended = bool(job["spec"]["runPolicy"]["suspend"])
     queue = queue_of(job)
@@ -493,20 +547,28 @@ def invalid(job_body: Mapping[str, Any], previous: Mapping[str, Any] | None, err
     return status
 
 
+def _uncreated(step: Mapping[str, Any]) -> bool:
+    """A step with no Job: not created yet, or its create refused for now (retried)."""
+    return step["phase"] == WAITING or (step["phase"] == PENDING and step.get("reason") in (JOB_CREATE_FAILED, CHILD_NAME_CONFLICT))
+
+
 def next_step(job: Mapping[str, Any], status: Mapping[str, Any]) -> int | None:
-    """The index of the step whose Job should be created now: the first one not created yet, once every
-    step before it succeeded; None while one runs, after a failure, when done, or while suspended."""
+    """The index of the step whose Job should be created now: the first one not done, once no other step's
+    Job is unfinished (never two steps at once, whatever order an edit left them in); None while one runs,
+    after a failure, when done, or while suspended."""
     if status.get("phase") in TERMINAL or job["spec"]["runPolicy"]["suspend"]:
         return None
-    for index, step in enumerate(status.get("steps") or []):
+    steps = status.get("steps") or []
+    if any(s["phase"] not in STEP_FINAL and s["phase"] != NOT_RUN and not _uncreated(s) for s in steps):
+        return None
+    for index, step in enumerate(steps):
         if step["phase"] in DONE:
             continue
-        retry = step["phase"] == PENDING and step.get("reason") == JOB_CREATE_FAILED
-        return index if step["phase"] == WAITING or retry else None
+        return index if _uncreated(step) else None
     return None
 
 
 def finished_steps(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Steps that reached Succeeded/Failed/Skipped in this reconcile (for metrics: observed exactly once)."""
-    before = {s.get("jobName"): s.get("phase") for s in (previous or {}).get("steps") or []}
-    return [s for s in current.get("steps") or [] if s["phase"] in STEP_FINAL and before.get(s["jobName"]) not in STEP_FINAL]
+    before = {s.get("name"): s.get("phase") for s in (previous or {}).get("steps") or []}
+    return [s for s in current.get("steps") or [] if s["phase"] in STEP_FINAL and before.get(s["name"]) not in STEP_FINAL]

@@ -27,6 +27,7 @@ import yaml
 from _tools import require_tool
 from e2e.kubelet import Kubelet, Outcome
 from e2e.operator_process import OperatorProcess
+from mmar_operator.render import child_name
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "mmar-operator"
@@ -226,8 +227,8 @@ def headless_service(name: str, owner: dict[str, Any] | None = None) -> dict[str
 
 @pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
 def test_operator_runs_with_exactly_the_charts_rbac(helm, kubectl, kubeconfig, api, crd, make_namespace, tmp_path, mode):
-    """Every kind of call the operator makes, under the chart's ServiceAccount: create, adopt (get + patch) and
-    suspend (patch) Jobs and Services, read pods, patch MMARJobs and their status; 0 refused."""
+    """Every kind of call the operator makes, under the chart's ServiceAccount: create, find after a 409 (get)
+    and suspend (patch) Jobs and Services, read pods, patch MMARJobs and their status, post Events; 0 refused."""
     release, release_ns = release_name(), make_namespace("mmar-sys")
     radiology, research = make_namespace("radiology"), make_namespace("research")
     outside = make_namespace("elsewhere")  # not watched in namespaced mode: no grants there
@@ -246,12 +247,6 @@ def test_operator_runs_with_exactly_the_charts_rbac(helm, kubectl, kubeconfig, a
         assert granted(kubectl, as_operator, outside, wanted) == (cluster if mode == "namespaced" else {**NAMESPACED_GRANTS, **cluster})
 
         custom, core, batch = api.CustomObjectsApi(), api.CoreV1Api(), api.BatchV1Api()
-        # left behind under step names: an unowned Job and Service (adopted), a Service owned by another
-        # object (the operator refuses it and retries)
-        batch.create_namespaced_job(research, step_job("adopted-0-train"))
-        core.create_namespaced_service(research, headless_service("adopted-0-train"))
-        owner = core.create_namespaced_config_map(research, {"metadata": {"name": "someone-else"}}).to_dict()
-        core.create_namespaced_service(research, headless_service("squatted-0-train", {"kind": "ConfigMap", **owner}))
 
         def phase(namespace: str, name: str) -> str | None:
             return (custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status") or {}).get("phase")
@@ -276,12 +271,30 @@ def test_operator_runs_with_exactly_the_charts_rbac(helm, kubectl, kubeconfig, a
             create(radiology, "spleen", {"type": "train", "nodes": 2, "set": {"epochs": 2}}, {"type": "validate"}, {"type": "export"})
             create(research, "broken", {"type": "train"})
             create(research, "bad-set", {"type": "train", "set": {"lr=0.1": 1}})  # what only mmar.job refuses
-            create(research, "adopted", {"type": "train", "nodes": 2})
-            create(research, "squatted", {"type": "train", "nodes": 2})
+            # their step's names taken (once they are known: they carry the MMARJob's uid) by objects that are not
+            # theirs: an unowned Job and Service (left alone: condition ChildNameConflict until they are deleted), a
+            # Service owned by another object (the same)
+            create(research, "adopted", {"type": "train", "nodes": 2}, suspend=True)
+            create(research, "squatted", {"type": "train", "nodes": 2}, suspend=True)
+            taken, squatted = (child_name(custom.get_namespaced_custom_object(GROUP, VERSION, research, PLURAL, name), "train")
+                               for name in ("adopted", "squatted"))
+            batch.create_namespaced_job(research, step_job(taken))
+            core.create_namespaced_service(research, headless_service(taken))
+            owner = core.create_namespaced_config_map(research, {"metadata": {"name": "someone-else"}}).to_dict()
+            core.create_namespaced_service(research, headless_service(squatted, {"kind": "ConfigMap", **owner}))
+            for name in ("adopted", "squatted"):
+                custom.patch_namespaced_custom_object(GROUP, VERSION, research, PLURAL, name, {"spec": {"runPolicy": {"suspend": False}}})
+            wait_for(lambda: (custom.get_namespaced_custom_object(GROUP, VERSION, research, PLURAL, "adopted").get("status") or {})
+                     .get("reason") == "ChildNameConflict", RUN_TIMEOUT, "adopted's name conflict shown")
+            for taken_by in (batch.read_namespaced_job(taken, research), core.read_namespaced_service(taken, research)):
+                assert not taken_by.metadata.owner_references  # not taken over
+            batch.delete_namespaced_job(taken, research, propagation_policy="Background")
+            core.delete_namespaced_service(taken, research)
             create(radiology, "held", {"type": "train"})
             reach(radiology, "held", "Running")
             custom.patch_namespaced_custom_object(GROUP, VERSION, radiology, PLURAL, "held", {"spec": {"runPolicy": {"suspend": True}}})
-            wait_for(lambda: batch.read_namespaced_job("held-0-train", radiology).spec.suspend, RUN_TIMEOUT, "held's Job suspended")
+            held_job = child_name(custom.get_namespaced_custom_object(GROUP, VERSION, radiology, PLURAL, "held"), "train")
+            wait_for(lambda: batch.read_namespaced_job(held_job, radiology).spec.suspend, RUN_TIMEOUT, "held's Job suspended")
             reach(radiology, "held", "Suspended")
             custom.patch_namespaced_custom_object(GROUP, VERSION, radiology, PLURAL, "held", {"spec": {"runPolicy": {"suspend": False}}})
             kubelet.release(held)
@@ -289,17 +302,18 @@ def test_operator_runs_with_exactly_the_charts_rbac(helm, kubectl, kubeconfig, a
             reach(radiology, "spleen", "Succeeded")
             reach(research, "broken", "Failed")
             reach(research, "bad-set", "Failed")
-            reach(research, "adopted", "Succeeded")
+            reach(research, "adopted", "Succeeded")  # retried once the names are free
             reach(radiology, "held", "Succeeded")
             final = custom.get_namespaced_custom_object(GROUP, VERSION, radiology, PLURAL, "spleen")["status"]
             assert [s["phase"] for s in final["steps"]] == ["Succeeded"] * 3, final
             services = core.list_namespaced_service(radiology, label_selector="mmar.dev/mmarjob=spleen").items
-            assert [s.metadata.name for s in services] == ["spleen-0-train"]
-            for adopted in (batch.read_namespaced_job("adopted-0-train", research), core.read_namespaced_service("adopted-0-train", research)):
-                assert [r.kind for r in adopted.metadata.owner_references] == ["MMARJob"]
-            wait_for(lambda: "squatted-0-train exists and is controlled by ConfigMap someone-else" in operator.log_text(),
+            assert [s.metadata.name for s in services] == [
+                child_name(custom.get_namespaced_custom_object(GROUP, VERSION, radiology, PLURAL, "spleen"), "train")]
+            for made in (batch.read_namespaced_job(taken, research), core.read_namespaced_service(taken, research)):
+                assert [r.kind for r in made.metadata.owner_references] == ["MMARJob"]
+            wait_for(lambda: f"{squatted} exists and is controlled by ConfigMap someone-else" in operator.log_text(),
                      RUN_TIMEOUT, "the operator to refuse squatted's Service")
-            squatter = core.read_namespaced_service("squatted-0-train", research)
+            squatter = core.read_namespaced_service(squatted, research)
             assert [r.name for r in squatter.metadata.owner_references] == ["someone-else"]  # not taken over
             assert not batch.list_namespaced_job(research, label_selector="mmar.dev/mmarjob=squatted").items
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 from mmar import job as contract
+from mmar_operator.render import child_name
 
 from e2e.kubelet import STANDIN_VALIDATION, Kubelet, Outcome, _key_metric, realistic_result, termination_message
 from e2e.operator_process import OperatorProcess
@@ -141,6 +142,11 @@ class Cluster:
             return None
         return self.wait(reached, f"step {index} of {namespace}/{name} to be {phase}", namespace, name)
 
+    def child(self, namespace: str, name: str, step: str) -> str:
+        """The name of the Job of MMARJob `name`'s step `step` (`<mmarjob>-<step>-<hash of its uid and step>`)."""
+        uid = self.wait(lambda: (self.get(namespace, name) or {}).get("metadata", {}).get("uid"), f"MMARJob {name}")
+        return child_name({"metadata": {"name": name, "uid": uid}}, step)
+
     def pod_running(self, namespace: str, job_name: str) -> bool:
         return any(p.status.phase == "Running" and not p.metadata.deletion_timestamp for p in self.pods(namespace, job_name))
 
@@ -156,6 +162,15 @@ def manifest(name: str, steps: list[dict[str, Any]], labels: dict[str, str] | No
     if labels:
         body["metadata"]["labels"] = labels
     return body
+
+
+def step_of(mmarjob: str, step: str) -> Callable[[dict[str, Any]], bool]:
+    """The kubelet stand-in's matcher of the pods of one MMARJob's step (their Job's name depends on the
+    MMARJob's uid, not known before it is created)."""
+    def match(obj: dict[str, Any]) -> bool:
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        return labels.get(LABEL) == mmarjob and labels.get("mmar.dev/step") == step
+    return match
 
 
 def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -199,7 +214,7 @@ def claim(core, namespace: str, name: str) -> None:
 def assert_no_duplicates(k8s: Cluster, namespace: str, name: str, steps: list[dict[str, Any]]) -> None:
     """One Job per step, named by the step, and one pod per node of it (backoffLimit 0: no retries)."""
     jobs = k8s.jobs(namespace, name)
-    expected = [f"{name}-{i}-{s.get('name', s['type'])}" for i, s in enumerate(steps)]
+    expected = [k8s.child(namespace, name, s.get("name", s["type"])) for s in steps]
     assert sorted(j.metadata.name for j in jobs) == sorted(expected)
     for job, step in zip(sorted(jobs, key=lambda j: expected.index(j.metadata.name)), steps):
         assert len(k8s.pods(namespace, job.metadata.name)) == step.get("nodes", 1), job.metadata.name
@@ -292,7 +307,7 @@ FAILURES = {
 
 def test_a_failing_container_fails_the_job_with_its_own_message(ns, kubelet, k8s):
     for name, (outcome, task, _) in FAILURES.items():
-        kubelet.script(f"{name}-0-train", outcome)
+        kubelet.script(step_of(name, "train"), outcome)
         spec = {"task": task} if task else {}
         k8s.create(ns, manifest(name, [{"type": "train"}, {"type": "export"}], **spec))
     for name, (_, _, expected) in FAILURES.items():
@@ -307,29 +322,30 @@ def test_a_failing_container_fails_the_job_with_its_own_message(ns, kubelet, k8s
         assert status["message"] == f"step train failed: {step['message']}"
         failed = condition(status, "Failed")
         assert (failed["status"], failed["reason"]) == ("True", "StepFailed") and expected in failed["message"]
-        assert [j.metadata.name for j in k8s.jobs(ns, name)] == [f"{name}-0-train"]  # export never created
+        assert [j.metadata.name for j in k8s.jobs(ns, name)] == [k8s.child(ns, name, "train")]  # export never created
 
 
 def test_operator_killed_mid_run_and_restarted_makes_no_duplicates(ns, kubelet, k8s, operator):
     steps = [{"type": "convert", "input": "raw", "output": "nifti"}, {"type": "train", "set": {"epochs": 2}}, {"type": "validate"}]
-    first = kubelet.script("restart-0-convert", Outcome.running())
-    second = kubelet.script("restart-1-train", Outcome.running())
+    first = kubelet.script(step_of("restart", "convert"), Outcome.running())
+    second = kubelet.script(step_of("restart", "train"), Outcome.running())
     k8s.create(ns, manifest("restart", steps))
-    k8s.wait(lambda: k8s.pod_running(ns, "restart-0-convert"), "the convert step's pod to run", ns, "restart")
+    convert, train = k8s.child(ns, "restart", "convert"), k8s.child(ns, "restart", "train")
+    k8s.wait(lambda: k8s.pod_running(ns, convert), "the convert step's pod to run", ns, "restart")
     uids = {j.metadata.name: j.metadata.uid for j in k8s.jobs(ns, "restart")}
 
     # SIGTERM while a step runs; the step finishes while no operator watches
     assert operator.terminate() == 0
     kubelet.release(first)
-    k8s.wait(lambda: (k8s.batch.read_namespaced_job("restart-0-convert", ns).status.succeeded or 0) == 1, "convert's Job to complete")
+    k8s.wait(lambda: (k8s.batch.read_namespaced_job(convert, ns).status.succeeded or 0) == 1, "convert's Job to complete")
     operator.start()
-    k8s.wait(lambda: k8s.pod_running(ns, "restart-1-train"), "the train step's pod to run", ns, "restart")
+    k8s.wait(lambda: k8s.pod_running(ns, train), "the train step's pod to run", ns, "restart")
     uids.update({j.metadata.name: j.metadata.uid for j in k8s.jobs(ns, "restart")})
 
     # SIGKILL while the next one runs: no cleanup at all
     operator.kill()
     kubelet.release(second)
-    k8s.wait(lambda: (k8s.batch.read_namespaced_job("restart-1-train", ns).status.succeeded or 0) == 1, "train's Job to complete")
+    k8s.wait(lambda: (k8s.batch.read_namespaced_job(train, ns).status.succeeded or 0) == 1, "train's Job to complete")
     operator.start()
     status = k8s.wait_phase(ns, "restart", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded" and all(s.get("result") for s in status["steps"])
@@ -347,9 +363,10 @@ def test_operator_killed_mid_run_and_restarted_makes_no_duplicates(ns, kubelet, 
 
 
 def test_an_mmarjob_deleted_while_the_operator_is_down_goes_at_once(ns, kubelet, k8s, operator, kubectl):
-    hold = kubelet.script("orphan-0-train", Outcome.running())
+    hold = kubelet.script(step_of("orphan", "train"), Outcome.running())
     k8s.create(ns, manifest("orphan", [{"type": "train"}, {"type": "export"}]))
-    k8s.wait(lambda: k8s.pod_running(ns, "orphan-0-train"), "the train step's pod to run", ns, "orphan")
+    train = k8s.child(ns, "orphan", "train")
+    k8s.wait(lambda: k8s.pod_running(ns, train), "the train step's pod to run", ns, "orphan")
     k8s.wait_phase(ns, "orphan", "Running")
     # no finalizer on any MMARJob, finished or not (docs/operator.md: no finalizer may ever be added)
     for item in k8s.custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]:
@@ -362,7 +379,7 @@ def test_an_mmarjob_deleted_while_the_operator_is_down_goes_at_once(ns, kubelet,
         k8s.wait(lambda: k8s.get(ns, "orphan") is None, "the MMARJob to be gone", timeout=10, interval=0.05)
         assert time.monotonic() - started < 5
         # its Job and pod follow through their ownerReferences (the garbage collector; the kubelet confirms the pod)
-        k8s.wait(lambda: not k8s.jobs(ns, "orphan") and not k8s.pods(ns, "orphan-0-train"), "the children to be collected", timeout=30)
+        k8s.wait(lambda: not k8s.jobs(ns, "orphan") and not k8s.pods(ns, train), "the children to be collected", timeout=30)
 
         # an MMARJob that an older operator gave kopf's finalizer: deletable once this operator has seen it
         legacy = manifest("legacy", [{"type": "train"}])
@@ -412,27 +429,28 @@ class StatusRecorder:
 
 
 def test_suspend_and_resume(ns, kubelet, k8s, kubectl, custom):
-    hold = kubelet.script("pause-0-train", Outcome.running())
+    hold = kubelet.script(step_of("pause", "train"), Outcome.running())
     k8s.create(ns, manifest("pause", [{"type": "train"}, {"type": "validate"}]))
+    train = k8s.child(ns, "pause", "train")
     with StatusRecorder(custom, ns, "pause") as recorder:
-        k8s.wait(lambda: k8s.pod_running(ns, "pause-0-train"), "the train step's pod to run", ns, "pause")
+        k8s.wait(lambda: k8s.pod_running(ns, train), "the train step's pod to run", ns, "pause")
         kubectl("patch", "mmarjob", "pause", "-n", ns, "--type", "merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
         status = k8s.wait_phase(ns, "pause", "Suspended")
         assert (condition(status, "Suspended")["status"], condition(status, "Suspended")["reason"]) == ("True", "Suspended")
         # the running step's Job is suspended: the Job controller removes its pod
-        k8s.wait(lambda: k8s.batch.read_namespaced_job("pause-0-train", ns).spec.suspend is True, "the Job to be suspended")
-        k8s.wait(lambda: not k8s.pods(ns, "pause-0-train"), "the suspended Job's pod to be gone")
+        k8s.wait(lambda: k8s.batch.read_namespaced_job(train, ns).spec.suspend is True, "the Job to be suspended")
+        k8s.wait(lambda: not k8s.pods(ns, train), "the suspended Job's pod to be gone")
         status = k8s.wait_step(ns, "pause", 0, "Suspended")
         assert status["steps"][0]["message"] == "its Job is suspended (spec.runPolicy.suspend)"
 
         kubectl("patch", "mmarjob", "pause", "-n", ns, "--type", "merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
-        k8s.wait(lambda: k8s.batch.read_namespaced_job("pause-0-train", ns).spec.suspend is False, "the Job to be resumed")
-        k8s.wait(lambda: k8s.pod_running(ns, "pause-0-train"), "the resumed step's new pod to run", ns, "pause")
+        k8s.wait(lambda: k8s.batch.read_namespaced_job(train, ns).spec.suspend is False, "the Job to be resumed")
+        k8s.wait(lambda: k8s.pod_running(ns, train), "the resumed step's new pod to run", ns, "pause")
         assert k8s.wait_phase(ns, "pause", "Running")["steps"][0]["phase"] == "Running"
         kubelet.release(hold)
         status = k8s.wait_phase(ns, "pause", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded"
-    assert [j.metadata.name for j in k8s.jobs(ns, "pause")] == ["pause-0-train", "pause-1-validate"]
+    assert sorted(j.metadata.name for j in k8s.jobs(ns, "pause")) == sorted([train, k8s.child(ns, "pause", "validate")])
     phases = [s["phase"] for s in recorder.seen]
     assert "Suspended" in phases and "Running" in phases[phases.index("Suspended"):]
     # no status ever claimed a Kueue admission for a job without Kueue (the resume used to say so briefly)
@@ -446,7 +464,7 @@ def test_a_kueue_job_is_pending_queued_until_admitted(ns, kubelet, k8s):
     k8s.create(ns, manifest("queued", [{"type": "train"}, {"type": "validate"}], labels=labels))
 
     for index, step in enumerate(("train", "validate")):
-        job_name = f"queued-{index}-{step}"
+        job_name = k8s.child(ns, "queued", step)
         job = k8s.wait(lambda: next((j for j in k8s.jobs(ns, "queued") if j.metadata.name == job_name), None), f"Job {job_name}")
         assert job.spec.suspend is True and job.metadata.labels["kueue.x-k8s.io/queue-name"] == "gpu-queue"
         status = k8s.wait_step(ns, "queued", index, "Pending", reason="Queued")
@@ -529,7 +547,7 @@ def test_a_gate_passes_or_skips_the_rest_of_the_job(ns, kubelet, k8s, kubectl):
     assert push["message"] == "not run: step infer was skipped by its gate" and "result" not in push
     assert condition(blocked, "Succeeded")["reason"] == "GateNotMet"
     assert "predictions" not in blocked["results"] and blocked["results"]["gate"]["passed"] is False
-    assert sorted(j.metadata.name for j in k8s.jobs(ns, "gate-block")) == ["gate-block-0-train", "gate-block-1-validate", "gate-block-2-infer"]
+    assert sorted(j.metadata.name for j in k8s.jobs(ns, "gate-block")) == sorted(k8s.child(ns, "gate-block", s) for s in ("train", "validate", "infer"))
     line = kubectl("get", "mmarjob", "gate-block", "-n", ns, "-o", "wide").stdout.splitlines()[1]
     assert "val_mean_dice 0.8047 < 0.9 (eval/metrics.json)" in line
 
@@ -571,7 +589,7 @@ def test_a_step_job_the_server_refuses_is_shown_on_the_mmarjob(ns, kubelet, k8s,
     status = k8s.wait_phase(ns, "refused-invalid", "Failed")
     step = status["steps"][0]
     assert (step["phase"], step["reason"]) == ("Failed", "JobCreateFailed"), step
-    assert f"refused to create Job {ns}/refused-invalid-0-train (422)" in step["message"] and "tolerationSeconds" in step["message"]
+    assert f"refused to create Job {ns}/{k8s.child(ns, 'refused-invalid', 'train')} (422)" in step["message"] and "tolerationSeconds" in step["message"]
     assert condition(status, "Failed")["reason"] == "JobCreateFailed" and "tolerationSeconds" in condition(status, "Failed")["message"]
     warned = k8s.wait(lambda: [e for e in _events(core, ns, "refused-invalid") if e.reason == "JobCreateFailed"], "a JobCreateFailed Event")
     assert warned[0].type == "Warning" and "tolerationSeconds" in warned[0].message
@@ -588,20 +606,21 @@ def test_a_step_job_the_server_refuses_is_shown_on_the_mmarjob(ns, kubelet, k8s,
         time.sleep(3 * RESYNC_SECONDS)  # retried meanwhile: still one Event, one line per try, no traceback
         assert len([e for e in _events(core, ns, "refused-quota") if e.reason == "JobCreateFailed"]) == 1
         log = k8s.operator.log_text()
-        assert f"MMARJob {ns}/refused-quota: step train: the API server refused to create Job" in log
+        assert f"MMARJob {ns}/refused-quota: step train: cannot create Job" in log
         assert f"reconcile of {ns}/refused-quota failed" not in log
     finally:
         core.delete_namespaced_resource_quota("no-jobs", ns)
     status = k8s.wait_phase(ns, "refused-quota", "Succeeded", "Failed")
-    assert status["phase"] == "Succeeded" and [j.metadata.name for j in k8s.jobs(ns, "refused-quota")] == ["refused-quota-0-train"]
+    assert status["phase"] == "Succeeded" and [j.metadata.name for j in k8s.jobs(ns, "refused-quota")] == [k8s.child(ns, "refused-quota", "train")]
 
 
 def test_an_edit_of_a_running_step_is_reported_on_the_mmarjob(ns, kubelet, k8s, core, custom):
     """set.epochs 30 -> 5 while train runs: the Job keeps 30, and the MMARJob says so (condition
     SpecChangeIgnored naming the step, a Warning Event); an edit of a step not started yet applies."""
-    held = kubelet.script("edited-0-train", Outcome.running())
+    held = kubelet.script(step_of("edited", "train"), Outcome.running())
     k8s.create(ns, manifest("edited", [{"type": "train", "set": {"epochs": 30}}, {"type": "validate", "set": {"epochs": 30}}]))
-    k8s.wait(lambda: k8s.pod_running(ns, "edited-0-train"), "train's pod to run", ns, "edited")
+    train = k8s.child(ns, "edited", "train")
+    k8s.wait(lambda: k8s.pod_running(ns, train), "train's pod to run", ns, "edited")
     # a merge patch (a list is replaced whole): both steps' epochs 30 -> 5
     custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "edited", {"spec": {"steps": [
         {"type": "train", "set": {"epochs": 5}}, {"type": "validate", "set": {"epochs": 5}}]}})
@@ -613,14 +632,14 @@ def test_an_edit_of_a_running_step_is_reported_on_the_mmarjob(ns, kubelet, k8s, 
 
     status = k8s.wait(reported, "condition SpecChangeIgnored", ns, "edited")
     ignored = condition(status, "SpecChangeIgnored")
-    assert ignored["reason"] == "StepAlreadyStarted" and "train (Job edited-0-train)" in ignored["message"], ignored
+    assert ignored["reason"] == "StepAlreadyStarted" and f"train (Job {train})" in ignored["message"], ignored
     assert "validate" not in ignored["message"]
-    args = k8s.batch.read_namespaced_job("edited-0-train", ns).spec.template.spec.containers[0].args
+    args = k8s.batch.read_namespaced_job(train, ns).spec.template.spec.containers[0].args
     assert "epochs=30" in args and "epochs=5" not in args, args
     warned = k8s.wait(lambda: [e for e in _events(core, ns, "edited") if e.reason == "SpecChangeIgnored"], "a SpecChangeIgnored Event")
     assert warned[0].type == "Warning" and "edits apply only to steps not yet started" in warned[0].message
     kubelet.release(held)
     status = k8s.wait_phase(ns, "edited", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded"
-    args = k8s.batch.read_namespaced_job("edited-1-validate", ns).spec.template.spec.containers[0].args
+    args = k8s.batch.read_namespaced_job(k8s.child(ns, "edited", "validate"), ns).spec.template.spec.containers[0].args
     assert "epochs=5" in args, args  # the step not started yet ran with the edit

@@ -76,6 +76,11 @@ def _substring(text, start, end=None):
 K8S_CEL_EXTENSIONS = {"substring": _substring}
 
 
+def is_transition_rule(rule: dict[str, Any]) -> bool:
+    """A rule over `oldSelf`: the API server checks it on updates only."""
+    return "oldSelf" in rule["rule"]
+
+
 def cel_failures(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
     """Evaluate every x-kubernetes-validations rule against `value` (cel-python); return failed messages."""
     import celpy
@@ -83,6 +88,8 @@ def cel_failures(schema: dict[str, Any], value: Any, path: str = "") -> list[str
     failures = []
     env = celpy.Environment()
     for rule in schema.get("x-kubernetes-validations") or []:
+        if is_transition_rule(rule):
+            continue
         program = env.program(env.compile(rule["rule"]), functions=K8S_CEL_EXTENSIONS)
         result = program.evaluate({"self": celpy.json_to_cel(value)})
         if isinstance(result, Exception) or not bool(result):
@@ -96,6 +103,22 @@ def cel_failures(schema: dict[str, Any], value: Any, path: str = "") -> list[str
     elif isinstance(value, list) and isinstance(schema.get("items"), dict):
         for i, item in enumerate(value):
             failures += cel_failures(schema["items"], item, f"{path}[{i}]")
+    return failures
+
+
+def transition_failures(schema: dict[str, Any], old: Any, new: Any) -> list[str]:
+    """The messages of the transition rules (over `oldSelf`) of `schema` itself that an update from `old` to
+    `new` fails (cel-python)."""
+    import celpy
+
+    env = celpy.Environment()
+    failures = []
+    for rule in schema.get("x-kubernetes-validations") or []:
+        if is_transition_rule(rule):
+            program = env.program(env.compile(rule["rule"]), functions=K8S_CEL_EXTENSIONS)
+            result = program.evaluate({"self": celpy.json_to_cel(new), "oldSelf": celpy.json_to_cel(old)})
+            if isinstance(result, Exception) or not bool(result):
+                failures.append(rule.get("message", rule["rule"]))
     return failures
 
 
@@ -234,7 +257,8 @@ class FakeKube:
         return copy.deepcopy(self.objects[("MMARJob", namespace, name)])
 
     def jobs(self, namespace: str = "ns") -> list[dict[str, Any]]:
-        return [o for (k, ns, _), o in sorted(self.objects.items()) if k == "Job" and ns == namespace]
+        """The namespace's Jobs in the order they were created."""
+        return [o for (k, ns, _), o in self.objects.items() if k == "Job" and ns == namespace]
 
     def start(self, name: str, namespace: str = "ns", at: str = "2026-01-01T00:00:00Z") -> None:
         job = self.objects[("Job", namespace, name)]

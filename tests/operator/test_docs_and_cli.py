@@ -29,7 +29,8 @@ def test_render_cli(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mmar_operator", "--render", str(ROOT / "examples" / "demo-job.yaml")],
                           capture_output=True, text=True, check=True)
     jobs = list(yaml.safe_load_all(proc.stdout))
-    assert [j["metadata"]["name"] for j in jobs] == ["demo-0-convert-images", "demo-1-convert-labels", "demo-2-train", "demo-3-validate", "demo-4-infer", "demo-5-export"]
+    assert [(j["metadata"]["name"][:-6], j["metadata"]["labels"]["mmar.dev/step"]) for j in jobs] == [
+        (f"demo-{step}", step) for step in ("convert-images", "convert-labels", "train", "validate", "infer", "export")]
     bad = subprocess.run([sys.executable, "-m", "mmar_operator", "--render", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert bad.returncode == 1 and "missing.yaml: cannot read" in bad.stderr
 
@@ -39,14 +40,16 @@ def test_operator_help_does_not_need_a_cluster():
     assert "--namespace" in proc.stdout
 
 
-def test_tuning_sizes_kopf_handler_threads(monkeypatch):
+def test_startup_sizes_kopf_handler_threads(monkeypatch):
     import kopf
     import pytest
 
-    from mmar_operator import tuning
+    from mmar_operator import handlers
 
+    monkeypatch.setattr(handlers.STATE, "config", Config(workers=40))
+    monkeypatch.setattr(handlers.STATE, "cluster", object())
     settings = kopf.OperatorSettings()
-    tuning.tune(settings, Config(workers=40))
+    handlers._startup(settings=settings)
     assert settings.execution.max_workers == 40 and settings.execution.executor._max_workers == 40
     monkeypatch.setenv("MMAR_OPERATOR_WORKERS", "12")
     assert Config.from_env().workers == 12

@@ -39,7 +39,7 @@ def test_a_blocked_gate_skips_the_step_and_every_later_one_and_the_job_succeeds(
     job = pacs_job()
     pulled = '{"command":"pull","series":1}'
     skipped = '{"command":"infer","gate":%s}' % __import__("json").dumps(BLOCKED)
-    st = check(status.compute(job, {}, {0: status.Observed(done(), pulled), 1: status.Observed(done(), skipped)}, NOW))
+    st = check(status.compute(job, {}, {"pull": status.Observed(done(), pulled), "infer": status.Observed(done(), skipped)}, NOW))
     assert [s["phase"] for s in st["steps"]] == ["Succeeded", "Skipped", "Skipped"]
     assert st["steps"][1]["reason"] == st["steps"][2]["reason"] == "GateNotMet"
     assert st["steps"][1]["message"] == "skipped by its gate: val_mean_dice 0.81 < 0.85 (eval/metrics.json)"
@@ -60,7 +60,7 @@ def test_a_passed_gate_runs_on_and_shows_in_the_results():
     job = pacs_job()
     passed = {**BLOCKED, "value": 0.9, "passed": True, "message": "val_mean_dice 0.9 >= 0.85 (eval/metrics.json)"}
     infer = '{"command":"infer","num_cases":2,"outputs":2,"eval_dir":"/workspace/mmar/eval","gate":%s}' % __import__("json").dumps(passed)
-    st = check(status.compute(job, {}, {0: status.Observed(done(), '{"command":"pull"}'), 1: status.Observed(done(), infer)}, NOW))
+    st = check(status.compute(job, {}, {"pull": status.Observed(done(), '{"command":"pull"}'), "infer": status.Observed(done(), infer)}, NOW))
     assert [s["phase"] for s in st["steps"]] == ["Succeeded", "Succeeded", "Waiting"]
     assert st["phase"] == "Running" and status.next_step(job, st) == 2
     assert st["results"]["gate"]["message"] == "val_mean_dice 0.9 >= 0.85 (eval/metrics.json)"

@@ -10,14 +10,20 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry
 
+from mmar import job as contract
+
 from mmar_operator import handlers, render
+from mmar_operator import reconcile as reconciler
 from mmar_operator.apply import AdoptionError, Cluster, is_transient
 from mmar_operator.config import Config
+from mmar_operator.event_filter import CREATED
 from mmar_operator.metrics import Metrics
+from mmar_operator.state import OperatorState
 from operator_helpers import FakeKube, manifest
 
 CONFIG = Config(default_image="registry.example/mmar:1.0")
 TRAIN_RESULT = '{"command":"train","epochs":5,"key_metric":"val_mean_dice","best_metric":0.91,"best_epoch":5}'
+TRAIN, EXPORT = (render.child_name(manifest(), step) for step in ("train", "export"))  # spleen, uid uid-1
 EXPORT_RESULT = ('{"command":"export","files":["/workspace/mmar/models/model.ts"],"formats":["torchscript"],"skipped":[],'
                  '"precision":"fp32","input_shape":[1,1,96,96,96],"max_abs_diff":{"torchscript":1e-06}}')
 
@@ -43,7 +49,7 @@ def body(kube, *steps, **spec):
 
 def reconcile(kube, cluster, metrics, now="2026-01-01T00:00:00Z"):
     """What any trigger does: reconcile the MMARJob as the API server has it now."""
-    return handlers.reconcile(kube.mmarjob(), cluster, CONFIG, metrics, now=now)
+    return reconciler.reconcile(kube.mmarjob(), cluster, CONFIG, metrics, now=now)
 
 
 def value(metrics, name, **labels):
@@ -53,7 +59,7 @@ def value(metrics, name, **labels):
 def test_create_makes_the_first_step_only(kube, cluster, metrics):
     body(kube)
     st = reconcile(kube, cluster, metrics)
-    assert [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-0-train"]
+    assert [j["metadata"]["name"] for j in kube.jobs()] == [TRAIN]
     assert kube.jobs()[0]["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/mmar:1.0"
     assert st["phase"] == "Pending" and [s["phase"] for s in st["steps"]] == ["Pending", "Waiting"]
     assert kube.mmarjob()["status"] == st  # patched through the status subresource
@@ -64,32 +70,32 @@ def test_create_makes_the_first_step_only(kube, cluster, metrics):
 def test_replayed_create_adopts_instead_of_duplicating(kube, cluster, metrics):
     body(kube)
     stale = kube.mmarjob()  # the event as first delivered, without status
-    handlers.reconcile(stale, cluster, CONFIG, metrics)
+    reconciler.reconcile(stale, cluster, CONFIG, metrics)
     kube.calls.clear()
-    handlers.reconcile(stale, cluster, CONFIG, metrics)  # delivered again (watch replay): same old body
+    reconciler.reconcile(stale, cluster, CONFIG, metrics)  # delivered again (watch replay): same old body
     assert len(kube.jobs()) == 1
     assert "create_job" not in kube.calls  # the Job was observed: nothing to create
     # even a replay that races the observation (409 on create) adopts the existing Job
-    assert cluster.ensure(render.render_step(handlers.contract.parse(stale), 0, CONFIG)[0])["metadata"]["uid"] == kube.jobs()[0]["metadata"]["uid"]
+    assert cluster.ensure(render.render_step(contract.parse(stale), 0, CONFIG)[0])["metadata"]["uid"] == kube.jobs()[0]["metadata"]["uid"]
 
 
 def test_steps_move_through_success_to_the_end(kube, cluster, metrics):
     body(kube)
     reconcile(kube, cluster, metrics)
-    kube.start("spleen-0-train", at="2026-01-01T00:00:00Z")
+    kube.start(TRAIN, at="2026-01-01T00:00:00Z")
     assert reconcile(kube, cluster, metrics)["phase"] == "Running"
     assert value(metrics, "mmar_operator_jobs", phase="Running") == 1 and value(metrics, "mmar_operator_jobs", phase="Pending") == 0
 
-    kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT, at="2026-01-01T02:00:00Z")
+    kube.finish(TRAIN, ok=True, message=TRAIN_RESULT, at="2026-01-01T02:00:00Z")
     st = reconcile(kube, cluster, metrics, now="2026-01-01T02:00:01Z")
-    assert [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-0-train", "spleen-1-export"]
+    assert [j["metadata"]["name"] for j in kube.jobs()] == [TRAIN, EXPORT]
     assert st["phase"] == "Running" and st["currentStep"] == "export"
     assert st["results"]["bestMetric"] == 0.91 and st["results"]["epochs"] == 5
     assert value(metrics, "mmar_operator_step_duration_seconds_sum", step="train") == 7200
     assert value(metrics, "mmar_operator_steps_finished_total", step="train", phase="Succeeded") == 1
 
-    kube.start("spleen-1-export")
-    kube.finish("spleen-1-export", ok=True, message=EXPORT_RESULT)
+    kube.start(EXPORT)
+    kube.finish(EXPORT, ok=True, message=EXPORT_RESULT)
     st = reconcile(kube, cluster, metrics, now="2026-01-01T03:00:00Z")
     assert st["phase"] == "Succeeded" and st["results"]["exported"] == ["/workspace/mmar/models/model.ts"]
     assert next(c for c in st["conditions"] if c["type"] == "Succeeded")["status"] == "True"
@@ -103,11 +109,11 @@ def test_steps_move_through_success_to_the_end(kube, cluster, metrics):
 def test_failure_stops_the_job(kube, cluster, metrics):
     body(kube)
     reconcile(kube, cluster, metrics)
-    kube.start("spleen-0-train")
-    kube.finish("spleen-0-train", ok=False, message="Traceback (most recent call last):\nValueError: label shape (1, 96, 96) != image shape")
+    kube.start(TRAIN)
+    kube.finish(TRAIN, ok=False, message="Traceback (most recent call last):\nValueError: label shape (1, 96, 96) != image shape")
     st = reconcile(kube, cluster, metrics)
     assert st["phase"] == "Failed" and "ValueError: label shape" in st["message"]
-    assert [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-0-train"]  # export never created
+    assert [j["metadata"]["name"] for j in kube.jobs()] == [TRAIN]  # export never created
     reconcile(kube, cluster, metrics)
     assert len(kube.jobs()) == 1
     assert value(metrics, "mmar_operator_steps_finished_total", step="train", phase="Failed") == 1
@@ -116,12 +122,12 @@ def test_failure_stops_the_job(kube, cluster, metrics):
 def test_operator_restart_is_idempotent(kube, cluster, metrics):
     body(kube)
     reconcile(kube, cluster, metrics)
-    kube.start("spleen-0-train")
+    kube.start(TRAIN)
     reconcile(kube, cluster, metrics)
     before = copy.deepcopy(kube.objects)
     kube.calls.clear()
     fresh = Cluster(kube, kube, kube, sleep=lambda s: None)  # a new process: nothing in memory
-    st = handlers.reconcile(kube.mmarjob(), fresh, CONFIG, Metrics(CollectorRegistry()), now="2026-01-01T05:00:00Z")
+    st = reconciler.reconcile(kube.mmarjob(), fresh, CONFIG, Metrics(CollectorRegistry()), now="2026-01-01T05:00:00Z")
     assert kube.objects == before and st == kube.mmarjob()["status"]
     assert not {"create_job", "create_service", "patch_status", "patch_job"} & set(kube.calls)
 
@@ -130,7 +136,7 @@ def test_multi_node_creates_service_then_indexed_job(kube, cluster, metrics):
     body(kube, {"type": "train", "nodes": 2})
     reconcile(kube, cluster, metrics)
     assert kube.calls.index("create_service") < kube.calls.index("create_job")
-    assert kube.objects[("Service", "ns", "spleen-0-train")]["spec"]["clusterIP"] == "None"
+    assert kube.objects[("Service", "ns", TRAIN)]["spec"]["clusterIP"] == "None"
     assert kube.jobs()[0]["spec"]["completionMode"] == "Indexed"
 
 
@@ -158,7 +164,7 @@ def test_invalid_spec_fails_without_raising(kube, cluster, metrics):
 def test_suspend_holds_and_releases_the_running_step(kube, cluster, metrics):
     body(kube)
     reconcile(kube, cluster, metrics)
-    kube.start("spleen-0-train")
+    kube.start(TRAIN)
     kube.objects[("MMARJob", "ns", "spleen")]["spec"]["runPolicy"] = {"suspend": True}
     st = reconcile(kube, cluster, metrics)
     assert kube.jobs()[0]["spec"]["suspend"] is True and st["phase"] == "Suspended"
@@ -177,7 +183,7 @@ def test_resume_says_what_is_true_at_once(kube, cluster, metrics):
     """The reconcile that releases a suspended Job reports the step as resuming, not as queued by Kueue."""
     body(kube)
     reconcile(kube, cluster, metrics)
-    kube.start("spleen-0-train")
+    kube.start(TRAIN)
     kube.objects[("MMARJob", "ns", "spleen")]["spec"]["runPolicy"] = {"suspend": True}
     reconcile(kube, cluster, metrics)
     kube.objects[("MMARJob", "ns", "spleen")]["spec"]["runPolicy"] = {"suspend": False}
@@ -190,15 +196,15 @@ def test_ttl_is_set_only_after_the_result_is_recorded(kube, cluster, metrics):
     body(kube, runPolicy={"ttlSecondsAfterFinished": 0})
     reconcile(kube, cluster, metrics)
     assert "ttlSecondsAfterFinished" not in kube.jobs()[0]["spec"]  # a running Job has none
-    kube.start("spleen-0-train")
-    kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT)
+    kube.start(TRAIN)
+    kube.finish(TRAIN, ok=True, message=TRAIN_RESULT)
     kube.calls.clear()
     st = reconcile(kube, cluster, metrics)
     assert st["steps"][0]["result"]["epochs"] == 5
     # the status patch (with the result) comes before the TTL that lets the TTL controller delete the Job
     assert kube.calls.index("patch_status") < kube.calls.index("patch_job")
     assert kube.jobs()[0]["spec"]["ttlSecondsAfterFinished"] == 0 and "ttlSecondsAfterFinished" not in kube.jobs()[1]["spec"]
-    kube.delete("Job", "spleen-0-train")  # what the TTL controller does next
+    kube.delete("Job", TRAIN)  # what the TTL controller does next
     st = reconcile(kube, cluster, metrics)
     assert st["steps"][0]["result"]["epochs"] == 5 and st["results"]["epochs"] == 5
 
@@ -206,14 +212,14 @@ def test_ttl_is_set_only_after_the_result_is_recorded(kube, cluster, metrics):
 def test_an_operator_killed_between_status_and_ttl_sets_the_ttl_on_its_next_pass(kube, cluster, metrics):
     body(kube, runPolicy={"ttlSecondsAfterFinished": 30})
     reconcile(kube, cluster, metrics)
-    kube.start("spleen-0-train")
-    kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT)
+    kube.start(TRAIN)
+    kube.finish(TRAIN, ok=True, message=TRAIN_RESULT)
 
     def killed(*args, **kwargs):  # the process dies right after the status patch
         raise SystemExit("killed")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(handlers, "_expire_recorded", killed)
+        patch.setattr(reconciler, "_expire_recorded", killed)
         with pytest.raises(SystemExit):
             reconcile(kube, cluster, metrics)
     assert kube.mmarjob()["status"]["steps"][0]["phase"] == "Succeeded"
@@ -225,8 +231,8 @@ def test_an_operator_killed_between_status_and_ttl_sets_the_ttl_on_its_next_pass
 def test_an_init_container_failure_shows_its_own_message(kube, cluster, metrics):
     body(kube, task="segmentation")
     reconcile(kube, cluster, metrics)
-    kube.start("spleen-0-train")
-    kube.fail_init("spleen-0-train", "error: /workspace/mmar is not empty and holds no MMAR (config/ missing)")
+    kube.start(TRAIN)
+    kube.fail_init(TRAIN, "error: /workspace/mmar is not empty and holds no MMAR (config/ missing)")
     st = reconcile(kube, cluster, metrics)
     assert st["phase"] == "Failed"
     assert "init container mmar-init exited with code 1: /workspace/mmar is not empty and holds no MMAR (config/ missing)" in st["message"]
@@ -245,8 +251,8 @@ def test_kueue_queue_name_is_passed_and_left_to_kueue(kube, cluster, metrics):
     kube.calls.clear()
     reconcile(kube, cluster, metrics)
     assert "patch_job" not in kube.calls  # the operator never unsuspends what Kueue holds
-    kube.objects[("Job", "ns", "spleen-0-train")]["spec"]["suspend"] = False  # admitted by Kueue
-    kube.start("spleen-0-train")
+    kube.objects[("Job", "ns", TRAIN)]["spec"]["suspend"] = False  # admitted by Kueue
+    kube.start(TRAIN)
     assert reconcile(kube, cluster, metrics)["phase"] == "Running"
 
 
@@ -257,9 +263,9 @@ def test_deletion_collects_children_and_forgets_metrics(kube, cluster, metrics):
     assert owned and all(o["metadata"]["ownerReferences"][0]["uid"] == "uid-1" and o["metadata"]["ownerReferences"][0]["controller"] for o in owned)
     kube.delete("MMARJob", "spleen")
     kube.collect_garbage("uid-1")  # what Kubernetes does with controller ownerReferences
-    runtime = handlers.Runtime()
+    runtime = OperatorState()
     runtime.cluster, runtime.metrics = cluster, metrics
-    handlers.forget("ns", "spleen", runtime)
+    reconciler.forget("ns", "spleen", runtime)
     assert [k for k in kube.objects] == []
     assert value(metrics, "mmar_operator_jobs", phase="Pending") == 0
     # a late event of a collected child finds no parent and does nothing
@@ -269,10 +275,10 @@ def test_deletion_collects_children_and_forgets_metrics(kube, cluster, metrics):
 def test_child_event_reconciles_the_parent(kube, cluster, metrics, monkeypatch):
     body(kube)
     reconcile(kube, cluster, metrics)
-    kube.start("spleen-0-train")
-    runtime = handlers.Runtime()
+    kube.start(TRAIN)
+    runtime = OperatorState()
     runtime.cluster, runtime.metrics, runtime.config = cluster, metrics, CONFIG
-    monkeypatch.setattr(handlers, "RUNTIME", runtime)
+    monkeypatch.setattr(handlers, "STATE", runtime)
     handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})
     assert kube.mmarjob()["status"]["phase"] == "Running"
 
@@ -280,10 +286,10 @@ def test_child_event_reconciles_the_parent(kube, cluster, metrics, monkeypatch):
 def test_unexpected_errors_become_kopf_retries_and_are_counted(kube, cluster, metrics):
     body(kube)
     kube.fail_next = [ApiException(status=403, reason="Forbidden")]
-    runtime = handlers.Runtime()
+    runtime = OperatorState()
     runtime.cluster, runtime.metrics, runtime.config = cluster, metrics, CONFIG
     with pytest.raises(kopf.TemporaryError):
-        handlers.reconcile_guarded(kube.mmarjob(), runtime)
+        reconciler.reconcile_guarded(kube.mmarjob(), runtime)
     assert value(metrics, "mmar_operator_reconcile_errors_total") == 1
 
 
@@ -318,14 +324,20 @@ def test_is_transient(error, transient):
     assert is_transient(error) is transient
 
 
-def test_orphan_with_our_name_is_adopted_and_foreign_one_refused(kube, cluster):
-    job = handlers.contract.parse(manifest({"type": "train"}))
+def test_an_object_with_our_name_is_ours_only_when_we_control_it(kube, cluster):
+    """No adoption (issue 32 item 5): an object of the wanted name without our uid as its controller, orphaned
+    (no controller) or another's, is never taken over."""
+    job = contract.parse(manifest({"type": "train"}))
     desired = render.render_step(job, 0, CONFIG)[0]
+    ours = kube.create_namespaced_job("ns", copy.deepcopy(desired))
+    assert cluster.ensure(desired)["metadata"]["uid"] == ours["metadata"]["uid"]  # a replayed create
+    kube.delete("Job", desired["metadata"]["name"])
     orphan = copy.deepcopy(desired)
     orphan["metadata"]["ownerReferences"] = []
     kube.create_namespaced_job("ns", orphan)
-    live = cluster.ensure(desired)
-    assert live["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    with pytest.raises(AdoptionError, match="has no controller, not by MMARJob spleen"):
+        cluster.ensure(desired)
+    assert kube.jobs()[0]["metadata"]["ownerReferences"] == []  # left alone
     foreign = copy.deepcopy(desired)
     foreign["metadata"]["ownerReferences"][0].update(uid="someone-else", name="other")
     kube.delete("Job", desired["metadata"]["name"])
@@ -360,23 +372,23 @@ def test_resync_reconciles_each_unfinished_mmarjob_periodically(kube, cluster, m
     import asyncio
 
     body(kube)
-    runtime = handlers.Runtime()
+    runtime = OperatorState()
     runtime.cluster, runtime.metrics, runtime.config = cluster, metrics, CONFIG
 
     async def two_rounds():
-        task = asyncio.get_running_loop().create_task(handlers.resync({("ns", "spleen"): None, ("ns", "gone"): None}, 0.01, runtime))
+        task = asyncio.get_running_loop().create_task(reconciler.resync({("ns", "spleen"): None, ("ns", "gone"): None}, 0.01, runtime))
         await asyncio.sleep(0.2)
         task.cancel()
 
     asyncio.run(two_rounds())
-    assert [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-0-train"]  # created once, adopted after
+    assert [j["metadata"]["name"] for j in kube.jobs()] == [TRAIN]  # created once, adopted after
     assert kube.calls.count("get_mmarjob") >= 4 and value(metrics, "mmar_operator_reconcile_errors_total") == 0
 
 
 def test_startup_configures_kopf(kube, cluster, monkeypatch):
-    runtime = handlers.Runtime()
+    runtime = OperatorState()
     runtime.cluster = cluster
-    monkeypatch.setattr(handlers, "RUNTIME", runtime)
+    monkeypatch.setattr(handlers, "STATE", runtime)
     settings = kopf.OperatorSettings()
     handlers._startup(settings=settings)
     assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
@@ -388,13 +400,13 @@ def test_startup_configures_kopf(kube, cluster, monkeypatch):
 def test_a_step_appended_after_success_runs_and_stale_keys_are_cleared(kube, cluster, metrics):
     body(kube, {"type": "train"})
     reconcile(kube, cluster, metrics)
-    kube.start("spleen-0-train")
-    kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT)
+    kube.start(TRAIN)
+    kube.finish(TRAIN, ok=True, message=TRAIN_RESULT)
     assert reconcile(kube, cluster, metrics)["phase"] == "Succeeded"
     assert "completionTime" in kube.mmarjob()["status"]
     kube.objects[("MMARJob", "ns", "spleen")]["spec"]["steps"].append({"type": "export"})
     st = reconcile(kube, cluster, metrics)
-    assert st["phase"] == "Running" and [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-0-train", "spleen-1-export"]
+    assert st["phase"] == "Running" and [j["metadata"]["name"] for j in kube.jobs()] == [TRAIN, EXPORT]
     assert "completionTime" not in kube.mmarjob()["status"]  # the merge patch removed it
 
 
@@ -403,24 +415,24 @@ def test_a_stale_event_never_reruns_a_finished_step(kube, cluster, metrics):
     body(kube)
     reconcile(kube, cluster, metrics)
     stale = kube.mmarjob()  # status: train Pending
-    kube.start("spleen-0-train")
-    kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT)
+    kube.start(TRAIN)
+    kube.finish(TRAIN, ok=True, message=TRAIN_RESULT)
     reconcile(kube, cluster, metrics)  # records train Succeeded, creates export
-    kube.delete("Job", "spleen-0-train")
-    runtime = handlers.Runtime()
+    kube.delete("Job", TRAIN)
+    runtime = OperatorState()
     runtime.cluster, runtime.metrics, runtime.config = cluster, metrics, CONFIG
-    handlers.reconcile_guarded(stale, runtime)
-    assert [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-1-export"]
+    reconciler.reconcile_guarded(stale, runtime)
+    assert [j["metadata"]["name"] for j in kube.jobs()] == [EXPORT]
     assert kube.mmarjob()["status"]["steps"][0]["phase"] == "Succeeded"
 
 
 def test_events_for_a_deleted_or_deleting_mmarjob_do_nothing(kube, cluster, metrics):
-    runtime = handlers.Runtime()
+    runtime = OperatorState()
     runtime.cluster, runtime.metrics, runtime.config = cluster, metrics, CONFIG
-    assert handlers.reconcile_guarded({"metadata": {"namespace": "ns", "name": "spleen"}}, runtime) is None
+    assert reconciler.reconcile_guarded({"metadata": {"namespace": "ns", "name": "spleen"}}, runtime) is None
     mmarjob = body(kube)
     kube.objects[("MMARJob", "ns", "spleen")]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-    assert handlers.reconcile_guarded(mmarjob, runtime) is None
+    assert reconciler.reconcile_guarded(mmarjob, runtime) is None
     assert kube.jobs() == []
 
 
@@ -429,9 +441,9 @@ def test_events_for_a_deleted_or_deleting_mmarjob_do_nothing(kube, cluster, metr
 
 def mmarjob_event(monkeypatch, kube, cluster, metrics):
     """handlers._on_mmarjob wired to a fresh Runtime over the in-memory API server."""
-    runtime = handlers.Runtime()
+    runtime = OperatorState()
     runtime.cluster, runtime.metrics, runtime.config = cluster, metrics, CONFIG
-    monkeypatch.setattr(handlers, "RUNTIME", runtime)
+    monkeypatch.setattr(handlers, "STATE", runtime)
     return lambda type, body: handlers._on_mmarjob(event={"type": type, "object": body})
 
 
@@ -440,7 +452,7 @@ def test_a_new_mmarjob_creates_its_first_job_without_reading_anything(kube, clus
     added = body(kube)
     event("ADDED", added)
     assert kube.calls == ["create_job", "patch_status"]  # no GET of the MMARJob, no LIST of its Jobs
-    assert [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-0-train"]
+    assert [j["metadata"]["name"] for j in kube.jobs()] == [TRAIN]
     assert kube.mmarjob()["status"]["steps"][0]["phase"] == "Pending"
     # our own status patch comes back as MODIFIED: same generation and labels, nothing to do
     event("MODIFIED", kube.mmarjob())
@@ -452,30 +464,48 @@ def test_a_new_mmarjob_whose_job_name_is_taken_gets_the_full_reconcile(kube, clu
     event = mmarjob_event(monkeypatch, kube, cluster, metrics)
     added = body(kube)
     reconcile(kube, cluster, metrics)
-    kube.start("spleen-0-train")
+    kube.start(TRAIN)
     kube.calls.clear()
     event("ADDED", added)
     assert kube.calls[:3] == ["create_job", "get_mmarjob", "list_jobs"]
-    assert [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-0-train"]
+    assert [j["metadata"]["name"] for j in kube.jobs()] == [TRAIN]
     assert kube.mmarjob()["status"]["phase"] == "Running"  # what the Job shows, not the fast path's guess
 
 
-def test_a_name_held_by_another_owner_is_refused_through_the_full_reconcile(kube, cluster, metrics, monkeypatch):
+def test_a_name_held_by_another_owner_is_a_condition_and_retried(kube, cluster, metrics, monkeypatch):
+    """Issue 32 item 4: a clash that still happens shows on the MMARJob (the step Pending, condition
+    ChildNameConflict, a Warning Event), is retried with back-off, and goes on once the name is free."""
     event = mmarjob_event(monkeypatch, kube, cluster, metrics)
     added = body(kube)
-    foreign = render.render_step(handlers.contract.parse(copy.deepcopy(added)), 0, CONFIG)[0]
-    foreign["metadata"]["ownerReferences"][0]["uid"] = "someone-else"
+    foreign = render.render_step(contract.parse(copy.deepcopy(added)), 0, CONFIG)[0]
+    foreign["metadata"]["ownerReferences"][0].update(uid="someone-else", name="other")
     kube.create_namespaced_job("ns", foreign)
-    with pytest.raises(kopf.TemporaryError, match="controlled by"):
-        event("ADDED", added)
-    assert handlers.RUNTIME.failed == {("ns", "spleen")}  # the resync retries it
-    assert value(metrics, "mmar_operator_reconcile_errors_total") == 1
+    event("ADDED", added)  # no failure: the status says it
+    st = kube.mmarjob()["status"]
+    assert (st["phase"], st["reason"]) == ("Pending", "ChildNameConflict")
+    assert (st["steps"][0]["phase"], st["steps"][0]["reason"]) == ("Pending", "ChildNameConflict")
+    assert f"Job ns/{TRAIN} exists and is controlled by MMARJob other" in st["steps"][0]["message"]
+    conflict = next(c for c in st["conditions"] if c["type"] == "ChildNameConflict")
+    assert conflict["status"] == "True" and conflict["reason"] == "NameTaken" and TRAIN in conflict["message"]
+    # and the Job, labelled with this MMARJob's name but not its own, is named as ignored (ForeignJobsIgnored)
+    assert [(e["type"], e["reason"]) for e in kube.events] == [("Warning", "ChildNameConflict"), ("Warning", "ForeignJobsIgnored")]
+    assert handlers.STATE.failed == set() and value(metrics, "mmar_operator_reconcile_errors_total") == 0
+    handlers.STATE.after_retry(("ns", "spleen"), st, 30, now=0.0)
+    assert not handlers.STATE.retry_due(("ns", "spleen"), 29.0)  # backed off like a quota's 403
+    assert kube.jobs()[0]["metadata"]["ownerReferences"][0]["uid"] == "someone-else"  # left alone
+
+    kube.delete("Job", TRAIN)
+    st = reconciler.reconcile_guarded(added, handlers.STATE)
+    assert st["steps"][0]["phase"] == "Pending" and st["steps"][0]["reason"] != "ChildNameConflict"
+    assert kube.jobs()[0]["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    conflict = next(c for c in st["conditions"] if c["type"] == "ChildNameConflict")
+    assert (conflict["status"], conflict["reason"]) == ("False", "NoConflict")
 
 
 def test_first_sight_after_a_start_is_a_full_reconcile(kube, cluster, metrics, monkeypatch):
     body(kube)
     reconcile(kube, cluster, metrics)
-    kube.start("spleen-0-train")
+    kube.start(TRAIN)
     event = mmarjob_event(monkeypatch, kube, cluster, metrics)  # a new operator process
     kube.calls.clear()
     event(None, kube.mmarjob())  # kopf's initial listing
@@ -507,27 +537,27 @@ def test_deleted_or_deleting_mmarjobs_are_forgotten(kube, cluster, metrics, monk
     event("ADDED", added)
     assert kube.calls == [] and kube.jobs() == []
     event("DELETED", added)
-    assert handlers.RUNTIME.triggers.classify("ADDED", manifest()) == handlers.CREATED  # a new one of that name
+    assert handlers.STATE.events.classify("ADDED", manifest()) == CREATED  # a new one of that name
 
 
 def test_a_failed_reconcile_is_retried_by_the_resync_even_when_finished(kube, cluster, metrics):
     import asyncio
 
     body(kube, {"type": "train"})
-    runtime = handlers.Runtime()
+    runtime = OperatorState()
     runtime.cluster, runtime.metrics, runtime.config = cluster, metrics, CONFIG
     kube.fail_next = [ApiException(status=401, reason="Unauthorized")]
     with pytest.raises(kopf.TemporaryError):
-        handlers.reconcile_new(kube.mmarjob(), runtime)
+        reconciler.reconcile_new(kube.mmarjob(), runtime)
     assert runtime.failed == {("ns", "spleen")} and kube.jobs() == []
 
     async def one_round():
-        task = asyncio.get_running_loop().create_task(handlers.resync({}, 0.01, runtime))  # not in the unfinished index
+        task = asyncio.get_running_loop().create_task(reconciler.resync({}, 0.01, runtime))  # not in the unfinished index
         await asyncio.sleep(0.1)
         task.cancel()
 
     asyncio.run(one_round())
-    assert [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-0-train"] and runtime.failed == set()
+    assert [j["metadata"]["name"] for j in kube.jobs()] == [TRAIN] and runtime.failed == set()
 
 
 def test_a_child_event_is_reconciled_from_what_the_watch_brought(kube, cluster, metrics, monkeypatch):
@@ -535,13 +565,13 @@ def test_a_child_event_is_reconciled_from_what_the_watch_brought(kube, cluster, 
     event = mmarjob_event(monkeypatch, kube, cluster, metrics)
     event("ADDED", body(kube))
     event("MODIFIED", kube.mmarjob())  # the watch brings our status patch back
-    kube.start("spleen-0-train")
+    kube.start(TRAIN)
     kube.calls.clear()
     handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})
     # no read: the status patch, and the step's StepStarted Event
     assert kube.calls == ["patch_status", "create_event"] and kube.mmarjob()["status"]["phase"] == "Running"
     # the step finishes: pods are read for its result, the next step is created, nothing else is read
-    kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT)
+    kube.finish(TRAIN, ok=True, message=TRAIN_RESULT)
     kube.calls.clear()
     handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})
     assert kube.calls == ["list_pods", "create_job", "patch_status", "create_event"]  # + its StepSucceeded Event
@@ -556,21 +586,21 @@ def test_the_known_status_wins_over_a_watch_body_that_lags_behind_our_patch(kube
     event("ADDED", body(kube))
     stale = kube.mmarjob()
     event("MODIFIED", stale)  # status: train Pending
-    kube.start("spleen-0-train")
-    kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT)
+    kube.start(TRAIN)
+    kube.finish(TRAIN, ok=True, message=TRAIN_RESULT)
     handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})  # records train, creates export
     train = kube.jobs()[0]
-    kube.delete("Job", "spleen-0-train")
+    kube.delete("Job", TRAIN)
     handlers._on_child(event={"type": "DELETED", "object": train})
     handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})  # export's event
-    assert [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-1-export"]
+    assert [j["metadata"]["name"] for j in kube.jobs()] == [EXPORT]
     assert kube.mmarjob()["status"]["steps"][0]["phase"] == "Succeeded"
 
 
 def test_after_a_failed_reconcile_the_next_one_reads_the_api_server(kube, cluster, metrics, monkeypatch):
     event = mmarjob_event(monkeypatch, kube, cluster, metrics)
     event("ADDED", body(kube))
-    kube.start("spleen-0-train")
+    kube.start(TRAIN)
     kube.fail_next = [ApiException(status=500, reason="x")] * 5  # patch_status fails through every retry
     with pytest.raises(kopf.TemporaryError):
         handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})
@@ -583,10 +613,10 @@ def test_finished_mmarjobs_are_not_kept_in_memory(kube, cluster, metrics, monkey
     event = mmarjob_event(monkeypatch, kube, cluster, metrics)
     event("ADDED", body(kube, {"type": "train"}))
     event("MODIFIED", kube.mmarjob())
-    known = handlers.RUNTIME.known
+    known = handlers.STATE.cache
     assert known.mmarjob("ns", "spleen") is not None
-    kube.start("spleen-0-train")
-    kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT)
+    kube.start(TRAIN)
+    kube.finish(TRAIN, ok=True, message=TRAIN_RESULT)
     handlers._on_child(event={"type": "MODIFIED", "object": kube.jobs()[0]})
     assert kube.mmarjob()["status"]["phase"] == "Succeeded"
     event("MODIFIED", kube.mmarjob())
@@ -608,7 +638,7 @@ def test_a_pod_that_cannot_start_is_pending_with_the_kubelets_reason_then_fails(
     (spec.runPolicy.pendingTimeoutSeconds) the step fails with it and its Job is stopped."""
     body(kube, {"type": "train"}, runPolicy={"pendingTimeoutSeconds": 120})
     reconcile(kube, cluster, metrics)
-    kube.pend("spleen-0-train", waiting=("ErrImageNeverPull", 'Container image "mmar:9" is not present with pull policy of Never'))
+    kube.pend(TRAIN, waiting=("ErrImageNeverPull", 'Container image "mmar:9" is not present with pull policy of Never'))
     st = reconcile(kube, cluster, metrics, now="2026-01-01T00:01:00Z")
     assert (st["phase"], st["steps"][0]["phase"], st["steps"][0]["reason"]) == ("Pending", "Pending", "ErrImageNeverPull")
     assert st["message"] == ('step train is pending: its pod cannot start (the step fails at 2026-01-01T00:02:00Z, '
@@ -627,7 +657,7 @@ def test_a_pod_that_cannot_start_is_pending_with_the_kubelets_reason_then_fails(
                                     "ErrImageNeverPull: container mmar: Container image")
     assert kube.jobs()[0]["spec"]["activeDeadlineSeconds"] == 1  # the Job controller ends it and its pod
     # recorded: the Job's later states change nothing, and it is stopped once
-    kube.finish("spleen-0-train", ok=False, message=None)
+    kube.finish(TRAIN, ok=False, message=None)
     calls = kube.calls.count("patch_job")
     assert reconcile(kube, cluster, metrics, now="2026-01-01T00:03:00Z")["steps"][0]["reason"] == "ErrImageNeverPull"
     assert kube.calls.count("patch_job") == calls and len(kube.jobs()) == 1
@@ -636,7 +666,7 @@ def test_a_pod_that_cannot_start_is_pending_with_the_kubelets_reason_then_fails(
 def test_unschedulable_uses_the_operators_default_timeout(kube, cluster, metrics):
     body(kube, {"type": "train"})
     reconcile(kube, cluster, metrics)
-    kube.pend("spleen-0-train", unschedulable="0/1 nodes are available: 1 Insufficient cpu.")
+    kube.pend(TRAIN, unschedulable="0/1 nodes are available: 1 Insufficient cpu.")
     st = reconcile(kube, cluster, metrics, now="2026-01-01T00:09:59Z")
     assert (st["phase"], reason_of(st)) == ("Pending", "Unschedulable")
     assert st["steps"][0]["message"] == ("its pod cannot start (the step fails at 2026-01-01T00:10:00Z, spec.runPolicy.pendingTimeoutSeconds "
@@ -648,22 +678,22 @@ def test_unschedulable_uses_the_operators_default_timeout(kube, cluster, metrics
 def test_a_pod_being_set_up_or_initializing_is_not_a_problem(kube, cluster, metrics):
     body(kube, {"type": "train"}, runPolicy={"pendingTimeoutSeconds": 1})
     reconcile(kube, cluster, metrics)
-    kube.pend("spleen-0-train", waiting=("ContainerCreating", ""))
+    kube.pend(TRAIN, waiting=("ContainerCreating", ""))
     st = reconcile(kube, cluster, metrics, now="2026-01-01T01:00:00Z")  # long past the timeout: no problem known
     assert (st["phase"], reason_of(st), st["steps"][0]["phase"]) == ("Pending", "StepPending", "Pending")
-    kube.pend("spleen-0-train", init_running=True)  # `mmar init` runs in the init container: the step runs
+    kube.pend(TRAIN, init_running=True)  # `mmar init` runs in the init container: the step runs
     st = reconcile(kube, cluster, metrics, now="2026-01-01T01:00:00Z")
     assert (st["phase"], st["steps"][0]["phase"]) == ("Running", "Running")
-    kube.objects[("Job", "ns", "spleen-0-train")]["status"]["ready"] = 1
-    kube.objects[("Pod", "ns", "spleen-0-train-0-pend")]["status"]["phase"] = "Running"
+    kube.objects[("Job", "ns", TRAIN)]["status"]["ready"] = 1
+    kube.objects[("Pod", "ns", f"{TRAIN}-0-pend")]["status"]["phase"] = "Running"
     calls = kube.calls.count("list_pods")
     assert reconcile(kube, cluster, metrics)["phase"] == "Running"
     assert kube.calls.count("list_pods") == calls  # a ready pod: no pod is read
 
 
 def test_probe_is_not_ok_until_the_api_server_answered(kube, cluster, monkeypatch):
-    runtime = handlers.Runtime()
-    monkeypatch.setattr(handlers, "RUNTIME", runtime)
+    runtime = OperatorState()
+    monkeypatch.setattr(handlers, "STATE", runtime)
     with pytest.raises(kopf.PermanentError, match="no API client"):
         handlers._probe()
     runtime.cluster = cluster
@@ -681,21 +711,21 @@ def test_probe_is_not_ok_until_the_api_server_answered(kube, cluster, monkeypatc
 def test_one_event_per_step_outcome_never_repeated(kube, cluster, metrics):
     body(kube, {"type": "train"}, {"type": "export"})
     reconcile(kube, cluster, metrics)
-    kube.pend("spleen-0-train", waiting=("ImagePullBackOff", 'Back-off pulling image "r/mmar:9"'))
+    kube.pend(TRAIN, waiting=("ImagePullBackOff", 'Back-off pulling image "r/mmar:9"'))
     reconcile(kube, cluster, metrics, now="2026-01-01T00:00:10Z")
     reconcile(kube, cluster, metrics, now="2026-01-01T00:00:20Z")  # nothing new: no second Event
-    kube.objects[("Job", "ns", "spleen-0-train")]["status"]["ready"] = 1
+    kube.objects[("Job", "ns", TRAIN)]["status"]["ready"] = 1
     reconcile(kube, cluster, metrics, now="2026-01-01T00:00:30Z")
-    kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT)
+    kube.finish(TRAIN, ok=True, message=TRAIN_RESULT)
     reconcile(kube, cluster, metrics)
-    kube.finish("spleen-1-export", ok=False, message=None)
+    kube.finish(EXPORT, ok=False, message=None)
     reconcile(kube, cluster, metrics)
     reconcile(kube, cluster, metrics)
     got = [(e["type"], e["reason"], e["message"]) for e in kube.events]
     assert got == [
         ("Warning", "ImagePullBackOff", 'step train cannot start: its pod cannot start (the step fails at 2026-01-01T00:10:00Z, '
                                         'spec.runPolicy.pendingTimeoutSeconds 600): ImagePullBackOff: container mmar: Back-off pulling image "r/mmar:9"'),
-        ("Normal", "StepStarted", "step train started (Job spleen-0-train)"),
+        ("Normal", "StepStarted", f"step train started (Job {TRAIN})"),
         ("Normal", "StepSucceeded", "step train succeeded"),
         ("Warning", "StepFailed", "step export failed: Job has reached the specified backoff limit; container mmar exited with code 1"),
     ], got
@@ -707,8 +737,8 @@ def test_one_event_per_step_outcome_never_repeated(kube, cluster, metrics):
 def test_an_event_that_cannot_be_posted_fails_nothing(kube, cluster, metrics):
     body(kube, {"type": "train"})
     reconcile(kube, cluster, metrics)
-    kube.start("spleen-0-train")
-    kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT)
+    kube.start(TRAIN)
+    kube.finish(TRAIN, ok=True, message=TRAIN_RESULT)
     real = kube.create_namespaced_event
 
     def refused(namespace, body):
@@ -729,26 +759,26 @@ def refused(status, message):
     return error
 
 
-INVALID_SA = ('Job.batch "spleen-0-train" is invalid: spec.template.spec.serviceAccountName: Invalid value: "Bad_SA": '
+INVALID_SA = ('Job.batch TRAIN is invalid: spec.template.spec.serviceAccountName: Invalid value: "Bad_SA": '
               'a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters')
-QUOTA = 'jobs.batch "spleen-0-train" is forbidden: exceeded quota: no-jobs, requested: count/jobs.batch=1, used: count/jobs.batch=0, limited: count/jobs.batch=0'
+QUOTA = 'jobs.batch TRAIN is forbidden: exceeded quota: no-jobs, requested: count/jobs.batch=1, used: count/jobs.batch=0, limited: count/jobs.batch=0'
 
 
 def test_an_invalid_job_fails_the_step_in_the_servers_words(kube, cluster, metrics, caplog):
     body(kube)
     kube.refuse_jobs = [refused(422, INVALID_SA)]
-    with caplog.at_level("WARNING", logger="mmar_operator.handlers"):
+    with caplog.at_level("WARNING", logger="mmar_operator.reconcile"):
         st = reconcile(kube, cluster, metrics)
     assert st["phase"] == "Failed" and kube.jobs() == []
     step = st["steps"][0]
     assert (step["phase"], step["reason"]) == ("Failed", "JobCreateFailed")
-    assert "refused to create Job ns/spleen-0-train (422)" in step["message"] and INVALID_SA[:60] in step["message"]
+    assert f"refused to create Job ns/{TRAIN} (422)" in step["message"] and INVALID_SA[:60] in step["message"]
     failed = next(c for c in st["conditions"] if c["type"] == "Failed")
     assert (failed["status"], failed["reason"]) == ("True", "JobCreateFailed") and "serviceAccountName" in failed["message"]
     assert [(e["type"], e["reason"]) for e in kube.events] == [("Warning", "JobCreateFailed")]
     assert "serviceAccountName" in kube.events[0]["message"]
     # one line naming the object, no traceback
-    lines = [r for r in caplog.records if r.name == "mmar_operator.handlers"]
+    lines = [r for r in caplog.records if r.name == "mmar_operator.reconcile"]
     assert len(lines) == 1 and "ns/spleen" in lines[0].getMessage() and lines[0].exc_info is None
     # not retried: a failed MMARJob makes no more Jobs
     kube.calls.clear()
@@ -773,12 +803,12 @@ def test_a_forbidden_job_waits_pending_and_is_retried_until_created(kube, cluste
     assert "create_job" in kube.calls and "patch_status" not in kube.calls and len(kube.events) == 1
     # the quota is lifted: the next try creates it
     st = reconcile(kube, cluster, metrics, now="2026-01-01T00:02:00Z")
-    assert [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-0-train"]
+    assert [j["metadata"]["name"] for j in kube.jobs()] == [TRAIN]
     assert st["steps"][0]["phase"] == "Pending" and st["steps"][0]["reason"] != "JobCreateFailed"
 
 
 def test_the_resync_backs_off_a_refused_create():
-    runtime = handlers.Runtime()
+    runtime = OperatorState()
     key = ("ns", "spleen")
     waiting = {"steps": [{"phase": "Pending", "reason": "JobCreateFailed"}]}
     assert runtime.retry_due(key, 0.0)
@@ -805,7 +835,7 @@ def edit(kube, change):
 def test_an_edit_of_a_running_step_is_reported_not_applied(kube, cluster, metrics):
     body(kube, {"type": "train", "set": {"epochs": 30}}, {"type": "export"})
     reconcile(kube, cluster, metrics)
-    kube.start("spleen-0-train")
+    kube.start(TRAIN)
     reconcile(kube, cluster, metrics)
     args = kube.jobs()[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "epochs=30" in " ".join(args)
@@ -818,7 +848,7 @@ def test_an_edit_of_a_running_step_is_reported_not_applied(kube, cluster, metric
     assert st["observedGeneration"] == 3 and st["phase"] == "Running"
     ignored = next(c for c in st["conditions"] if c["type"] == "SpecChangeIgnored")
     assert (ignored["status"], ignored["reason"]) == ("True", "StepAlreadyStarted")
-    assert "step(s) train (Job spleen-0-train)" in ignored["message"] and "edits apply only to steps not yet started" in ignored["message"]
+    assert f"step(s) train (Job {TRAIN})" in ignored["message"] and "edits apply only to steps not yet started" in ignored["message"]
     assert kube.jobs()[0]["spec"]["template"]["spec"]["containers"][0]["args"] == args  # the Job keeps 30
     assert [(e["type"], e["reason"]) for e in kube.events[-1:]] == [("Warning", "SpecChangeIgnored")]
     posted = len(kube.events)
@@ -832,7 +862,7 @@ def test_an_edit_of_a_running_step_is_reported_not_applied(kube, cluster, metric
 def test_suspend_and_ttl_edits_are_applied_to_a_running_step_not_reported(kube, cluster, metrics):
     body(kube, {"type": "train"})
     reconcile(kube, cluster, metrics)
-    kube.start("spleen-0-train")
+    kube.start(TRAIN)
     edit(kube, lambda spec: spec.setdefault("runPolicy", {}).update(suspend=True, ttlSecondsAfterFinished=60, pendingTimeoutSeconds=30))
     st = reconcile(kube, cluster, metrics)
     assert st["phase"] == "Suspended" and all(c["type"] != "SpecChangeIgnored" for c in st["conditions"])
@@ -844,9 +874,9 @@ def test_after_a_failed_step_the_later_steps_are_not_run(kube, cluster, metrics)
 
     body(kube, {"type": "train"}, {"type": "validate"}, {"type": "export"})
     reconcile(kube, cluster, metrics)
-    kube.finish("spleen-0-train", ok=False, message='{"command":"train","error":"out of memory"}')
+    kube.finish(TRAIN, ok=False, message='{"command":"train","error":"out of memory"}')
     st = reconcile(kube, cluster, metrics)
     assert [s["phase"] for s in st["steps"]] == ["Failed", "NotRun", "NotRun"]
     assert all({k: s[k] for k in ("phase", "reason", "message")} == contract.not_run("train") for s in st["steps"][1:])
-    assert (st["phase"], st["reason"]) == ("Failed", "StepFailed") and [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-0-train"]
+    assert (st["phase"], st["reason"]) == ("Failed", "StepFailed") and [j["metadata"]["name"] for j in kube.jobs()] == [TRAIN]
     assert reconcile(kube, cluster, metrics) == st

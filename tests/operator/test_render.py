@@ -67,7 +67,8 @@ def test_pod_runs_the_contract_argv(kind, nodes):
         assert wait["name"] == render.RENDEZVOUS_CONTAINER and wait["volumeMounts"] == []
         assert wait["command"] + wait["args"] == ["python", "-m", "mmar.distributed", "wait-for-address",
                                                   "$(PET_MASTER_ADDR)", str(render.RENDEZVOUS_DNS_SECONDS)]
-        assert {"name": "PET_MASTER_ADDR", "value": f"spleen-0-{kind}-0.spleen-0-{kind}"} in wait["env"]
+        name = render.child_name(manifest(), kind)
+        assert {"name": "PET_MASTER_ADDR", "value": f"{name}-0.{name}"} in wait["env"]
     if kind == "convert":
         assert init == []  # convert does not touch the MMAR
     else:
@@ -117,7 +118,7 @@ def test_multi_node_is_an_indexed_job_with_a_headless_service(kind):
     job_obj, objects = rendered(kind, 3)
     assert [o["kind"] for o in objects] == ["Service", "Job"]  # the Service first: rank 0 must resolve
     service, job = objects
-    name = f"spleen-0-{kind}"
+    name = render.child_name(manifest(), kind)
     assert service["metadata"]["name"] == job["metadata"]["name"] == name
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
     assert service["spec"]["ports"][0]["port"] == contract.MASTER_PORT
@@ -150,7 +151,8 @@ def test_names_labels_owner_and_longest_names_fit():
             assert meta["ownerReferences"] == [{"apiVersion": "mmar.dev/v1alpha1", "kind": "MMARJob", "name": "m" * 36, "uid": "uid-1",
                                                 "controller": True, "blockOwnerDeletion": True}]
             assert meta["labels"]["kueue.x-k8s.io/queue-name"] == "gpu" and "team" not in meta["labels"]
-            assert meta["labels"][render.LABEL_STEP_INDEX] == str(index)
+            assert meta["labels"][render.LABEL_STEP] == contract.steps_of(job)[index]["name"]
+            assert meta["labels"][render.LABEL_UID] == "uid-1"  # the owner's uid: what makes a Job this MMARJob's
             if obj["kind"] == "Job":
                 assert obj["spec"]["suspend"] is True  # created suspended: Kueue admits it
 
@@ -313,3 +315,25 @@ def test_rank_zero_address_wait_is_bounded_and_names_the_cause():
     with pytest.raises(MMARError, match=r"rank 0's address j-0.j did not resolve within 5 s .*Temporary failure in name resolution"):
         distributed.wait_for_address("j-0.j", 5, resolve=never, sleep=sleep, clock=lambda: clock[0])
     assert 5 <= clock[0] < 8  # bounded: it gave up right after the limit
+
+
+def test_a_child_name_is_mmarjob_step_and_a_hash_of_the_owner_uid_and_step():
+    """Issue 32 item 4: `<mmarjob>-<index>-<step>` let two MMARJobs want one name ("a" with step "x-1-train",
+    "a-0-x" with its second step "train"); the owner's uid in the name keeps them apart, and the step's name,
+    not its index, keeps a child's name when a step is inserted before it."""
+    a = contract.parse({**manifest({"type": "train", "name": "x-1-train"}, uid="uid-a"), "metadata": {"name": "a", "namespace": "ns", "uid": "uid-a"}})
+    b = contract.parse({**manifest({"type": "validate"}, {"type": "train"}), "metadata": {"name": "a-0-x", "namespace": "ns", "uid": "uid-b"}})
+    names = {render.child_name(a, 0), render.child_name(b, 0), render.child_name(b, 1)}
+    assert len(names) == 3
+    import hashlib
+    assert render.child_name(b, "train") == "a-0-x-train-" + hashlib.sha256(b"uid-b/train").hexdigest()[:5]
+    assert render.child_name(b, 1) == render.child_name(b, "train")
+    # the same MMARJob name and step in another MMARJob (another uid) is another name
+    assert render.child_name({**b, "metadata": {**b["metadata"], "uid": "uid-c"}}, "train") != render.child_name(b, "train")
+    # the longest names: the readable part is cut, the hash kept; still a DNS label with room for "-63"
+    longest = contract.parse({**manifest({"type": "train", "name": "t" * 20}), "metadata": {"name": "m" * 36, "namespace": "ns", "uid": "u"}})
+    name = render.child_name(longest, 0)
+    assert name == "m" * 36 + "-" + "t" * 17 + "-" + hashlib.sha256(b"u/" + b"t" * 20).hexdigest()[:5]
+    assert len(name) == render.CHILD_NAME_MAX and DNS_LABEL.match(name)
+    cut = contract.parse({**manifest({"type": "train", "name": "t" * 16 + "-abc"}), "metadata": {"name": "m" * 36, "namespace": "ns", "uid": "u"}})
+    assert render.child_name(cut, 0).startswith("m" * 36 + "-" + "t" * 16 + "-") and "--" not in render.child_name(cut, 0)  # no "-" left at the cut
