@@ -206,3 +206,16 @@ def test_first_error_is_cut_to_the_error_limit():
                                                               first_error=long)))
     assert len(encoded["first_error"]) == results.ERROR_MAX and encoded["first_error"].endswith("...")
     assert encoded["failed"] == 1
+
+
+def test_numpy_is_loaded_with_one_blas_thread_unless_the_user_says(tmp_path):
+    """OpenBLAS's thread pool costs a small folder's run ~0.04 s of CPU at numpy's import; the converter's
+    linear algebra is 3x3. A value the user set is kept."""
+    code = ("import os, sys; from mmar.convert.cli import _one_blas_thread; _one_blas_thread(); import numpy; "
+            "print(os.environ.get('OPENBLAS_NUM_THREADS'))")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.stdout.strip() == "1", done.stderr
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**env, "OPENBLAS_NUM_THREADS": "3"})
+    assert done.stdout.strip() == "3", done.stderr
