@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,12 +22,6 @@ def manifest(*steps, **spec):
     }
     body["spec"].update(spec)
     return body
-
-
-def test_import_is_light():
-    code = "import sys, mmar.job; bad = [m for m in ('torch', 'kubernetes', 'kopf', 'monai', 'yaml') if m in sys.modules]; print(bad)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "[]"
 
 
 def test_defaults_are_applied_without_touching_the_input():
@@ -186,17 +178,6 @@ def test_init_runs_once_before_the_first_mmar_step():
 def test_gpus_default_skips_convert():
     job = contract.parse(manifest({"type": "convert", "input": "a", "output": "b"}, {"type": "train"}, {"type": "infer", "gpusPerNode": 0}, gpusPerNode=2))
     assert [contract.gpus_of(job, i) for i in range(3)] == [0, 2, 0]
-
-
-def test_results_fold_across_steps():
-    """The names the operator calls; the contract itself is tests/test_results_contract.py."""
-    results = contract.merge_results({}, "train", contract.parse_result('{"command":"train","epochs":5,"key_metric":"val_mean_dice","best_metric":0.8,"best_epoch":4}'))
-    results = contract.merge_results(results, "validate", {"command": "validate", "key_metric": "val_mean_dice", "metric": 0.79, "num_cases": 6, "eval_dir": "/x"})
-    results = contract.merge_results(results, "export", {"command": "export", "files": ["models/model.ts", "models/model.onnx"]})
-    assert results == {"epochs": 5, "keyMetric": "val_mean_dice", "bestMetric": 0.8, "bestEpoch": 4,
-                       "validation": {"val_mean_dice": 0.79}, "exported": ["models/model.ts", "models/model.onnx"]}
-    assert contract.parse_result("Traceback (most recent call last):") is None
-    assert contract.parse_result("[1, 2]") is None and contract.parse_result(None) is None
 
 
 @pytest.mark.parametrize("overrides, words", [

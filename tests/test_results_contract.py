@@ -118,7 +118,7 @@ def test_readers_tolerate_what_they_do_not_know():
 def test_the_summary_across_steps():
     summary = {}
     for step_type, data in (("convert", CONVERT), ("train", TRAIN), ("validate", VALIDATE), ("infer", INFER), ("export", EXPORT)):
-        summary = contract.merge_results(summary, step_type, contract.parse_result(json.dumps(data)))
+        summary = results.fold(summary, step_type, results.decode(json.dumps(data)))
     assert summary == {
         "conversion": {"converted": 6, "skipped": 1, "failed": 0},
         "epochs": 5, "keyMetric": "val_mean_dice", "bestMetric": 0.8, "bestEpoch": 4,
@@ -126,7 +126,7 @@ def test_the_summary_across_steps():
         "predictions": {"cases": 6, "files": 6, "dir": "/workspace/mmar/eval"},
         "exported": EXPORT["files"],
     }
-    assert contract.merge_results(summary, "train", {"command": "train", "error": "boom"}) == summary
+    assert results.fold(summary, "train", {"command": "train", "error": "boom"}) == summary
 
 
 @pytest.mark.parametrize("text, line", [

@@ -82,9 +82,7 @@ def default_input_shape(archive: Archive) -> list[int]:
     source = archive.describe("spatial_size")
     if "spatial_size" not in config:
         raise MMARError(f"{source} is not set: give the export shape with --input-shape N,C,H,W[,D]")
-    check_config = getattr(get_task(archive.task), "check_config", None)
-    if check_config is not None:  # one number per spatial axis of the network, before a shape is made of it
-        check_config(config)
+    get_task(archive.task).check_config(config)  # one number per spatial axis of the network, before a shape is made of it
     spatial = parser.get_parsed_content("spatial_size")
     network = config.get("network")
     # MONAI's networks name it in_channels (UNet, DenseNet, ...) or n_input_channels (ResNet)

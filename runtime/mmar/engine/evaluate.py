@@ -127,11 +127,8 @@ def _intervals(task, evaluator, collector, config, items, key_metric: str, log) 
     from mmar.engine import intervals
 
     wanted = intervals.settings(config)
-    compute = getattr(task, "intervals", None)
-    if compute is None:
-        return None
     units, unit = intervals.units_of(items, wanted["group_key"])
-    found = compute(evaluator, collector, config, units, unit, wanted)
+    found = task.intervals(evaluator, collector, config, units, unit, wanted)
     if not found:
         return None
     low, high = found[key_metric]["lower"], found[key_metric]["upper"]

@@ -65,9 +65,6 @@ def wrap(prepare: Callable, section: Any, task, config: dict[str, Any], log) -> 
     alpha = mixup_alpha(section)
     if alpha is None:
         return prepare
-    make_targets = getattr(task, "mixup_targets", None)
-    if make_targets is None:
-        raise MMARError(f"config: train#mixup is not available for the {getattr(task, 'NAME', '?')} task "
-                        "(classification only); remove it")
+    make_targets = task.mixup_targets(config)  # MMARError for a task without mixup
     log(f"mixup: training batches mixed in pairs, weight ~ Beta({alpha:g}, {alpha:g}) (train#mixup)")
-    return MixedBatch(prepare, alpha, make_targets(config))
+    return MixedBatch(prepare, alpha, make_targets)

@@ -230,8 +230,7 @@ def _train(archive: Archive, config, task, epochs: int, interval: int, opts, ctx
         with contextlib.suppress(OSError):
             run_folder.rmdir()
         unsaved = None
-    extra = getattr(task, "extra_scalars", None)
-    EpochSummary(progress, optimizer, evaluator, models_dir, writer, extra, log, ctx=ctx).attach(trainer)
+    EpochSummary(progress, optimizer, evaluator, models_dir, writer, task.extra_scalars, log, ctx=ctx).attach(trainer)
     if scheduler is not None:
         LrScheduleHandler(scheduler, print_lr=False).attach(trainer)
     objects = {"model": network, "optimizer": optimizer, "lr_scheduler": scheduler,

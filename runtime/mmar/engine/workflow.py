@@ -56,9 +56,8 @@ def section_items(archive: Archive, section: str, *, list_key: str | None = None
     )
     for index, item in enumerate(items):
         check_channels_aligned(item, image_key, f"{_datalist_path(archive)}: {key}[{index}].{image_key}")
-    check_items = getattr(get_task(archive.task), "check_items", None)
-    if require_label and check_items is not None:  # task-specific label checks, before any image is decoded
-        check_items(_datalist_path(archive), key, items, config)
+    if require_label:  # task-specific label checks, before any image is decoded
+        get_task(archive.task).check_items(_datalist_path(archive), key, items, config)
     return items
 
 

@@ -1,19 +1,54 @@
-"""What differs between tasks (default recipe, outputs); the workflow itself is shared."""
+"""What differs between tasks (default recipe, outputs); the workflow itself is shared.
+
+A task is a module of this package that provides everything `Task` lists: the engine, `mmar init`, export and
+validate call these and nothing else, so a new task adds a module and the engine needs no change.
+"""
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence, cast
 
 from mmar.errors import MMARError
+from mmar.job.spec import TASKS  # the MMARJob's spec.task: the one list of task names  # noqa: F401
 
-TASKS = ("segmentation", "classification")
+
+class Task(Protocol):
+    """What the runtime calls on a task module (mmar.tasks.segmentation, mmar.tasks.classification)."""
+
+    NAME: str
+    KEY_METRIC: str  # the default validate#key_metric
+    VALIDATION_OUTPUTS: Sequence[str]  # what `mmar validate` writes into eval/ beside metrics.json
+    CaseCollector: type  # collects each validation case's outputs (`CaseCollector(config).on_iteration`)
+    PredictionWriter: type  # writes each case's prediction (`PredictionWriter(dir, config, names=...)`)
+
+    # `mmar init`: the facts of a datalist, then the default recipe built from them
+    def inspect_datalist(self, datalist: Path) -> dict[str, Any]: ...
+    def default_configs(self, **facts: Any) -> tuple[dict[str, Any], dict[str, Any]]: ...
+
+    # checks before anything heavy runs
+    def check_config(self, config: dict[str, Any]) -> None: ...
+    def check_items(self, datalist: str | Path, list_key: str, items: list[dict[str, Any]], config: dict[str, Any]) -> None: ...
+
+    # training: per-epoch scalars beside the key metric ({} when none), and `train#mixup`'s soft targets
+    # (MMARError where the task has no mixup)
+    def extra_scalars(self, evaluator: Any) -> dict[str, float]: ...
+    def mixup_targets(self, config: dict[str, Any]) -> Callable[[Any], Any]: ...
+
+    # validation and inference
+    def summarize(self, evaluator: Any, collector: Any, config: dict[str, Any]) -> dict[str, Any]: ...
+    def intervals(self, evaluator: Any, collector: Any, config: dict[str, Any], units: Any, unit: str,
+                  settings: dict[str, Any]) -> dict[str, Any] | None: ...
+    def write_validation(self, eval_dir: Path, evaluator: Any, collector: Any, config: dict[str, Any],
+                         names: dict[str, str] | None = None) -> None: ...
+    def inference_postprocessing(self, parser: Any) -> Any: ...
 
 
-def get_task(name: str) -> ModuleType:
+def get_task(name: str) -> Task:
     if name not in TASKS:
         raise MMARError(f"unknown task {name!r} (PROCESSING_TASK / --task): choose one of {', '.join(TASKS)}")
-    return importlib.import_module(f"mmar.tasks.{name}")
+    return cast(Task, importlib.import_module(f"mmar.tasks.{name}"))
 
 
 def check_spatial_size(config: dict, default_dims: int, example: str) -> None:

@@ -354,6 +354,18 @@ def check_config(config: dict[str, Any]) -> None:
     check_spatial_size(config, 3, "[96,96,96]")
 
 
+def extra_scalars(evaluator) -> dict[str, float]:
+    """No per-epoch scalars beyond the key metric (the Task protocol: classification adds per-label AUC)."""
+    return {}
+
+
+def mixup_targets(config: dict[str, Any]):
+    """`train#mixup` mixes classification labels only: a segmentation config that asks for it is refused."""
+    from mmar.errors import MMARError
+
+    raise MMARError(f"config: train#mixup is not available for the {NAME} task (classification only); remove it")
+
+
 def check_finite(image, reference: str) -> None:
     """A preprocessed image with a NaN or infinite voxel is refused, naming its file.
 
