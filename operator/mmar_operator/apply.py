@@ -19,13 +19,13 @@ import threading
 import time
 from typing import Any, Callable, Mapping, TypeVar
 
-from mmar_operator.render import GROUP, LABEL_JOB
+from mmar.job import API_VERSION, GROUP, KIND, PLURAL, VERSION  # noqa: F401 - the API, defined once (mmar.job.outcome)
+
+from mmar_operator.render import LABEL_JOB
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-VERSION = "v1alpha1"
-PLURAL = "mmarjobs"
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 # Every patch here is a JSON merge patch (RFC 7386). Said explicitly: the typed client picks
 # application/json-patch+json for a dict body otherwise, which the API server refuses.
@@ -168,7 +168,7 @@ class Cluster:
         }[kind]
 
     def create(self, obj: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Create `obj`; None when its name is taken (409), for the caller to adopt or to look closer."""
+        """Create `obj`; None when its name is taken (409), for the caller to look closer (`ensure`)."""
         kind, meta = obj["kind"], obj["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         try:
@@ -258,7 +258,7 @@ class Cluster:
         meta = mmarjob["metadata"]
         body = {
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MMARJob", "name": meta["name"],
+            "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"],
                                "namespace": meta["namespace"], "uid": meta.get("uid")},
             "type": kind, "reason": reason, "message": message[:1024],
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,

@@ -30,7 +30,7 @@ class Metrics:
         self.steps_finished = Counter("mmar_operator_steps_finished_total", "Finished MMARJob steps by type and outcome",
                                       ["step", "phase"], registry=self.registry)
         self.reconcile_errors = Counter("mmar_operator_reconcile_errors_total", "Reconciles that raised (retried by kopf)", registry=self.registry)
-        self.children_created = Counter("mmar_operator_children_created_total", "Jobs and Services created or adopted", ["kind"], registry=self.registry)
+        self.children_created = Counter("mmar_operator_children_created_total", "Jobs and Services created", ["kind"], registry=self.registry)
         self._phases: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
         for phase in PHASES:

@@ -16,7 +16,6 @@ import asyncio
 import copy
 import logging
 import time
-from datetime import datetime, timezone
 from typing import Any, Mapping
 
 import kopf
@@ -31,10 +30,6 @@ from mmar_operator.metrics import Metrics
 from mmar_operator.state import OperatorState
 
 log = logging.getLogger(__name__)
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def plain(value: Any) -> Any:
@@ -223,7 +218,7 @@ def reconcile(body: Mapping[str, Any], cluster: Cluster, config: Config, metrics
     body = body if isinstance(body, dict) else plain(body)
     # managedFields: the largest part of a body and of no use here (mmar.job.load deep-copies the body)
     body = {**body, "metadata": {k: v for k, v in body["metadata"].items() if k != "managedFields"}}
-    now = now or now_iso()
+    now = now or contract.now_iso()
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     previous = body.get("status") or {}
     job: dict[str, Any] | None = None

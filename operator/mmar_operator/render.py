@@ -16,7 +16,7 @@ from mmar import job as contract
 
 from mmar_operator.config import Config
 
-GROUP = "mmar.dev"
+GROUP = contract.GROUP  # the API group (mmar.job.outcome), also the prefix of the operator's labels
 LABEL_JOB = f"{GROUP}/mmarjob"
 LABEL_STEP = f"{GROUP}/step"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "mmar-operator", "app.kubernetes.io/name": "mmar"}

@@ -13,15 +13,13 @@ from typing import Any, Iterable, Mapping
 
 from mmar import job as contract
 from mmar import results as result_contract
+from mmar.job import outcome
+# a step's and the job's phases, shared with `mmar run` (mmar.job.outcome: the one job-outcome rule)
+from mmar.job.outcome import DONE, FAILED, NOT_RUN, PENDING, RUNNING, SKIPPED, SUCCEEDED, SUSPENDED, WAITING  # noqa: F401
 
 from mmar_operator.render import CONTAINER, KUEUE_PREFIX, SPEC_HASH, child_name, passthrough_labels, spec_hash
 
-PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
-WAITING = "Waiting"  # a step whose Job is not created yet
-SKIPPED = "Skipped"  # a step its gate held back, and every step after it (mmar.job: gate)
 TERMINAL = (SUCCEEDED, FAILED)
-DONE = (SUCCEEDED, SKIPPED)  # steps the job needs nothing more from
-NOT_RUN = contract.NOT_RUN  # a step after a failed one (mmar.job.not_run)
 STEP_FINAL = (SUCCEEDED, FAILED, SKIPPED)  # a step's phase that never changes again
 CONDITION_TYPES = (RUNNING, SUSPENDED, SUCCEEDED, FAILED)
 SPEC_CHANGE_IGNORED = "SpecChangeIgnored"  # an edit to a step that started: not applied (see `ignored_edits`)
@@ -200,7 +198,7 @@ def _own_words(message: str | None) -> str | None:
     """A container's termination message as one line: its result's `error` (a convert's `first_error`: the
     first failed case's words), else (FallbackToLogsOnError: the log tail of a crash) the last `error:` line or
     the last line."""
-    result = contract.parse_result(message)
+    result = result_contract.decode(message)
     if result is not None:
         words = result.get("error") or result.get("first_error")
         return str(words) if words else None
@@ -329,8 +327,7 @@ def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed
         name = job_name_of(seen) or child_name(job, step["name"])
         old = remembered.get(step["name"])
         if blocked is not None and (old is None or old.get("phase") not in STEP_FINAL):
-            steps.append({"name": step["name"], "type": step["type"], "jobName": name, "phase": SKIPPED,
-                          "reason": contract.GATE_NOT_MET, "message": f"not run: step {blocked['name']} was skipped by its gate"})
+            steps.append({"name": step["name"], "type": step["type"], "jobName": name, **outcome.skipped_after(blocked["name"])})
             continue
         if old and old.get("phase") in STEP_FINAL:
             if old.get("phase") == SKIPPED and blocked is None:
@@ -341,7 +338,7 @@ def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed
             steps.append({**old, **{k: rfc3339(old[k]) for k in ("startTime", "completionTime") if old.get(k)}})
             continue
         if failed_at is not None and seen.job is None:  # after a failed step: never runs (as `mmar run` records it)
-            steps.append({"name": step["name"], "type": step["type"], "jobName": name, **contract.not_run(failed_at)})
+            steps.append({"name": step["name"], "type": step["type"], "jobName": name, **outcome.not_run(failed_at)})
             continue
         entry: dict[str, Any] = {"name": step["name"], "type": step["type"], "jobName": name, "phase": WAITING}
         if seen.job is not None:
@@ -351,18 +348,19 @@ def compute(job: Mapping[str, Any], previous: Mapping[str, Any] | None, observed
             if child_status.get("startTime"):
                 entry["startTime"] = rfc3339(child_status["startTime"])
             if phase in TERMINAL:
-                result = contract.parse_result(seen.message)
+                result = result_contract.decode(seen.message)
                 finished = child_status.get("completionTime") or (_conditions_of(seen.job).get("Complete" if phase == SUCCEEDED else "Failed") or {}).get("lastTransitionTime") or now
                 entry["completionTime"] = rfc3339(finished)
                 entry.setdefault("startTime", entry["completionTime"])
                 if result is not None:
                     entry["result"] = result
                     if phase == SUCCEEDED:
-                        results = contract.merge_results(results, step["type"], result)
-                gate = contract.skipped_by_gate(result) if phase == SUCCEEDED else None
+                        results = result_contract.fold(results, step["type"], result)
+                gate = outcome.skipped_by_gate(result) if phase == SUCCEEDED else None
                 if gate is not None:
-                    entry.update(phase=SKIPPED, reason=contract.GATE_NOT_MET)
-                    message = f"skipped by its gate: {gate.get('message', '')}"
+                    skipped = outcome.gate_skipped(gate)
+                    entry.update(phase=skipped["phase"], reason=skipped["reason"])
+                    message = skipped["message"]
                     blocked = entry
                 message = _step_message(message, seen.failure, seen.message) if phase == FAILED else message
             if message:
@@ -461,19 +459,13 @@ def _summarize(job: Mapping[str, Any], previous: Mapping[str, Any], steps: list[
     # waits before it), else the first one not done
     current = next((s for s in steps if s["phase"] not in DONE and s["phase"] != WAITING), None) \
         or next((s for s in steps if s["phase"] not in DONE), None)
-    gated = next((s for s in steps if s["phase"] == SKIPPED and s.get("result")), None)
     suspended = bool(job["spec"]["runPolicy"]["suspend"])
     queue = queue_of(job)
-    if failed is not None:
-        phase, reason, message = FAILED, "StepFailed", f"step {failed['name']} failed" + (f": {failed['message']}" if failed.get("message") else "")
-        if failed.get("reason") == JOB_CREATE_FAILED:
+    end = outcome.job_outcome(steps)  # a failed step, or no step left to run (`current` None): as `mmar run` says
+    if end is not None:
+        phase, reason, message = end["phase"], end["reason"], end["message"]
+        if failed is not None and failed.get("reason") == JOB_CREATE_FAILED:
             reason = JOB_CREATE_FAILED
-    elif current is None and gated is not None:
-        ran = sum(s["phase"] == SUCCEEDED for s in steps)
-        phase, reason = SUCCEEDED, contract.GATE_NOT_MET
-        message = f"step {gated['name']} {gated.get('message', 'was skipped by its gate')}; {ran} step(s) succeeded, {len(steps) - ran} skipped"
-    elif current is None:
-        phase, reason, message = SUCCEEDED, "AllStepsSucceeded", f"{len(steps)} step(s) succeeded"
     elif suspended and queue:  # Kueue owns the Jobs' suspend field: only the next step is held back
         phase, reason, message = SUSPENDED, "Suspended", f"suspended: no step starts after {current['name']} (spec.runPolicy.suspend; Kueue owns the admitted Job)"
     elif suspended:
