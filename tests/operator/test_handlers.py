@@ -880,3 +880,55 @@ def test_after_a_failed_step_the_later_steps_are_not_run(kube, cluster, metrics)
     assert all({k: s[k] for k in ("phase", "reason", "message")} == contract.not_run("train") for s in st["steps"][1:])
     assert (st["phase"], st["reason"]) == ("Failed", "StepFailed") and [j["metadata"]["name"] for j in kube.jobs()] == [TRAIN]
     assert reconcile(kube, cluster, metrics) == st
+
+
+# ------------------------------------------------ a step's identity, its Job's owner (issue 32 items 1, 5)
+
+
+def test_jobs_left_by_a_deleted_mmarjob_of_the_same_name_are_not_its_results(kube, cluster, metrics):
+    """`kubectl delete mmarjob spleen --cascade=orphan`, then a new `spleen` (another uid): the old Job (our
+    labels, no owner) is not taken as the new one's step; it is named in ForeignJobsIgnored and left alone."""
+    old = render.render_step(contract.parse(manifest(uid="uid-old")), 0, CONFIG)[0]
+    old["metadata"]["ownerReferences"] = []  # what the garbage collector leaves of an orphaned child
+    kube.create_namespaced_job("ns", old)
+    kube.finish(old["metadata"]["name"], ok=True, message=TRAIN_RESULT)
+    body(kube, {"type": "train"})
+    st = reconcile(kube, cluster, metrics)
+    assert (st["phase"], st["steps"][0]["phase"], st["steps"][0]["jobName"]) == ("Pending", "Pending", TRAIN)
+    assert st["results"] == {} and [j["metadata"]["name"] for j in kube.jobs()] == [old["metadata"]["name"], TRAIN]
+    foreign = next(c for c in st["conditions"] if c["type"] == "ForeignJobsIgnored")
+    assert foreign["status"] == "True" and old["metadata"]["name"] in foreign["message"]
+    assert ("Warning", "ForeignJobsIgnored") in [(e["type"], e["reason"]) for e in kube.events]
+    assert kube.jobs()[0]["metadata"]["ownerReferences"] == []  # left alone
+    kube.calls.clear()
+    reconcile(kube, cluster, metrics)  # nothing new to say: no second Event
+    assert "create_event" not in kube.calls
+
+
+def test_an_older_operators_jobs_are_matched_by_step_and_owner(kube, cluster, metrics):
+    """After an upgrade: `spleen-0-train` (the old name) finished, `spleen-1-export` not made yet; the new
+    operator records train from its Job and makes only export, under the new name."""
+    body(kube)
+    old = render.render_step(contract.parse(kube.mmarjob()), 0, CONFIG)[0]
+    old["metadata"]["name"] = "spleen-0-train"
+    del old["metadata"]["labels"][render.LABEL_UID]
+    kube.create_namespaced_job("ns", old)
+    kube.finish("spleen-0-train", ok=True, message=TRAIN_RESULT)
+    st = reconcile(kube, cluster, metrics)
+    assert [(s["phase"], s["jobName"]) for s in st["steps"]] == [("Succeeded", "spleen-0-train"), ("Pending", EXPORT)]
+    assert [j["metadata"]["name"] for j in kube.jobs()] == ["spleen-0-train", EXPORT]
+
+
+def test_no_step_starts_while_a_removed_steps_job_runs(kube, cluster, metrics):
+    """An older CRD let a running step be removed from spec.steps: its Job still runs, so the next step waits."""
+    body(kube, {"type": "train"}, {"type": "export"})
+    reconcile(kube, cluster, metrics)
+    kube.start(TRAIN)
+    mmarjob = kube.mmarjob()
+    mmarjob["spec"]["steps"] = [{"type": "export"}]
+    kube.add_mmarjob(mmarjob)
+    st = reconcile(kube, cluster, metrics)
+    assert [j["metadata"]["name"] for j in kube.jobs()] == [TRAIN] and st["steps"][0]["phase"] == "Waiting"
+    kube.finish(TRAIN, ok=True, message=TRAIN_RESULT)
+    reconcile(kube, cluster, metrics)
+    assert [j["metadata"]["name"] for j in kube.jobs()] == [TRAIN, EXPORT]
