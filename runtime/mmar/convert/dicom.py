@@ -1,4 +1,5 @@
-"""DICOM series -> volume: geometry from the headers (pure), then pixels (pydicom, GDCM as fallback).
+"""DICOM series -> volume: geometry from the headers (pure), then pixels (read straight from the file,
+`encapsulated` for lossless compressed ones, else pydicom, GDCM through SimpleITK as fallback).
 
 Geometry rules (the part that is easy to get wrong):
 - slices are ordered by their position along the slice normal n = row x column cosines
@@ -15,7 +16,8 @@ Geometry rules (the part that is easy to get wrong):
 - enhanced multi-frame files give one record per frame from the functional groups; RT Dose
   frames are placed with GridFrameOffsetVector.
 Coordinates are DICOM patient coordinates (LPS), as ITK/SimpleITK expect. `layout` then puts the volume in
-dcm2niix's voxel order; uncompressed little-endian pixels are read straight from the file (`raw_pixels`).
+dcm2niix's voxel order; uncompressed little-endian pixels are read straight from the file, lossless
+compressed ones decoded by the codec's own module (`raw_pixels`, `encapsulated`).
 """
 
 from __future__ import annotations
