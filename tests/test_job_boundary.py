@@ -16,7 +16,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "demo-job.yaml"
 
 
 def test_the_job_package_imports_nothing_heavy():
-    modules = ["mmar.job", *(f"mmar.job.{m.name}" for m in pkgutil.iter_modules(mmar.job.__path__))]
+    # the contract, and the results it reads (the operator imports both)
+    modules = ["mmar.job", *(f"mmar.job.{m.name}" for m in pkgutil.iter_modules(mmar.job.__path__)), "mmar.results"]
     code = f"""
 import importlib, json, sys
 for name in {modules!r}:
@@ -31,4 +32,4 @@ print(json.dumps({{"at_import": light, "after_use": [m for m in {HEAVY!r} if m i
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == {"at_import": [], "after_use": []}
-    assert len(modules) >= 5  # __init__, argv, gate, outcome, spec
+    assert len(modules) >= 6  # __init__, argv, gate, outcome, spec; results

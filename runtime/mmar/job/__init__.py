@@ -18,7 +18,6 @@ image installs this without the runtime. tests/test_job_boundary.py holds the pa
 
 from __future__ import annotations
 
-from mmar import results
 from mmar.job.argv import (CREDENTIAL_ENV, DATA_ROOT, DEFAULT_DICOM_OUTPUT, MASTER_PORT, WORKSPACE_ROOT,  # noqa: F401
                            credentials_secret, data_dir, datalist_path, gpus_of, init_argv, mmar_dir, resources_of,
                            step_argv, uses_mmar)
@@ -27,8 +26,3 @@ from mmar.job.outcome import (API_VERSION, GATE_NOT_MET, GROUP, KIND, NOT_RUN, P
                               VERSION, job_outcome, not_run, now_iso, skipped_by_gate)
 from mmar.job.spec import (CPU_TYPES, GATED_TYPES, MMAR_TYPES, STEP_TYPES, TASKS, TRAINING_TYPES,  # noqa: F401
                            apply_defaults, load, name_of, parse, steps_of, validate)
-
-# mmar_operator.status still reads results through these two old names; the real ones are
-# mmar.results.decode and mmar.results.fold (drop these once it calls those).
-parse_result = results.decode
-merge_results = results.fold
