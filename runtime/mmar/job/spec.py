@@ -3,8 +3,9 @@
 The CRD (crds/mmar.dev_mmarjobs.yaml, shipped in this package as `mmarjob.crd.yaml`) is the one source of the
 schema: `apply_defaults` fills its `default`s, `validate` checks its openAPIV3Schema with jsonschema, refuses
 fields it does not declare (as the API server's strict field validation does) and evaluates its CEL rules
-(`x-kubernetes-validations`) through `RULES`, one Python function per rule text; the message and the field
-path come from the CRD. A rule that compares with the object's previous state (`oldSelf`, a transition
+(`x-kubernetes-validations`) in Python (`rule_check`): a rule that makes a field an option of some step types
+is read from its own text, every other rule has one function in `RULES`, keyed by its text; the message and
+the field path come from the CRD. A rule that compares with the object's previous state (`oldSelf`, a transition
 rule) has no meaning for one manifest and is skipped. `BEYOND_THE_SCHEMA` holds the few checks no schema can
 say (the `--set` overrides as the runtime reads them, a finite gate threshold).
 
@@ -281,9 +282,7 @@ def _rule_failures(node: Mapping[str, Any], value: Any, where: tuple) -> Iterato
         text = rule["rule"]
         if "oldSelf" in text:  # a transition rule: it compares with a previous version, there is none here
             continue
-        check = RULES.get(text)
-        if check is None:
-            raise MMARError(f"mmar.job.spec.RULES has no Python for the CRD's rule {text!r}: add it")
+        check = rule_check(text)
         try:
             ok = check(value)
         except (KeyError, TypeError, AttributeError, ValueError):
@@ -302,9 +301,21 @@ def _rule_failures(node: Mapping[str, Any], value: Any, where: tuple) -> Iterato
             yield from _rule_failures(node["items"], item, (*where, i))
 
 
-def _only(field: str, *types: str) -> Callable[[Mapping[str, Any]], bool]:
-    """`!has(self.FIELD) || self.type in [TYPES]`: an option of those step types only."""
-    return lambda step: field not in step or step["type"] in types
+# `!has(self.FIELD) || self.type in ['a', 'b']` (or `== 'a'`): an option of those step types only. The CRD's rule
+# says which; read from it, a new step option needs no Python here.
+OPTION_RULE_RE = re.compile(r"^!has\(self\.(\w+)\) \|\| self\.type (?:== '(\w+)'|in \[((?:'\w+'(?:, )?)+)\])$")
+
+
+def rule_check(text: str) -> Callable[[Any], bool]:
+    """The Python of one of the CRD's CEL rules: an option rule read from its text, else its entry in RULES."""
+    option = OPTION_RULE_RE.match(text)
+    if option:
+        field, one, several = option.groups()
+        types = (one,) if one else tuple(re.findall(r"'(\w+)'", several))
+        return lambda step: field not in step or step["type"] in types
+    if text not in RULES:
+        raise MMARError(f"mmar.job.spec.RULES has no Python for the CRD's rule {text!r}: add it")
+    return RULES[text]
 
 
 def _options_of(kind: str, *fields: str) -> Callable[[Mapping[str, Any]], bool]:
@@ -325,8 +336,8 @@ RELATIVE_RE = re.compile(r"(^|/)[.][.](/|$)")
 LABEL_KEY_RE = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
-# The CRD's CEL rules (x-kubernetes-validations), each as Python: {the rule's text: a check of `self`}.
-# Their messages and field paths are the CRD's. tests/test_job_schema.py checks every rule has one here and
+# The CRD's CEL rules (x-kubernetes-validations) other than the option rules (`rule_check`), each as Python:
+# {the rule's text: a check of `self`}. Their messages and field paths are the CRD's. tests/test_job_schema.py checks every rule has one here and
 # that each agrees with cel-python on good and bad inputs.
 RULES: dict[str, Callable[[Any], bool]] = {
     "self.metadata.name.size() <= 36 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')":
@@ -343,19 +354,10 @@ RULES: dict[str, Callable[[Any], bool]] = {
     "self.type != 'convert' || (has(self.input) && has(self.output))": _needs("convert", "input", "output"),
     "self.type == 'convert' || !(has(self.input) || has(self.resolution) || has(self.inputExt) || has(self.outputExt) || has(self.force) || has(self.labels))":
         _options_of("convert", "input", "resolution", "inputExt", "outputExt", "force", "labels"),
-    "!has(self.output) || self.type in ['convert', 'pull']": _only("output", "convert", "pull"),
     "self.type != 'pull' || (has(self.dicomweb) && has(self.query) && has(self.output))": _needs("pull", "dicomweb", "query", "output"),
     "self.type != 'push' || has(self.dicomweb)": _needs("push", "dicomweb"),
-    "!has(self.dicomweb) || self.type in ['pull', 'push']": _only("dicomweb", "pull", "push"),
     "self.type == 'pull' || !(has(self.query) || has(self.dicomOutput) || has(self.labelsFrom))":
         _options_of("pull", "query", "dicomOutput", "labelsFrom"),
-    "!has(self.dicomSeg) || self.type == 'infer'": _only("dicomSeg", "infer"),
-    "!has(self.gate) || self.type in ['infer', 'export', 'push']": _only("gate", "infer", "export", "push"),
-    "!has(self.set) || self.type in ['train', 'finetune', 'validate', 'infer']": _only("set", "train", "finetune", "validate", "infer"),
-    "!has(self.ckpt) || self.type in ['train', 'finetune', 'validate', 'infer', 'export']":
-        _only("ckpt", "train", "finetune", "validate", "infer", "export"),
-    "!has(self.model) || self.type in ['validate', 'infer']": _only("model", "validate", "infer"),
-    "!has(self.key) || self.type in ['infer', 'pull']": _only("key", "infer", "pull"),
     "self.type == 'export' || !(has(self.formats) || has(self.precision) || has(self.inputShape))":
         _options_of("export", "formats", "precision", "inputShape"),
     "self.size() != 2": lambda items: len(items) != 2,
