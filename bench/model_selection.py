@@ -16,6 +16,9 @@ train` validates) and in float32 (as the exported model runs): the precision fig
     python bench/model_selection.py run --data breastmnist --seeds 0,1,2,3,4 --out selection.jsonl
     python bench/model_selection.py table selection.jsonl       # the rules side by side (docs/classification.md)
 
+Segmentation: bench/model_selection_segmentation.py records runs of the real `mmar train` (hippocampus); this
+`table` prints theirs too (docs/model-selection.md, "Segmentation").
+
 Split per seed (`--holdout 0.3`): 30 % of the patients of each label group are held out (stratified,
 `train_classification.stratified_holdout`, the seed's own draw), then halved into dev-val and dev-test the
 same way: BreastMNIST 382 / 82 / 82 images.
@@ -151,27 +154,37 @@ def _noise(probs, labels) -> float:
     return auc_standard_error(torch.tensor(probs), torch.tensor(labels))
 
 
+def rule_rows(picks: list[dict], score: str, label: str, extra: tuple[str, str] | None = None) -> list[str]:
+    """The rules side by side over seeds, one markdown row each: the epochs picked, the held-out `score` of the
+    pick (`label` in the header: median and range, mean), paired with `best`'s and with the last epoch's pick
+    of the same run (median, worst), and `extra` (key, header) as a median column. `picks`: one {rule:
+    {"epoch", score, ...}} per run. Shared with bench/model_selection_segmentation.py."""
+    header = (f"| rule | epochs picked | {label} median (range) | mean | vs `best`, paired (median, worst) "
+              "| vs last epoch, paired (median, worst) |" + (f" {extra[1]} median |" if extra else ""))
+    lines = [header, "|---|---|---|---|---|---|" + ("---|" if extra else "")]
+    best = [p["best"][score] for p in picks]
+    final = [p["last"][score] for p in picks]
+    for name in rules():
+        values = [p[name][score] for p in picks]
+        diffs = [a - f for a, f in zip(values, final)]
+        gains = [a - b for a, b in zip(values, best)]
+        row = (f"| `{name}` | {', '.join(str(p[name]['epoch']) for p in picks)} | {statistics.median(values):.3f} "
+               f"({min(values):.3f}-{max(values):.3f}) | {statistics.mean(values):.3f} "
+               f"| {statistics.median(gains):+.3f}, {min(gains):+.3f} "
+               f"| {statistics.median(diffs):+.3f}, {min(diffs):+.3f} |")
+        if extra:
+            row += f" {statistics.median(p[name][extra[0]] for p in picks):.3f} |"
+        lines.append(row)
+    return lines
+
+
 def table(runs: list[dict]) -> str:
     picks = [replay(run) for run in runs]
     oracle = [max(_auc(h["test_fp32"], run["test_labels"]) for h in run["history"]) for run in runs]
-    final = [p["last"]["test_auc"] for p in picks]
     lines = [f"{len(runs)} seeds ({', '.join(str(r['seed']) for r in runs)}), {runs[0]['data']}, "
              f"{len(runs[0]['val_labels'])} dev-val / {len(runs[0]['test_labels'])} dev-test images, "
-             f"{runs[0]['epochs']} epochs; oracle (best dev-test epoch) median {statistics.median(oracle):.3f}",
-             "", "| rule | epochs picked | dev-test AUC median (range) | mean | vs `best`, paired (median, worst) "
-             "| vs last epoch, paired (median, worst) | dev-test acc median |",
-             "|---|---|---|---|---|---|---|"]
-    best = [p["best"]["test_auc"] for p in picks]
-    for name in rules():
-        aucs = [p[name]["test_auc"] for p in picks]
-        diffs = [a - f for a, f in zip(aucs, final)]
-        gains = [a - b for a, b in zip(aucs, best)]
-        accs = [p[name]["test_acc"] for p in picks]
-        lines.append(f"| `{name}` | {', '.join(str(p[name]['epoch']) for p in picks)} | {statistics.median(aucs):.3f} "
-                     f"({min(aucs):.3f}-{max(aucs):.3f}) | {statistics.mean(aucs):.3f} "
-                     f"| {statistics.median(gains):+.3f}, {min(gains):+.3f} "
-                     f"| {statistics.median(diffs):+.3f}, {min(diffs):+.3f} | {statistics.median(accs):.3f} |")
-    return "\n".join(lines)
+             f"{runs[0]['epochs']} epochs; oracle (best dev-test epoch) median {statistics.median(oracle):.3f}", ""]
+    return "\n".join(lines + rule_rows(picks, "test_auc", "dev-test AUC", extra=("test_acc", "dev-test acc")))
 
 
 def precision_table(runs: list[dict]) -> str:
@@ -211,6 +224,11 @@ def main(argv=None) -> int:
     runs = [json.loads(line) for path in args.records for line in Path(path).read_text().splitlines() if line]
     for data in sorted({r["data"] for r in runs}):
         chosen = [r for r in runs if r["data"] == data]
+        if chosen[0].get("task") == "segmentation":  # bench/model_selection_segmentation.py's records
+            import model_selection_segmentation as segmentation
+
+            print(segmentation.table(chosen))
+            continue
         print(table(chosen))
         print()
         print(precision_table(chosen))
