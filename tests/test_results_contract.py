@@ -192,7 +192,8 @@ def _operator_status(run) -> dict:
     complete = {"metadata": {"name": "x"}, "spec": {},
                 "status": {"startTime": "2026-01-01T00:00:00Z", "completionTime": "2026-01-01T00:01:00Z",
                            "conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": "2026-01-01T00:01:00Z"}]}}
-    observed = {index: status.Observed(complete, message) for index, message in enumerate(run["messages"])}
+    observed = {step["name"]: status.Observed(complete, message)  # by step name: a step's identity
+                for step, message in zip(contract.steps_of(run["job"]), run["messages"])}
     return status.compute(run["job"], {}, observed, "2026-01-01T00:02:00Z")
 
 
