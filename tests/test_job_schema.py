@@ -5,6 +5,7 @@ value."""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,14 @@ def test_a_new_step_option_needs_no_python(monkeypatch):
     contract.parse(test_job.manifest({"type": "infer", "overlays": True}))
     with pytest.raises(MMARError, match=r"spec.steps\[0\].overlays: overlays is an option of validate and infer steps only"):
         contract.parse(test_job.manifest({"type": "train", "overlays": True}))
+
+
+def test_the_type_lists_are_the_crds():
+    """What each step type means (mmar.job.spec) is said for exactly the types the CRD lists."""
+    properties = spec.schema()["properties"]["spec"]["properties"]
+    assert tuple(properties["steps"]["items"]["properties"]["type"]["enum"]) == spec.STEP_TYPES
+    assert tuple(properties["task"]["enum"]) == spec.TASKS
+    for kinds in (spec.TRAINING_TYPES, spec.MMAR_TYPES, spec.CPU_TYPES, spec.GATED_TYPES):
+        assert set(kinds) <= set(spec.STEP_TYPES)
+    (gate_rule,) = [t for t in _texts() if t.startswith("!has(self.gate) ||")]  # the steps `mmar --gate` accepts
+    assert set(re.findall(r"'(\w+)'", gate_rule)) == set(spec.GATED_TYPES)

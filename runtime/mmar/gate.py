@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mmar.errors import MMARError
-from mmar.job.gate import EXAMPLE, gate_decision, require, with_interval_bounds  # noqa: F401 (mmar.cli: gate.require)
+from mmar.job.gate import gate_decision, require, with_interval_bounds  # noqa: F401 (mmar.cli: gate.require)
 
 # not imported from mmar.engine (that imports torch): evaluate.METRICS_FILE, checkpoint.MODEL_FILE
 METRICS_FILE = "metrics.json"
