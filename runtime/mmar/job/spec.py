@@ -49,7 +49,8 @@ def crd() -> dict[str, Any]:
     """The MMARJob CustomResourceDefinition, as shipped in this package."""
     import yaml  # a base dependency, imported on first use to keep `import mmar.job` instant
 
-    return yaml.safe_load(resources.files(__package__).joinpath(CRD_FILE).read_text(encoding="utf-8"))
+    text = resources.files(__package__).joinpath(CRD_FILE).read_text(encoding="utf-8")
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # libyaml where built: 10x faster
 
 
 def schema() -> dict[str, Any]:
