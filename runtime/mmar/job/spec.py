@@ -151,7 +151,7 @@ def validate(job: Any) -> None:
 
 def problems_of(job: Any) -> Iterator[tuple[str, str]]:
     """(field path, message) of each problem: the API's identity, then the schema and its undeclared fields,
-    then (once those hold, as on the API server) the CEL rules and the checks beyond the schema."""
+    then (once those hold, as on the API server) the CEL rules, then the checks beyond the schema."""
     if not isinstance(job, dict):
         yield "manifest", "must be a mapping"
         return
@@ -164,32 +164,33 @@ def problems_of(job: Any) -> Iterator[tuple[str, str]]:
         yield "metadata.name", "is required"
         return
     body = {key: value for key, value in job.items() if key != "status"}  # the status has its own subresource
-    found = sorted(_validator().iter_errors(body), key=lambda e: [str(p) for p in e.absolute_path])
-    structural = [(_path(e.absolute_path, e), _schema_message(e)) for e in found]
-    structural += list(_undeclared(schema(), body, ()))
-    if structural:
-        yield from structural
-        return
-    yield from _rule_failures(schema(), body, ())
-    for check in BEYOND_THE_SCHEMA:
-        yield from check(body)
+    problems = _problems(schema(), body, (), _validator())
+    yield from problems
+    if not problems:
+        for check in BEYOND_THE_SCHEMA:
+            yield from check(body)
 
 
 def check_part(value: Any, where: str, *keys: str) -> None:
-    """Validate one part of a manifest (e.g. a gate: keys "spec", "steps", "gate") as `validate` does the whole,
-    raising MMARError with paths under `where`."""
+    """Validate one part of a manifest (e.g. a gate: keys "spec", "steps", "[]", "gate") as `validate` does the
+    whole, raising MMARError with paths under `where`."""
+    import jsonschema
+
     node = schema()
     for key in keys:
         node = node["items"] if key == "[]" else node["properties"][key]
-    import jsonschema
-
-    found = sorted(jsonschema.Draft4Validator(node).iter_errors(value), key=lambda e: [str(p) for p in e.absolute_path])
-    problems = [(_path((where, *e.absolute_path), e), _schema_message(e)) for e in found]
-    problems += list(_undeclared(node, value, (where,)))
-    if not problems:
-        problems = list(_rule_failures(node, value, (where,)))
+    problems = _problems(node, value, (where,), jsonschema.Draft4Validator(node))
     if problems:
         raise MMARError("; ".join(f"{path}: {message}" for path, message in problems[:SHOWN_ERRORS]))
+
+
+def _problems(node: Mapping[str, Any], value: Any, where: tuple, validator: Any) -> list[tuple[str, str]]:
+    """The schema's problems with `value` (its checks, then its undeclared fields) or, when it has none, its
+    CEL rules' (the API server evaluates those only on a value of the declared shape)."""
+    found = sorted(validator.iter_errors(value), key=lambda e: [str(p) for p in e.absolute_path])
+    problems = [(_path((*where, *e.absolute_path), e), _schema_message(e)) for e in found]
+    problems += _undeclared(node, value, where)
+    return problems or list(_rule_failures(node, value, where))
 
 
 def _path(parts: Any, error: Any = None) -> str:
