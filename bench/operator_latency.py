@@ -281,7 +281,7 @@ class Operator:
     """`python -m mmar_operator -n NS` as a subprocess, its peak memory sampled in a thread."""
 
     def __init__(self, kubeconfig: str, namespace: str, log_path: Path, source: str | None = None,
-                 trace_path: Path | None = None, workers: int | None = None):
+                 trace_path: Path | None = None, workers: int | None = None, own_session: bool = False):
         env = {**os.environ, "KUBECONFIG": kubeconfig, "MMAR_OPERATOR_METRICS_PORT": str(free_port()),
                "MMAR_OPERATOR_LIVENESS_PORT": str(free_port())}
         if source:  # another copy of the mmar_operator package (--compare), ahead of the installed one
@@ -294,8 +294,10 @@ class Operator:
         if trace_path is not None:  # the same operator, its stages timed from outside (TRACER)
             env.update(BENCH_OPERATOR_TRACE=str(trace_path), BENCH_OPERATOR_TRACE_LABEL=LABEL_JOB)
             entry = ["-c", TRACER]
+        # own_session: its own session, so its own scheduler autogroup (kernel.sched_autogroup_enabled=1 shares
+        # the CPU between sessions first), as in a cluster, where it has its own container
         self.proc = subprocess.Popen([sys.executable, *entry, "-n", namespace], cwd=ROOT, env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=own_session)
         self.peak_rss_kb = 0
         self.hwm_kb = 0
         self._stop = threading.Event()
@@ -675,7 +677,7 @@ def stages_of(records: dict[str, list[list[str]]], names: list[str], sent: dict[
 
 def one_run(kubeconfig: str, mode: str, n: int, clients: int, index: int, workdir: Path, settle: float, timeout: float,
             source: str | None = None, trace: bool = True, workers: int | None = None,
-            peers: dict[str, int] | None = None) -> Result:
+            peers: dict[str, int] | None = None, own_session: bool = False) -> Result:
     from kubernetes import client, config
 
     api_client = config.new_client_from_config(config_file=kubeconfig)
@@ -684,7 +686,7 @@ def one_run(kubeconfig: str, mode: str, n: int, clients: int, index: int, workdi
     core.create_namespace({"metadata": {"name": namespace}})
     arrivals, stop = Arrivals(), threading.Event()
     operator = Operator(kubeconfig, namespace, workdir / f"{namespace}.log", source,
-                        workdir / f"{namespace}.trace" if trace else None, workers)
+                        workdir / f"{namespace}.trace" if trace else None, workers, own_session)
     try:
         threads = start_watches(api_client, namespace, arrivals, stop)
         # the warm-up job: the operator's watches are up, its imports and client paid, once its Job appears
@@ -847,6 +849,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crds", default=str(ROOT / "crds"), help="the CRD folder to install (default: the repository's crds/)")
     parser.add_argument("--no-stages", action="store_true",
                         help="run the operator as `python -m mmar_operator`, without the trace of its stages (STAGES)")
+    parser.add_argument("--operator-session", action="store_true",
+                        help="start the operator in a session of its own (its own CPU share under sched autogroup, not this benchmark's)")
     parser.add_argument("--workers", type=int, help="the operator's handler threads (MMAR_OPERATOR_WORKERS; default its own)")
     parser.add_argument("--compare", metavar="DIR",
                         help="also run, alternating with this tree's, the operator package in DIR/mmar_operator (e.g. a copy "
@@ -865,13 +869,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cluster: {kubeconfig}; {args.jobs} MMARJobs per run, {args.repeats} repeats, modes {' '.join(args.modes)}"
               f" ({args.clients} clients); nproc {os.cpu_count()}, load {os.getloadavg()[0]:.2f}"
               f"; operator workers {args.workers or os.environ.get('MMAR_OPERATOR_WORKERS') or 'default'}"
-              + ("" if args.no_stages else "; stages traced"))
+              + ("" if args.no_stages else "; stages traced") + ("; the operator in its own session" if args.operator_session else ""))
         for repeat in range(args.repeats):  # modes (and variants) alternate, so that a busy moment of the machine hits all
             for (label, source), mode in [(v, m) for v in (variants if repeat % 2 == 0 else variants[::-1]) for m in args.modes]:
                 key = f"{label}{mode}"
                 load = os.getloadavg()[0]
                 result = one_run(kubeconfig, mode, args.jobs, args.clients, sum(map(len, results.values())),
-                                 workdir, args.settle, args.timeout, source, not args.no_stages, args.workers, peers)
+                                 workdir, args.settle, args.timeout, source, not args.no_stages, args.workers, peers,
+                                 args.operator_session)
                 results[key].append(result)
                 print(f"  run {repeat + 1} (load {load:.2f}) {label}{describe(result)}", flush=True)
                 for line in describe_stages(result):
