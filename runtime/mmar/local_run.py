@@ -343,9 +343,9 @@ def _run_steps(job: Mapping[str, Any], commands: list[list[list[str]]], status_p
     name = contract.name_of(job)
     status: dict[str, Any] = {
         "name": name,
-        "phase": "Running",
+        "phase": outcome.RUNNING,
         "startTime": now_iso(),
-        "steps": [{"name": s["name"], "type": s["type"], "phase": "Waiting"} for s in steps],
+        "steps": [{"name": s["name"], "type": s["type"], "phase": outcome.WAITING} for s in steps],
         "results": {},
     }
     write_json(status_path, status)
@@ -354,7 +354,7 @@ def _run_steps(job: Mapping[str, Any], commands: list[list[list[str]]], status_p
         tag = f"[{index + 1}/{len(steps)}] {entry['name']}"
         if interrupt.signal is not None:  # arrived between steps
             return _interrupted(status, status_path, interrupt, f"before step {entry['name']}", out)
-        entry.update(phase="Running", startTime=now_iso())
+        entry.update(phase=outcome.RUNNING, startTime=now_iso())
         write_json(status_path, status)
         out(f"{tag}: running")
         started = time.monotonic()
