@@ -117,13 +117,13 @@ def test_rbac_is_least_privilege(default_objects):
     assert rules == {
         # what mmar_operator calls (its RBAC table in docs/operator.md), as the real API server enforces it
         # (tests/e2e/test_helm_e2e.py runs the operator with exactly this): children go by garbage collection,
-        # but adopting one sets an ownerReference, which OwnerReferencesPermissionEnforcement allows only
-        # to a client that may delete the object
+        # and nothing is adopted, so no delete (OwnerReferencesPermissionEnforcement asks for it only of a
+        # client changing an existing object's ownerReferences)
         ("mmar.dev", "mmarjobs"): {"get", "list", "watch", "patch"},
         ("mmar.dev", "mmarjobs/status"): {"patch"},
         ("mmar.dev", "mmarjobs/finalizers"): {"update"},
-        ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
-        ("", "services"): {"create", "get", "patch", "delete"},
+        ("batch", "jobs"): {"create", "get", "list", "watch", "patch"},
+        ("", "services"): {"create", "get"},
         ("", "pods"): {"list"},
         ("", "events"): {"create"},
         ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},

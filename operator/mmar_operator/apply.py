@@ -161,10 +161,12 @@ class Cluster:
 
     # --------------------------------------------------------------------------------------- children
 
-    def _methods(self, kind: str) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+    def _methods(self, kind: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        """(create, read) of a child's kind: children are created, or found as this owner's, never patched
+        into shape or taken over (`ensure`)."""
         return {
-            "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job, self.batch.patch_namespaced_job),
-            "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service, self.core.patch_namespaced_service),
+            "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
+            "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
         }[kind]
 
     def create(self, obj: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -193,7 +195,7 @@ class Cluster:
             return created
         kind, meta = obj["kind"], obj["metadata"]
         namespace, name = meta["namespace"], meta["name"]
-        _, read, _ = self._methods(kind)
+        _, read = self._methods(kind)
         live = self.fetch(read, name, namespace)
         owner = meta["ownerReferences"][0]
         refs = (live.get("metadata") or {}).get("ownerReferences") or []

@@ -43,9 +43,10 @@ NAMESPACED_GRANTS = {
     ("mmar.dev", "mmarjobs"): {"get", "list", "watch", "patch"},
     ("mmar.dev", "mmarjobs/status"): {"patch"},
     ("mmar.dev", "mmarjobs/finalizers"): {"update"},
-    # delete: only to adopt a Job/Service (OwnerReferencesPermissionEnforcement: no ownerRef without delete)
-    ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "services"): {"get", "create", "patch", "delete"},
+    # no delete: nothing is adopted, and creating a child with its ownerReferences needs no delete
+    # (OwnerReferencesPermissionEnforcement asks it only of a client changing an existing object's)
+    ("batch", "jobs"): {"get", "list", "watch", "create", "patch"},
+    ("", "services"): {"get", "create"},
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
 }
@@ -212,7 +213,7 @@ def denied(log: str) -> list[str]:
 
 
 def step_job(name: str) -> dict[str, Any]:
-    """A Job as a user might have left one under a step's name (no owner): the operator adopts it."""
+    """A Job as a user might have left one under a step's name (no owner): the operator leaves it alone."""
     return {"metadata": {"name": name}, "spec": {"backoffLimit": 0, "template": {"spec": {
         "restartPolicy": "Never", "containers": [{"name": "mmar", "image": "ghcr.io/mmar-dev/mmar:e2e", "args": ["mmar", "train", "/workspace/mmar"]}]}}}}
 
