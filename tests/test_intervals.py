@@ -62,9 +62,24 @@ def test_segmentation_interval_brackets_the_mean_dice_over_cases():
     details = np.array([[0.9, 0.8], [0.7, np.nan], [0.95, 0.85], [0.6, 0.5], [0.88, 0.9]])
     found = intervals.segmentation(details, 1, "val_mean_dice", *intervals.units_of([{}] * 5, "patient"),
                                    {**intervals.DEFAULTS, "resamples": 500})
-    point = float(np.nanmean(details))
+    point = float(np.nanmean(np.nanmean(details, axis=1)))  # per case, then over cases: MeanDice's "mean"
     assert found["val_mean_dice"]["lower"] <= point <= found["val_mean_dice"]["upper"]
     assert set(found["dice_per_class"]) == {"1", "2"} and found["unit"] == "case"
+
+
+def test_the_intervals_mean_dice_is_monais_reduction():
+    """The interval's statistic is the key metric itself: MONAI's MeanDice reduction, cases missing a class
+    (NaN) included, which a mean over every defined (case, class) Dice is not."""
+    import torch
+    from monai.metrics.utils import do_metric_reduction
+
+    from mmar.engine import intervals
+
+    details = np.array([[0.9, np.nan, 0.2], [0.7, 0.1, np.nan], [np.nan, np.nan, np.nan], [0.6, 0.5, 0.4]])
+    monai_value, _ = do_metric_reduction(torch.tensor(details, dtype=torch.float32), "mean")
+    assert intervals.mean_dice(details) == pytest.approx(float(monai_value), abs=1e-6)
+    assert intervals.mean_dice(details) != pytest.approx(float(np.nanmean(details)), abs=1e-3)
+    assert np.isnan(intervals.mean_dice(np.full((2, 2), np.nan)))
 
 
 def test_gate_reads_the_bounds_of_the_intervals():

@@ -144,9 +144,16 @@ def classification(probs, labels, fmt, key_metric: str, units: Sequence[str], un
 
 
 def mean_dice(details: np.ndarray) -> float:
-    """MeanDice's reduction ("mean"): the mean over every (case, class) Dice that is defined."""
-    finite = details[np.isfinite(details)]
-    return float(finite.mean()) if finite.size else math.nan
+    """MeanDice's reduction ("mean", monai.metrics.utils.do_metric_reduction): each case's mean over its
+    defined classes, then the mean over the cases that have one. Not the mean of every defined (case, class)
+    Dice: that differs as soon as a case lacks a class, and the interval would then not be the key
+    metric's."""
+    defined = np.isfinite(details)
+    counts = defined.sum(axis=1)
+    if not counts.any():
+        return math.nan
+    per_case = np.where(defined, details, 0.0).sum(axis=1)[counts > 0] / counts[counts > 0]
+    return float(per_case.mean())
 
 
 def segmentation(details, first_class: int, key_metric: str, units: Sequence[str], unit: str,
