@@ -61,11 +61,12 @@ def test_every_rendered_object_is_valid_kubernetes(fixture, request):
 def test_rendered_kinds(default_objects, all_objects):
     kinds = lambda objs: sorted({o["kind"] for o in objs})  # noqa: E731
     assert kinds(default_objects) == [
-        "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment", "Service", "ServiceAccount",
+        "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment", "FlowSchema", "Service",
+        "ServiceAccount",
     ]
     assert kinds(all_objects) == [
-        "ClusterRole", "ClusterRoleBinding", "ConfigMap", "CustomResourceDefinition", "Deployment", "PodMonitor",
-        "RoleBinding", "Service", "ServiceAccount", "ServiceMonitor",
+        "ClusterRole", "ClusterRoleBinding", "ConfigMap", "CustomResourceDefinition", "Deployment", "FlowSchema",
+        "PodMonitor", "RoleBinding", "Service", "ServiceAccount", "ServiceMonitor",
     ]
 
 
@@ -154,6 +155,33 @@ def test_rbac_and_service_account_can_be_disabled():
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "existing"
 
 
+def test_flow_schema_puts_the_service_account_into_workload_high(default_objects):
+    """API Priority and Fairness: every request of the operator's ServiceAccount (and only its) goes to
+    workload-high, matched before the built-in service-accounts FlowSchema (9000, workload-low)."""
+    (flow_schema,) = by_kind(default_objects, "FlowSchema")
+    assert flow_schema["apiVersion"] == "flowcontrol.apiserver.k8s.io/v1"
+    assert flow_schema["metadata"]["labels"]["app.kubernetes.io/instance"] == "mmar"
+    spec = flow_schema["spec"]
+    assert spec["priorityLevelConfiguration"] == {"name": "workload-high"}
+    assert 900 < spec["matchingPrecedence"] < 9000  # after the system FlowSchemas, before service-accounts
+    sa = by_kind(default_objects, "ServiceAccount")[0]["metadata"]["name"]
+    (rule,) = spec["rules"]
+    assert rule["subjects"] == [{"kind": "ServiceAccount", "serviceAccount": {"name": sa, "namespace": "mmar-system"}}]
+    (resources,) = rule["resourceRules"]
+    assert resources == {"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"], "clusterScope": True, "namespaces": ["*"]}
+
+
+def test_flow_schema_settings_and_off():
+    objects = helm_template("--set", "operator.flowSchema.priorityLevel=mmar-operator",
+                            "--set", "operator.flowSchema.matchingPrecedence=1500",
+                            "--set", "serviceAccount.create=false", "--set", "serviceAccount.name=existing")
+    (flow_schema,) = by_kind(objects, "FlowSchema")
+    assert flow_schema["spec"]["priorityLevelConfiguration"]["name"] == "mmar-operator"
+    assert flow_schema["spec"]["matchingPrecedence"] == 1500
+    assert flow_schema["spec"]["rules"][0]["subjects"][0]["serviceAccount"]["name"] == "existing"
+    assert not by_kind(helm_template("--set", "operator.flowSchema.enabled=false"), "FlowSchema")
+
+
 def test_monitors_and_dashboard(all_objects):
     (service_monitor,) = by_kind(all_objects, "ServiceMonitor")
     services = {s["metadata"]["name"]: s for s in by_kind(all_objects, "Service")}
@@ -205,6 +233,8 @@ def test_tensorboard_mounts_the_pvc_read_only(all_objects):
         (["--set", "operator.watchNamespaces[0]=Bad_Name"], "watchNamespaces"),
         (["--set", "unknownKey=1"], "unknownKey"),
         (["--set", "runtime.resources.limits.memory=lots"], "memory"),
+        (["--set", "operator.flowSchema.matchingPrecedence=10000"], "matchingPrecedence"),
+        (["--set", "operator.flowSchema.priorityLevel=Workload_High"], "priorityLevel"),
     ],
 )
 def test_schema_rejects_bad_values(override, message):

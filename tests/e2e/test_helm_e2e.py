@@ -90,6 +90,22 @@ def values_args(watch: list[str]) -> list[str]:
     return ["--set-json", f"operator.watchNamespaces={json.dumps(watch)}"]
 
 
+def flow_schema_condition(kubectl, name: str, kind: str) -> str | None:
+    live = json.loads(kubectl("get", "flowschema", name, "-o", "json").stdout)
+    return next((c["status"] for c in (live.get("status") or {}).get("conditions") or [] if c["type"] == kind), None)
+
+
+def dispatched(kubectl, flow_schema: str, priority_level: str) -> float:
+    """Requests API Priority and Fairness dispatched through `flow_schema` at `priority_level` (the API
+    server's own counter, apiserver_flowcontrol_dispatched_requests_total)."""
+    total = 0.0
+    for line in kubectl("get", "--raw", "/metrics").stdout.splitlines():
+        if line.startswith("apiserver_flowcontrol_dispatched_requests_total{") \
+                and f'flow_schema="{flow_schema}"' in line and f'priority_level="{priority_level}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 # --------------------------------------------------------------------------------------- the objects
 
 
@@ -131,9 +147,17 @@ def test_helm_install(helm, kubectl, api, crd, make_namespace, mode):
             assert sorted(o["metadata"]["namespace"] for o in manifest if o["kind"] == "RoleBinding") == sorted(watch)
         else:
             assert "RoleBinding" not in kinds and kinds.count("ClusterRoleBinding") == 2
+        # API Priority and Fairness: the server accepted the FlowSchema and found its priority level
+        # (Dangling=False: workload-high, a built-in PriorityLevelConfiguration, exists)
+        (flow_schema,) = [o for o in manifest if o["kind"] == "FlowSchema"]
+        assert flow_schema["spec"]["priorityLevelConfiguration"]["name"] == "workload-high"
+        name = flow_schema["metadata"]["name"]
+        wait_for(lambda: flow_schema_condition(kubectl, name, "Dangling") == "False", 30, f"FlowSchema {name} Dangling=False",
+                 diagnose=lambda: kubectl("get", "flowschema", name, "-o", "yaml").stdout)
     finally:
         helm("uninstall", release, "-n", release_ns, "--wait", "--timeout", "60s")
-    assert not kubectl("get", "clusterroles", "-l", f"app.kubernetes.io/instance={release}", "-o", "name").stdout.strip()
+    for kind in ("clusterroles", "flowschemas"):
+        assert not kubectl("get", kind, "-l", f"app.kubernetes.io/instance={release}", "-o", "name").stdout.strip()
 
 
 def test_helm_install_brings_the_crd(helm, kubectl, api, crd, make_namespace):
@@ -236,8 +260,9 @@ def test_operator_runs_with_exactly_the_charts_rbac(helm, kubectl, kubeconfig, a
     watch = [radiology, research] if mode == "namespaced" else []
     helm("install", release, str(CHART), "-n", release_ns, *values_args(watch))
     try:
-        (service_account,) = [o["metadata"]["name"] for o in documents(helm("get", "manifest", release, "-n", release_ns).stdout)
-                              if o["kind"] == "ServiceAccount"]
+        manifest = documents(helm("get", "manifest", release, "-n", release_ns).stdout)
+        (service_account,) = [o["metadata"]["name"] for o in manifest if o["kind"] == "ServiceAccount"]
+        (flow_schema,) = [o["metadata"]["name"] for o in manifest if o["kind"] == "FlowSchema"]
         as_operator = token_kubeconfig(kubectl, kubeconfig, service_account, release_ns, tmp_path / "operator.kubeconfig")
 
         # the server's view of the token: exactly the chart's grants, where the chart grants them
@@ -330,5 +355,9 @@ def test_operator_runs_with_exactly_the_charts_rbac(helm, kubectl, kubeconfig, a
         assert re.search(rf"\[{radiology}/spleen\] Handler 'mmarjob' succeeded", log), log[-2000:]  # kopf's line for the MMARJob on.event handler  # the operator's log, and it did its work
         refused = denied(log)
         assert not refused, "permission errors with the chart's RBAC:\n" + "\n".join(refused[:20])
+        # the operator's requests went through the chart's FlowSchema into workload-high (API Priority and
+        # Fairness), not the service-accounts FlowSchema's workload-low: the FlowSchema is this release's
+        # own, so nothing but the operator's token was dispatched through it
+        assert dispatched(kubectl, flow_schema, "workload-high") > 0
     finally:
         helm("uninstall", release, "-n", release_ns, "--wait", "--timeout", "60s")
