@@ -2,7 +2,7 @@
 
 TorchScript used to abort the whole process (exit 134, a C++ `c10::Error` trace from torch's zip writer,
 its temp file left behind); ONNX first printed a misleading "dynamic spatial axes not possible" and
-exported again. The disk is simulated as tests/test_runs_disk.py does: a file size limit (EFBIG, always
+exported again. The disk is simulated as tests/runs/test_runs_disk.py does: a file size limit (EFBIG, always
 possible) and, where the tests run as root, a tmpfs that is really full (ENOSPC).
 """
 
@@ -15,8 +15,7 @@ import sys
 import pytest
 
 from conftest import run_mmar
-from test_runs_disk import _limited, _mount_tmpfs
-from test_runs_support import digests, temp_files
+from runs_support import digests, file_size_limit, mount_tmpfs, temp_files
 
 FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
 
@@ -59,7 +58,7 @@ def test_an_export_past_the_file_size_limit_names_the_file(mmar, fmt):
     """model.ts and model.onnx (150-230 kB) cannot be written; the checkpoint is only read."""
     models = mmar / "models"
     before = digests(models)
-    result = _export(mmar, fmt, preexec_fn=_limited(60_000))
+    result = _export(mmar, fmt, preexec_fn=file_size_limit(60_000))
     _assert_one_line(result, models, fmt, before, "file size limit exceeded")
 
 
@@ -69,7 +68,7 @@ def test_an_export_on_a_full_disk_names_the_file(mmar, tmp_path):
     saved = tmp_path / "saved"
     shutil.copytree(models, saved)
     used = sum(p.stat().st_size for p in saved.rglob("*") if p.is_file())
-    if not _mount_tmpfs(models, used + 4096 * (len(list(saved.rglob("*"))) + 8) + 40_000):
+    if not mount_tmpfs(models, used + 4096 * (len(list(saved.rglob("*"))) + 8) + 40_000):
         pytest.skip("no tmpfs can be mounted here (needs root); the file size limit test covers the write path")
     try:
         shutil.copytree(saved, models, dirs_exist_ok=True)

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from conftest import run_mmar
-from test_runs_support import (
+from runs_support import (
     digests, kill_when, load, signal_frozen, signal_when, state_epoch, temp_files, wait_for,
 )
 

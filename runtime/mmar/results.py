@@ -16,7 +16,7 @@ The summary, across steps:
     conversion: {converted, skipped, failed}    the last convert step's counts
     gate: {metric, atLeast|atMost, value, passed, message}   the last gated step's gate (mmar.job.gate_decision)
 
-Imports nothing heavy: the operator image (no torch) imports this (tests/test_job_boundary.py).
+Imports nothing heavy: the operator image (no torch) imports this (tests/job/test_job_boundary.py).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ MONOCHROME1/2, RGB (and JPEG 2000's YBR_ICT/RCT) of JPEG 2000 and RLE, 8 or 16 b
 frame (all fragments) or one fragment a frame. Colour JPEG / JPEG-LS (pydicom may change the colour space
 from the codestream's APP markers), YBR_FULL*, PALETTE COLOR, JP2 headers, frames spread over several
 fragments, and any codec error or size that is not the expected one return None from `decode`, and the
-caller decodes the file with pydicom as before, so the output never changes. `tests/test_convert_encapsulated.py` checks equality with pydicom's `pixel_array` on pydicom's test
+caller decodes the file with pydicom as before, so the output never changes. `tests/convert/test_convert_encapsulated.py` checks equality with pydicom's `pixel_array` on pydicom's test
 corpus and the shared real series.
 """
 

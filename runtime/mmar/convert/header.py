@@ -13,7 +13,7 @@ them (ASCII text, the VR the standard gives, one value where one is expected), a
 the file. Anything else (big endian, deflate, enhanced multi-frame functional groups, a file cut short,
 an unexpected VR, non-ASCII text, no image header) returns None and the caller reads the file with pydicom,
 which also words the errors. The values have the types pydicom gives (`slices_from_header` reads both
-alike; `tests/test_convert_header.py` checks every outcome against pydicom's on real and generated files).
+alike; `tests/convert/test_convert_header.py` checks every outcome against pydicom's on real and generated files).
 """
 
 from __future__ import annotations

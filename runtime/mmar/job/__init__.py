@@ -13,7 +13,7 @@ The operator puts a step's argv into a pod; `mmar run JOB.yaml` runs it in a sub
 callers, so a step means the same thing on a cluster and on a laptop.
 
 Imports nothing heavy (no torch, monai, numpy, kubernetes; yaml and jsonschema on first use): the operator
-image installs this without the runtime. tests/test_job_boundary.py holds the package to that.
+image installs this without the runtime. tests/job/test_job_boundary.py holds the package to that.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Mapping
 from mmar.errors import MMARError
 from mmar.job.outcome import API_VERSION, KIND
 
-CRD_FILE = "mmarjob.crd.yaml"  # package data: a copy of crds/mmar.dev_mmarjobs.yaml (tests/test_job_schema.py)
+CRD_FILE = "mmarjob.crd.yaml"  # package data: a copy of crds/mmar.dev_mmarjobs.yaml (tests/job/test_job_schema.py)
 
 # What each step type means to the runtime and the operator (the CRD lists the types; these say what they do)
 STEP_TYPES = ("pull", "convert", "train", "finetune", "validate", "infer", "export", "push")
@@ -339,7 +339,7 @@ LABEL_KEY_RE = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 # The CRD's CEL rules (x-kubernetes-validations) other than the option rules (`rule_check`), each as Python:
-# {the rule's text: a check of `self`}. Their messages and field paths are the CRD's. tests/test_job_schema.py checks every rule has one here and
+# {the rule's text: a check of `self`}. Their messages and field paths are the CRD's. tests/job/test_job_schema.py checks every rule has one here and
 # that each agrees with cel-python on good and bad inputs.
 RULES: dict[str, Callable[[Any], bool]] = {
     "self.metadata.name.size() <= 36 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')":
