@@ -15,7 +15,8 @@
 # in MMAR_CLUSTER_UNAVAILABLE, and they skip with it, or fail under MMAR_CLUSTER_REQUIRED=1 (CI).
 # Env: MMAR_CONTROL_PLANE, MMAR_NODE (the scripts; default beside the checkout, else /work/shared/k8s),
 # MMAR_CLUSTER_PORT_BASE (default 28443: beside the e2e tier's 26443), MMAR_CLUSTER_DIR (state folder),
-# MMAR_CLUSTER_PV_ROOT (the hostPath volumes' folder on the node, default /var/tmp/mmar-cluster-pv).
+# MMAR_CLUSTER_PV_ROOT (the hostPath volumes' folder on the node, default /var/tmp/mmar-cluster-pv),
+# MMAR_CLUSTER_KEEP=1 (keep the node's state folder afterwards; by default only its logs/ stay).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 export PATH="$ROOT/.tools/bin:$PATH"
@@ -67,6 +68,12 @@ cleanup() {
   "$NODE" down "$DIR" >/dev/null 2>&1 || true
   "$CONTROL_PLANE" down "$DIR" >/dev/null 2>&1 || true
   rm -f "$DIR"/images/*.tar 2>/dev/null || true
+  # A folder made here goes, its logs/ aside: the node's unpacked images are ~4.4 GB a run, and a few runs
+  # filled this machine's disk until the kubelet evicted the operator pod (DiskPressure). Never while
+  # anything is still mounted under it (a pod's hostPath bind mount would take the host's files with it).
+  if [[ -z "${MMAR_CLUSTER_DIR:-}" && -z "${MMAR_CLUSTER_KEEP:-}" ]] && ! grep -qF " $DIR/" /proc/self/mounts; then
+    find "$DIR" -mindepth 1 -maxdepth 1 ! -name logs -exec rm -rf {} + 2>/dev/null || true
+  fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
