@@ -96,30 +96,29 @@ def image_suffix_hint(files: list[Path]) -> str:
     return f"; {what} image file(s) among them: convert them with {flags}"
 
 
-def _looks_like_dicom(path: Path) -> bool:
-    """A DICM preamble, or a .dcm/.ima name: files without either are not reported as corrupt DICOM."""
-    if path.suffix.lower() in {".dcm", ".dicom", ".ima"}:
-        return True
+DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
+
+
+def _has_dicm_prefix(path: Path) -> bool | None:
+    """Whether the file carries the DICM prefix after its 128-byte preamble; None when it cannot be read."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(132)
     except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+        return None
+    return head[128:132] == b"DICM"
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """A DICM preamble, or a .dcm/.ima name: files without either are not reported as corrupt DICOM."""
+    return path.suffix.lower() in DICOM_SUFFIXES or bool(_has_dicm_prefix(path))
 
 
 def _plainly_not_dicom(path: Path) -> bool:
     """No DICM prefix and no DICOM name: pydicom's dcmread (force=False) would raise InvalidDicomError and
     `_looks_like_dicom` say no, so the file is ignored; told here without importing pydicom (NIfTI ground
     truths, JSON, notes beside the DICOM files). An unreadable file is left to pydicom, which words it."""
-    if path.suffix.lower() in {".dcm", ".dicom", ".ima"}:
-        return False
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(132)
-    except OSError:
-        return False
-    return head[128:132] != b"DICM"
+    return path.suffix.lower() not in DICOM_SUFFIXES and _has_dicm_prefix(path) is False
 
 
 def read_header(root: Path, path: Path) -> tuple:
