@@ -282,6 +282,13 @@ def test_sigkill_to_mmar_run_takes_the_step_with_it_and_frees_the_mmar(tmp_path,
         assert lock == mmar / "models" / ".mmar.lock"
     state = load(mmar / "models" / "train_state.pt")  # whole: the step ended at a safe point
     assert 1 <= state["trainer"]["epoch"] < 1000 and not temp_files(mmar / "models")
+    # nothing was left to record the end: the file still says Running, but names a runner that is gone
+    left = json.loads(status_path.read_text())
+    assert left["phase"] == "Running" and left["runner"]["pid"] == process.pid
+    status = local_run.read_status(status_path)
+    assert status["phase"] == "Interrupted" and status["reason"] == "RunnerLost"
+    assert status["message"].startswith(f"interrupted: `mmar run` (PID {process.pid}) is gone during step train")
+    assert status["steps"][0]["phase"] == "Interrupted" and status["steps"][0]["reason"] == "RunnerLost"
 
 
 def test_sighup_is_passed_to_the_step_as_sigterm_and_recorded(tmp_path, monkeypatch):

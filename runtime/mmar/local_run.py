@@ -14,6 +14,10 @@ terminal `mmar run` was started from closed) stops the step the same way (it is 
 stops on) and is recorded as SIGHUP. A step never outlives `mmar run`, however that ends: on Linux each step
 is started with PR_SET_PDEATHSIG, so the kernel sends it SIGTERM when `mmar run` dies (even by SIGKILL,
 where nothing can record the job as interrupted), and it stops at its next safe point, releasing the MMAR.
+The status file names its runner (host, PID and the process's start as the kernel counts it), so a status
+left `Running` by a runner that is gone is read (`read_status`) as Interrupted, reason RunnerLost, and a
+PID reused by a later process does not pass for it; the next `mmar run` of the job says so and writes its
+own, and refuses to start while the runner the status names is still at work.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import json
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +42,7 @@ from mmar import results
 from mmar.job import outcome
 from mmar.job.outcome import now_iso
 from mmar.errors import MMARError
-from mmar.io import write_json
+from mmar.io import process_alive, write_json
 
 GRACE_SECONDS = 30.0  # the kubelet's default terminationGracePeriodSeconds
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -301,6 +307,95 @@ def default_status_path(job: Mapping[str, Any], mounts: Mapping[str, Path]) -> P
     return mounts[contract.WORKSPACE_ROOT] / f"{contract.name_of(job)}.status.json"
 
 
+def process_start(pid: int) -> str | None:
+    """When process `pid` started, as the kernel counts it: this boot's id and the clock ticks from boot to
+    the process's start (/proc/PID/stat's 22nd field). A later process given the same PID, or the same PID
+    after a reboot, has another. None when there is no such live process (a zombie is dead) or no /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ...
+    except (OSError, IndexError):
+        return None
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "?"
+    return f"{boot}/{fields[19]}"
+
+
+def runner_record() -> dict[str, Any]:
+    """Who runs the job, as the status file records it (`runner`): host, PID, and the process's start."""
+    record: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
+    start = process_start(os.getpid())
+    if start is not None:
+        record["processStart"] = start
+    return record
+
+
+def runner_gone(runner: Any) -> bool | None:
+    """Whether the `mmar run` a status's `runner` names has ended: True (gone, or its PID is now another
+    process's), False (still at work), None where this machine cannot tell (another host's, or no runner)."""
+    if not isinstance(runner, Mapping) or not isinstance(runner.get("pid"), int) or runner["pid"] <= 0:
+        return None
+    if runner.get("host") != socket.gethostname():
+        return None
+    recorded = runner.get("processStart")
+    if isinstance(recorded, str) and process_start(os.getpid()) is not None:  # /proc answers: compare starts
+        return process_start(runner["pid"]) != recorded
+    return not process_alive(runner["pid"])
+
+
+def read_status(path: Path) -> dict[str, Any] | None:
+    """A status file as it stands: None if there is none; a job it records as Running whose runner is gone
+    (`runner_gone`) is returned as the runner would have recorded it had it lived to: Interrupted, reason
+    RunnerLost, its running step too. The file itself is left as it is."""
+    try:
+        status = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    if not isinstance(status, dict) or status.get("phase") != outcome.RUNNING:
+        return status
+    runner = status.get("runner")
+    if runner_gone(runner) is not True:
+        return status
+    running = next((s for s in status.get("steps", []) if isinstance(s, dict) and s.get("phase") == outcome.RUNNING),
+                   None)
+    when = f"during step {running.get('name')}" if running is not None else "between steps"
+    message = (f"interrupted: `mmar run` (PID {runner['pid']}) is gone {when}, without recording the job's end "
+               f"(killed by SIGKILL or the OOM killer, or the machine restarted)")
+    status.update(phase=INTERRUPTED, reason=outcome.RUNNER_LOST, message=message)
+    if running is not None:
+        running.update(phase=INTERRUPTED, reason=outcome.RUNNER_LOST,
+                       message=f"interrupted: `mmar run` (PID {runner['pid']}) is gone")
+    return status
+
+
+def _check_previous(status_path: Path, name: str, out: Callable[[str], None]) -> None:
+    """Before a run writes its status: refuse while the runner the status names still runs the job; say so
+    when that runner was lost (the file still said Running) or cannot be checked from here."""
+    try:
+        previous = read_status(status_path)
+    except (OSError, ValueError):
+        return  # unreadable: this run's status replaces it
+    if not isinstance(previous, dict):
+        return
+    runner = previous.get("runner") if isinstance(previous.get("runner"), Mapping) else {}
+    who = f"`mmar run` (PID {runner.get('pid', '?')} on host {runner.get('host', '?')}, started {previous.get('startTime', '?')})"
+    if previous.get("phase") == outcome.RUNNING:
+        gone = runner_gone(runner)
+        if gone is False and runner.get("pid") != os.getpid():
+            raise MMARError(f"{name} is being run by {who}: {status_path} is its status. Wait for it to end "
+                            f"(or stop it), then run the job again")
+        if gone is False:  # this very process: an earlier run in it ended without recording its end
+            out(f"{name}: the last run, in this process, ended without recording its end; running the job again")
+        elif gone is None and runner:
+            out(f"{name}: {status_path} says the job is Running, by {who}, which cannot be checked from "
+                f"this machine; running the job here, with a status of its own")
+    elif previous.get("reason") == outcome.RUNNER_LOST:
+        out(f"{name}: the last run was lost: {previous.get('message')}; running the job again")
+
+
 def plan(job: Mapping[str, Any], mounts: Mapping[str, Path]) -> list[list[list[str]]]:
     """For each step, the local argvs to run in order (the scaffolding `mmar init`, if any, then the step)."""
     steps = []
@@ -341,10 +436,12 @@ def _run_steps(job: Mapping[str, Any], commands: list[list[list[str]]], status_p
                interrupt: Interrupt, out: Callable[[str], None]) -> int:
     steps = contract.steps_of(job)
     name = contract.name_of(job)
+    _check_previous(status_path, name, out)
     status: dict[str, Any] = {
         "name": name,
         "phase": outcome.RUNNING,
         "startTime": now_iso(),
+        "runner": runner_record(),
         "steps": [{"name": s["name"], "type": s["type"], "phase": outcome.WAITING} for s in steps],
         "results": {},
     }

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -150,6 +151,142 @@ def test_a_failure_the_step_reports_itself_wins_over_its_stderr(tmp_path, fake, 
     assert status["steps"][0]["message"] == "CUDA out of memory"
     assert status["steps"][0]["result"] == {"command": "train", "error": "CUDA out of memory"}
     assert status["results"] == {}  # a failed step's result is recorded, never folded into the summary
+
+
+# ---- a status whose runner is gone (`mmar run` SIGKILLed: nothing was left to record the end) ----------------
+
+
+def _ended_pid() -> int:
+    """The PID of a process that has ended (and been reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def _left_running(status_path: Path, runner: dict) -> dict:
+    """The status file as a `mmar run` killed during the demo's validate step leaves it."""
+    status = {"name": "demo", "phase": "Running", "startTime": "2026-12-06T10:00:00Z", "runner": runner,
+              "steps": [{"name": "train", "type": "train", "phase": "Succeeded"},
+                        {"name": "validate", "type": "validate", "phase": "Running", "startTime": "2026-12-06T10:05:00Z"},
+                        {"name": "export", "type": "export", "phase": "Waiting"}],
+              "results": {"epochs": 2}}
+    status_path.parent.mkdir(parents=True, exist_ok=True)
+    status_path.write_text(json.dumps(status))
+    return status
+
+
+def test_a_run_records_its_runner(tmp_path, fake):
+    status_path = tmp_path / "status.json"
+    assert local_run.run(demo_job(), volumes(tmp_path), runner=fake, out=lambda _: None, status_path=status_path) == 0
+    runner = json.loads(status_path.read_text())["runner"]
+    assert runner["pid"] == os.getpid() and runner["host"] == socket.gethostname()
+    assert runner["processStart"] == local_run.process_start(os.getpid()) is not None
+    assert local_run.runner_gone(runner) is False
+
+
+@pytest.mark.parametrize("how", ["pid-ended", "pid-reused", "rebooted"])
+def test_a_running_status_whose_runner_is_gone_reads_as_interrupted(tmp_path, how):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        start = local_run.process_start(sleeper.pid)
+        boot, ticks = start.split("/")
+        pid, recorded = {"pid-ended": (_ended_pid(), start),
+                         "pid-reused": (sleeper.pid, f"{boot}/{int(ticks) - 100}"),  # the PID now names a later process
+                         "rebooted": (sleeper.pid, f"another-boot/{ticks}")}[how]
+        status_path = tmp_path / "status.json"
+        written = _left_running(status_path, {"host": socket.gethostname(), "pid": pid, "processStart": recorded})
+        status = local_run.read_status(status_path)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert status["phase"] == "Interrupted" and status["reason"] == "RunnerLost"
+    assert status["message"].startswith(f"interrupted: `mmar run` (PID {pid}) is gone during step validate")
+    assert [(s["phase"], s.get("reason")) for s in status["steps"]] == [
+        ("Succeeded", None), ("Interrupted", "RunnerLost"), ("Waiting", None)]
+    assert status["results"] == {"epochs": 2}
+    assert json.loads(status_path.read_text()) == written  # reading changes nothing on disk
+
+
+def test_a_running_status_whose_runner_runs_reads_as_running(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        status_path = tmp_path / "status.json"
+        written = _left_running(status_path, {"host": socket.gethostname(), "pid": sleeper.pid,
+                                              "processStart": local_run.process_start(sleeper.pid)})
+        assert local_run.read_status(status_path) == written
+        # a PID alone (no start recorded, as where there is no /proc) is checked for life
+        written = _left_running(status_path, {"host": socket.gethostname(), "pid": sleeper.pid})
+        assert local_run.read_status(status_path) == written
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert local_run.read_status(status_path)["reason"] == "RunnerLost"
+
+
+def test_a_zombie_runner_is_gone(tmp_path):
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert local_run.process_start(zombie.pid) is None
+        assert local_run.runner_gone({"host": socket.gethostname(), "pid": zombie.pid, "processStart": "x/1"}) is True
+    finally:
+        zombie.wait()
+
+
+def test_another_hosts_runner_cannot_be_judged_here(tmp_path):
+    status_path = tmp_path / "status.json"
+    written = _left_running(status_path, {"host": "not-" + socket.gethostname(), "pid": _ended_pid(), "processStart": "x/1"})
+    assert local_run.read_status(status_path) == written  # still Running: only its host can tell
+    assert local_run.read_status(tmp_path / "none.json") is None
+
+
+def test_the_next_run_says_the_last_was_lost_and_writes_its_own(tmp_path, fake):
+    status_path = tmp_path / "ws" / "demo.status.json"
+    _left_running(status_path, {"host": socket.gethostname(), "pid": _ended_pid(), "processStart": "x/1"})
+    lines = []
+    assert local_run.run(demo_job(), volumes(tmp_path), runner=fake, out=lines.append) == 0
+    assert any(line.startswith("demo: the last run was lost: interrupted: `mmar run` (PID ") for line in lines), lines
+    status = json.loads(status_path.read_text())
+    assert status["phase"] == "Succeeded" and status["reason"] == "AllStepsSucceeded"
+    assert status["runner"]["pid"] == os.getpid()
+    assert [s["phase"] for s in status["steps"]] == ["Succeeded"] * 3
+
+
+def test_the_next_run_is_refused_while_the_runner_still_runs(tmp_path, fake):
+    status_path = tmp_path / "ws" / "demo.status.json"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        written = _left_running(status_path, {"host": socket.gethostname(), "pid": sleeper.pid,
+                                              "processStart": local_run.process_start(sleeper.pid)})
+        with pytest.raises(MMARError, match=rf"demo is being run by `mmar run` \(PID {sleeper.pid} on host .*: "
+                                            rf"{status_path} is its status"):
+            local_run.run(demo_job(), volumes(tmp_path), runner=fake, out=lambda _: None)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert fake.calls() == [] and json.loads(status_path.read_text()) == written  # nothing ran, nothing written
+
+
+def test_a_running_status_of_this_very_process_is_an_earlier_run_that_ended(tmp_path, fake):
+    status_path = tmp_path / "ws" / "demo.status.json"
+    _left_running(status_path, local_run.runner_record())  # as a run that raised in this process leaves it
+    lines = []
+    assert local_run.run(demo_job(), volumes(tmp_path), runner=fake, out=lines.append) == 0
+    assert "demo: the last run, in this process, ended without recording its end; running the job again" in lines
+    assert json.loads(status_path.read_text())["phase"] == "Succeeded"
+
+
+def test_a_running_status_of_another_host_is_replaced_with_a_word(tmp_path, fake):
+    status_path = tmp_path / "ws" / "demo.status.json"
+    _left_running(status_path, {"host": "elsewhere", "pid": 1, "processStart": "x/1"})
+    lines = []
+    assert local_run.run(demo_job(), volumes(tmp_path), runner=fake, out=lines.append) == 0
+    assert any("says the job is Running, by `mmar run` (PID 1 on host elsewhere" in line
+               and "cannot be checked from this machine" in line for line in lines), lines
+    assert json.loads(status_path.read_text())["phase"] == "Succeeded"
 
 
 def _alive(pid: int) -> bool:

@@ -16,7 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
         "in its pods. Each PersistentVolumeClaim the manifest names is mapped to a local folder. SIGTERM or "
         "SIGINT (Ctrl-C) is passed on to the running step (SIGHUP, a closed terminal, stops it as SIGTERM does); the "
         "status file then records the job as Interrupted and the exit code is 128 + the signal's number (143, 130, "
-        "129). A step never outlives this command: on Linux it is sent SIGTERM when `mmar run` dies, even by SIGKILL.",
+        "129). A step never outlives this command: on Linux it is sent SIGTERM when `mmar run` dies, even by SIGKILL; "
+        "the status file, which names its runner, then reads as Interrupted (RunnerLost), and the next `mmar run` of "
+        "the job says so (it refuses to start while that runner still runs).",
     )
     parser.add_argument("manifest", type=Path, help="the MMARJob YAML")
     parser.add_argument("-v", "--volume", action="append", default=[], metavar="CLAIM=PATH",

@@ -34,6 +34,8 @@ PREVIOUS_STEP_FAILED = "PreviousStepFailed"  # a NotRun step's
 GATE_NOT_MET = "GateNotMet"  # a gate-skipped step's, every later step's, and the job's
 STEP_FAILED = "StepFailed"  # the job's, when a step failed
 ALL_STEPS_SUCCEEDED = "AllStepsSucceeded"  # the job's, when every step succeeded
+RUNNER_LOST = "RunnerLost"  # `mmar run` only: the job's and its running step's, read from a status whose runner is
+# gone (SIGKILL, the OOM killer, a reboot) without having recorded the end (`mmar.local_run.read_status`)
 
 
 def now_iso() -> str:
