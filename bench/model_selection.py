@@ -7,7 +7,7 @@ validation list) and `dev-test` (never looked at by any rule: what the picked ep
 then replayed offline on the same runs (`RULES`, the engine's own code in `mmar.engine.selection`), so the
 rules differ only in the pick, not in the luck of the training. The shared `validation` list is not read.
 
-The training is `bench/screen_classification.py`'s one-process loop (the default recipe: DenseNet121,
+The training is `bench/recipe_cv.py`'s one-process loop (`train`, shared) (the default recipe: DenseNet121,
 mixup alpha 1, AdamW 1e-3 + cosine over 600 steps of 32, bf16 autocast on a CPU with bf16, no batch under
 half a batch), with the engine's own weight average (`mmar.engine.weight_average.WeightAverage`, warm-up and
 batch-norm statistics included). Every epoch dev-val and dev-test are predicted in bf16 autocast (as `mmar
@@ -28,24 +28,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "runtime"))
 
+import recipe_cv  # noqa: E402
 import screen_classification as screen  # noqa: E402
 import train_classification as bench  # noqa: E402
 
-RECIPE = {"net": "densenet121", "mixup": 1.0, "drop_small": True, "ema": 0.99, "steps": 600, "bs": 32}
+RECIPE = recipe_cv.DEFAULT  # the training loop is recipe_cv.train's
 
 
 def split(name: str, seed: int, holdout: float):
@@ -66,52 +64,26 @@ def predict(model, images: torch.Tensor, bf16: bool) -> torch.Tensor:
 
 def train_run(name: str, seed: int, holdout: float, recipe: dict) -> dict:
     from mmar.engine.precision import cpu_bf16_supported
-    from mmar.engine.weight_average import WeightAverage
 
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    mix_draws = np.random.default_rng(seed)
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = split(name, seed, holdout)
-    model = screen.network(recipe["net"], train_y.shape[1], train_x.shape[-1])
-    average = WeightAverage(model, recipe["ema"])
-    batch = recipe["bs"]
-    steps_per_epoch = len(train_x) // batch + (1 if len(train_x) % batch >= batch // 2 else 0)
-    epochs = max(1, round(recipe["steps"] / math.ceil(len(train_x) / batch)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)  # per epoch, as init writes
     bf16 = cpu_bf16_supported()
-    history, started = [], time.time()
-    for epoch in range(1, epochs + 1):
-        model.train()
-        epoch_started, losses = time.time(), []
-        order = torch.randperm(len(train_x), generator=generator)
-        for step in range(steps_per_epoch):
-            index = order[step * batch:(step + 1) * batch]
-            images, targets = screen.augment(train_x[index], recipe, generator), train_y[index]
-            lam = float(mix_draws.beta(recipe["mixup"], recipe["mixup"]))
-            pair = torch.randperm(len(images), generator=generator)
-            images, targets = lam * images + (1 - lam) * images[pair], lam * targets + (1 - lam) * targets[pair]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = model(images)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            average.update()
-            losses.append(float(loss.detach()))
-        schedule.step()
-        record = {"epoch": epoch, "loss": float(np.mean(losses)), "s": round(time.time() - epoch_started, 1)}
+    history = []
+
+    def record(epoch, network, loss, seconds):
+        entry = {"epoch": epoch, "loss": loss, "s": round(seconds, 1)}
         for where, images in (("val", val_x), ("test", test_x)):
             for precision, flag in (("bf16", bf16), ("fp32", False)):
-                record[f"{where}_{precision}"] = [round(float(p), 5) for p in predict(average.module, images, flag)[:, 0]]
-        history.append(record)
-        aucs = {k: _auc(record[k], (val_y if k.startswith("val") else test_y)[:, 0].tolist())
+                entry[f"{where}_{precision}"] = [round(float(p), 5) for p in predict(network, images, flag)[:, 0]]
+        history.append(entry)
+        aucs = {k: _auc(entry[k], (val_y if k.startswith("val") else test_y)[:, 0].tolist())
                 for k in ("val_bf16", "test_fp32")}
-        print(json.dumps({"seed": seed, "epoch": epoch, "loss": round(record["loss"], 4), **{k: round(v, 4) for k, v in aucs.items()},
-                          "s": record["s"]}), flush=True)
-    return {"data": name, "seed": seed, "holdout": holdout, "recipe": recipe, "bf16": bf16, "epochs": epochs,
+        print(json.dumps({"seed": seed, "epoch": epoch, "loss": round(loss, 4), **{k: round(v, 4) for k, v in aucs.items()},
+                          "s": entry["s"]}), flush=True)
+
+    _, info = recipe_cv.train(recipe, train_x, train_y, seed, on_epoch=record)
+    return {"data": name, "seed": seed, "holdout": holdout, "recipe": recipe, "bf16": bf16, "epochs": info["epochs"],
             "val_labels": val_y[:, 0].tolist(), "test_labels": test_y[:, 0].tolist(), "train_cases": len(train_x),
-            "train_s": round(time.time() - started, 1), "history": history}
+            "train_s": info["train_s"], "history": history}
 
 
 # ---- offline: the rules on recorded runs -----------------------------------------------------------
