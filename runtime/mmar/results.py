@@ -218,17 +218,27 @@ class PullResult(StepResult):
 
 @dataclass
 class PushResult(StepResult):
-    """`mmar push`: DICOM Segmentation files found, stored now with STOW-RS, and skipped because the server
-    already holds their SOPInstanceUID."""
+    """`mmar push`: DICOM Segmentation files found, stored now with STOW-RS, skipped because the server
+    already holds their SOPInstanceUID, and not stored (unreadable, bad UIDs, refused by the server: the push
+    goes on with the others and exits non-zero); `first_error`, when some were not stored, is the command's
+    `error:` line (how many, and the first one's reason), cut to ERROR_MAX like a Failure's error."""
 
     found: int | None = None
     stored: int | None = None
     skipped: int | None = None
+    failed: int | None = None
     url: str | None = None  # the service, as given (credentials are never in it)
+    first_error: str | None = None
 
     COMMANDS: ClassVar[tuple[str, ...]] = ("push",)
-    REQUIRED: ClassVar[tuple[str, ...]] = ("command", "found", "stored", "skipped", "url")
+    REQUIRED: ClassVar[tuple[str, ...]] = ("command", "found", "stored", "skipped", "failed", "url")
     DROP_ORDER: ClassVar[tuple[str, ...]] = ("url",)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if self.first_error and len(self.first_error) > ERROR_MAX:
+            data["first_error"] = self.first_error[: ERROR_MAX - 3] + "..."
+        return data
 
 
 @dataclass

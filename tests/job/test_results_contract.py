@@ -30,14 +30,17 @@ EXPORT = {"command": "export", "formats": ["torchscript", "onnx"], "skipped": ["
           "files": ["/workspace/mmar/models/model.ts", "/workspace/mmar/models/model.onnx"], "input_shape": [1, 1, 96, 96, 96],
           "precision": "fp32", "max_abs_diff": {"torchscript": 0.0, "onnx": 3.6e-6}}
 CONVERT = {"command": "convert", "converted": 6, "skipped": 1, "failed": 0}
+PUSH = {"command": "push", "found": 3, "stored": 2, "skipped": 1, "failed": 0, "url": "https://pacs.example/dicom-web"}
+PUSH_FAILED = {**PUSH, "stored": 1, "failed": 1,
+               "first_error": "1 of 3 DICOM SEG(s) not stored (1 stored, 1 already there): ... (HTTP 400 Bad Request)"}
 
 
 def test_every_command_has_a_definition():
     assert set(results.DEFINITIONS) == set(contract.STEP_TYPES)  # a new step type needs its result defined
 
 
-@pytest.mark.parametrize("data", [TRAIN, VALIDATE, INFER, EXPORT, CONVERT, {"command": "train", "error": "boom"}],
-                         ids=lambda d: d["command"] + ("-error" if "error" in d else ""))
+@pytest.mark.parametrize("data", [TRAIN, VALIDATE, INFER, EXPORT, CONVERT, PUSH, PUSH_FAILED, {"command": "train", "error": "boom"}],
+                         ids=lambda d: d["command"] + ("-error" if "error" in d else "-first-error" if "first_error" in d else ""))
 def test_a_result_survives_the_message(data):
     message = results.encode(results.check(data))
     assert len(message.encode()) <= results.MAX_BYTES
@@ -52,6 +55,7 @@ def test_a_result_survives_the_message(data):
     ({**EXPORT, "files": ["a", 3]}, r"ExportResult.files\[1\]: expected str"),
     ({"command": "predict"}, r"unknown command 'predict'"),
     ({"epochs": 3}, r"unknown command None"),
+    ({k: v for k, v in PUSH.items() if k != "failed"}, r"PushResult \('push'\): missing keys \['failed'\]"),
 ])
 def test_the_writer_refuses_a_result_that_does_not_match(data, match):
     with pytest.raises(results.ResultError, match=match):
@@ -102,6 +106,12 @@ def test_a_long_error_is_cut_and_the_message_stays_valid_json():
     assert len(huge.encode()) <= 600 and json.loads(huge)["command"] == "train"
     escaped = results.encode(results.failure("train", "\u00e9" * 3000), limit=300)  # 6 bytes a character in JSON
     assert len(escaped.encode()) <= 300 and json.loads(escaped)["error"].startswith("\u00e9")
+
+
+def test_a_push_s_long_first_error_is_cut_and_its_counts_kept():
+    encoded = json.loads(results.encode(results.check({**PUSH_FAILED, "first_error": "y" * 10_000})))
+    assert len(encoded["first_error"]) == results.ERROR_MAX and encoded["first_error"].endswith("...")
+    assert (encoded["stored"], encoded["skipped"], encoded["failed"]) == (1, 1, 1)
 
 
 def test_readers_tolerate_what_they_do_not_know():

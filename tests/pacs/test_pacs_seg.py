@@ -102,7 +102,7 @@ def test_a_known_mask_round_trips_through_orthanc(server, loaded, tmp_path, whic
                              3, algorithm="test", version="1")
     write_segmentation(seg, tmp_path / "out" / "mask_seg.dcm")
     assert push(server, tmp_path, tmp_path / "out") == {"command": "push", "found": 1, "stored": 1, "skipped": 0,
-                                                          "url": server.dicomweb}
+                                                          "failed": 0, "url": server.dicomweb}
     check_seg(fetch(server, tmp_path / "out" / "mask_seg.dcm"), tmp_path / entry["dicom"], mask_file, ["organ", "lesion"])
 
 
@@ -130,7 +130,7 @@ def test_infer_dicom_seg_push_and_read_back(server, loaded, trained_seg_mmar, se
     for _ in range(2):  # the second time the server holds it: not stored twice
         run_mmar("push", str(mmar), "--url", server.dicomweb, env=env(tmp_path, "push.json"))
         pushed.append(json.loads((tmp_path / "push.json").read_text()))
-    assert [(p["found"], p["stored"], p["skipped"]) for p in pushed] == [(1, 1, 0), (1, 0, 1)]
+    assert [(p["found"], p["stored"], p["skipped"], p["failed"]) for p in pushed] == [(1, 1, 0, 0), (1, 0, 1, 0)]
     seg = fetch(server, seg_file)
     check_seg(seg, tmp_path / entry["dicom"], prediction, ["dim", "bright"])
     assert seg.SeriesDescription.startswith("mmar segmentation")
@@ -263,8 +263,12 @@ def test_push_reports_a_bad_seg_and_still_stores_the_others(server, tmp_path):
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: 1 of 3 DICOM SEG(s) not stored (2 stored, 0 already there)")
     assert f"{out / 'a_bad_seg.dcm'}: StudyInstanceUID '{HOSTILE_UID}' is not a DICOM UID" in line, line
-    assert json.loads((tmp_path / "push.json").read_text()) == {"command": "push", "error": line[len("error: "):]}
+    # the counts are the result's, not only the error line's (the operator shows `first_error` as the step's words)
+    assert json.loads((tmp_path / "push.json").read_text()) == {
+        "command": "push", "found": 3, "stored": 2, "skipped": 0, "failed": 1, "url": server.dicomweb,
+        "first_error": line[len("error: "):]}
     assert "not stored: " in result.stdout and result.stdout.count("stored case") == 2
+    assert f"pushed 3 DICOM SEG(s) to {server.dicomweb}: 2 stored, 0 already there, 1 not stored" in result.stdout
     for n in range(2):  # both good ones are on the server
         assert fetch(server, out / f"case{n}_seg.dcm").SOPClassUID == SEGMENTATION_STORAGE
     session = server.session()

@@ -4,6 +4,7 @@ wrote (default: the MMAR's infer output folder) to a DICOMweb server; those it a
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from mmar.report import write_result
@@ -27,7 +28,7 @@ def main(argv: list[str]) -> int:
 
 def _push(args: argparse.Namespace) -> int:
     from mmar.errors import MMARError
-    from mmar.pacs.client import PacsError, connect
+    from mmar.pacs.client import connect
     from mmar.pacs.store import find_segs, push
 
     folder = args.input
@@ -41,12 +42,16 @@ def _push(args: argparse.Namespace) -> int:
     connection = connect(args.url)
     pushed = push(connection, files)
     print(f"pushed {len(files)} DICOM SEG(s) to {connection.url}: {len(pushed.stored)} stored, "
-          f"{len(pushed.skipped)} already there" + (f", {len(pushed.failed)} not stored" if pushed.failed else ""))
-    if pushed.failed:  # the others are stored; the step still fails, naming what was left out
-        path, why = pushed.failed[0]
+          f"{len(pushed.skipped)} already there, {len(pushed.failed)} not stored")
+    result = {"command": "push", "found": len(files), "stored": len(pushed.stored), "skipped": len(pushed.skipped),
+              "failed": len(pushed.failed), "url": connection.url}
+    if pushed.failed:  # the others are stored; the step still fails, naming what was left out, with its counts
+        path, why = pushed.failed[0]  # `why` is redacted (mmar.pacs.store.push)
         more = f" (and {len(pushed.failed) - 1} more, listed above)" if len(pushed.failed) > 1 else ""
-        raise PacsError(f"{len(pushed.failed)} of {len(files)} DICOM SEG(s) not stored ({len(pushed.stored)} stored, "
-                        f"{len(pushed.skipped)} already there): {why}{more}")
-    write_result({"command": "push", "found": len(files), "stored": len(pushed.stored), "skipped": len(pushed.skipped),
-                  "url": connection.url})
+        line = (f"{len(pushed.failed)} of {len(files)} DICOM SEG(s) not stored ({len(pushed.stored)} stored, "
+                f"{len(pushed.skipped)} already there): {why}{more}")
+        print(f"error: {line}", file=sys.stderr)
+        write_result({**result, "first_error": line})
+        return 1
+    write_result(result)
     return 0
