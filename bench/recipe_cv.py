@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -46,7 +45,8 @@ import screen_classification as screen  # noqa: E402
 import train_classification as bench  # noqa: E402
 
 DEFAULT = {"net": "densenet121", "mixup": 1.0, "ema": 0.99, "steps": 600, "bs": 32, "lr": 1e-3, "wd": 1e-4,
-           "size": 32}
+           "size": None}  # None: what `mmar init` picks for the data (BreastMNIST 32 px, the NIH sample 64)
+INIT_SIZE = {"breastmnist": 32, "nih": 64}
 RECIPES = {
     "default": DEFAULT,                                  # what `mmar init` writes
     "steps1200": {**DEFAULT, "steps": 1200},             # twice the budget
@@ -113,7 +113,7 @@ def train(recipe: dict, train_x: torch.Tensor, train_y: torch.Tensor, seed: int,
     epochs = max(1, round(recipe["steps"] / math.ceil(len(train_x) / batch)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["wd"])
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)  # per epoch, as init writes
-    bf16, smooth = cpu_bf16_supported(), recipe.get("smooth", 0.0)
+    bf16 = cpu_bf16_supported()
     losses, started = [], time.time()
     for epoch in range(1, epochs + 1):
         model.train()
@@ -121,21 +121,9 @@ def train(recipe: dict, train_x: torch.Tensor, train_y: torch.Tensor, seed: int,
         order = torch.randperm(len(train_x), generator=generator)
         for step in range(steps_per_epoch):
             index = order[step * batch:(step + 1) * batch]
-            images, targets = screen.augment(train_x[index], recipe, generator), train_y[index]
-            if smooth:
-                targets = targets * (1 - smooth) + 0.5 * smooth
-            if recipe.get("mixup"):
-                lam = float(mix_draws.beta(recipe["mixup"], recipe["mixup"]))
-                pair = torch.randperm(len(images), generator=generator)
-                images, targets = lam * images + (1 - lam) * images[pair], lam * targets + (1 - lam) * targets[pair]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = model(images)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            losses.append(screen.batch_step(model, optimizer, train_x[index], train_y[index], recipe, generator,
+                                            mix_draws, bf16))
             average.update()
-            losses.append(float(loss.detach()))
         schedule.step()
         if on_epoch is not None:
             on_epoch(epoch, average.module, float(np.mean(losses[-steps_per_epoch:])), time.time() - epoch_started)
@@ -146,8 +134,9 @@ def train(recipe: dict, train_x: torch.Tensor, train_y: torch.Tensor, seed: int,
 def run_one(name: str, recipe_name: str, k: int, fold: int, seed: int) -> dict:
     recipe = RECIPES[recipe_name]
     kept, held = fold_split(name, k, fold, seed)
-    train_x, train_y = screen.load_images(kept, recipe["size"])
-    held_x, held_y = screen.load_images(held, recipe["size"])
+    size = recipe["size"] or INIT_SIZE[name]
+    train_x, train_y = screen.load_images(kept, size)
+    held_x, held_y = screen.load_images(held, size)
     model, info = train(recipe, train_x, train_y, seed * 100 + fold)
     plain = predict(model, held_x)
     mirrored = (plain + predict(model, held_x.flip(-1))) / 2
@@ -214,16 +203,16 @@ def table(runs: list[dict], baseline: str = "default") -> str:
         auc_ci = bootstrap(lambda a: mean_auc(*a), [(probs, labels)])
         acc_ci = bootstrap(lambda a: accuracy(*a), [(probs, labels)])
         diff, diff_acc, per_fold = "", "", ""
-        if base is not None and recipe != baseline and base[2] == names:
-            b = (base[0], base[1])
-            d = auc - mean_auc(*b)
-            lo, hi = bootstrap(lambda x, y: mean_auc(*x) - mean_auc(*y), [(probs, labels), b])
-            diff = f"{d:+.4f} ({lo:+.4f} to {hi:+.4f})"
-            diff_acc = f"{acc - accuracy(*b):+.4f}"
+        common = sorted(set(names) & set(base[2])) if base is not None and recipe != baseline else []
+        if common:  # paired on the images both recipes held out (the folds both ran)
+            mine, theirs = ([row[2].index(n) for n in common] for row in (plain[recipe], base))
+            a, b = (probs[mine], labels[mine]), (base[0][theirs], base[1][theirs])
+            d = mean_auc(*a) - mean_auc(*b)
+            lo, hi = bootstrap(lambda x, y: mean_auc(*x) - mean_auc(*y), [a, b])
+            diff = f"{d:+.4f} ({lo:+.4f} to {hi:+.4f})" + ("" if len(common) == len(names) else f" on {len(common)}")
+            diff_acc = f"{accuracy(*a) - accuracy(*b):+.4f}"
             per_fold = ", ".join(f"{fold_auc[(recipe, f)] - fold_auc[(baseline, f)]:+.3f}"
                                  for f in range(k) if (recipe, f) in fold_auc and (baseline, f) in fold_auc)
-        elif recipe != baseline:
-            diff = f"(folds differ from {baseline}'s)"
         lines.append(f"| `{recipe}` | {len(recipe_runs)} | {len(labels)} | {auc:.4f} ({auc_ci[0]:.3f}-{auc_ci[1]:.3f}) "
                      f"| {acc:.4f} ({acc_ci[0]:.3f}-{acc_ci[1]:.3f}) | {diff} | {diff_acc} | {per_fold} "
                      f"| {mean_auc(flipped[recipe][0], flipped[recipe][1]):.4f} "

@@ -110,6 +110,27 @@ def augment(images: torch.Tensor, recipe: dict, generator: torch.Generator) -> t
     return images + chosen(n)[:, None, None, None] * uniform(n, 0.1)[:, None, None, None]
 
 
+def batch_step(model, optimizer, images, targets, recipe: dict, generator: torch.Generator, mix_draws, bf16: bool) -> float:
+    """One optimizer step on a batch: augmented, labels smoothed (`smooth`), mixed in pairs (`mixup`: one
+    Beta(alpha, alpha) weight from `mix_draws`), BCE with logits; the batch's loss. Shared with
+    bench/recipe_cv.py."""
+    images = augment(images, recipe, generator)
+    smooth = recipe.get("smooth", 0.0)
+    if smooth:
+        targets = targets * (1 - smooth) + 0.5 * smooth
+    if recipe.get("mixup"):
+        lam = float(mix_draws.beta(recipe["mixup"], recipe["mixup"]))
+        pair = torch.randperm(len(images), generator=generator)
+        images, targets = lam * images + (1 - lam) * images[pair], lam * targets + (1 - lam) * targets[pair]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(images)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def auc_and_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     from monai.metrics import compute_roc_auc
 
@@ -138,7 +159,7 @@ def run(recipe: dict, name: str, seed: int, split: str) -> dict:
     total = epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.get("lr", 1e-3), weight_decay=recipe.get("wd", 1e-4))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
-    decay, smooth, bf16 = recipe.get("ema", 0.99), recipe.get("smooth", 0.0), recipe.get("bf16", True)
+    decay, bf16 = recipe.get("ema", 0.99), recipe.get("bf16", True)
     history, started = [], time.time()
     for epoch in range(1, epochs + 1):
         model.train()
@@ -148,26 +169,14 @@ def run(recipe: dict, name: str, seed: int, split: str) -> dict:
             index = order[step * batch:(step + 1) * batch]
             if recipe.get("drop_small") and len(index) < batch // 2:
                 continue
-            images, targets = augment(train_x[index], recipe, generator), train_y[index]
-            if smooth:
-                targets = targets * (1 - smooth) + 0.5 * smooth
-            if recipe.get("mixup"):
-                lam = float(mix_draws.beta(recipe["mixup"], recipe["mixup"]))
-                pair = torch.randperm(len(images), generator=generator)
-                images, targets = lam * images + (1 - lam) * images[pair], lam * targets + (1 - lam) * targets[pair]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = model(images)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = batch_step(model, optimizer, train_x[index], train_y[index], recipe, generator, mix_draws, bf16)
             schedule.step()
             with torch.no_grad():
                 for mine, theirs in zip(average.parameters(), model.parameters()):
                     mine.mul_(decay).add_(theirs.detach(), alpha=1 - decay)
                 for mine, theirs in zip(average.buffers(), model.buffers()):
                     mine.copy_(theirs)
-            losses.append(float(loss.detach()))
+            losses.append(loss)
         auc, accuracy = evaluate(average, held_x, held_y, bf16)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "auc": auc, "acc": accuracy,
                         "s": time.time() - epoch_started})
