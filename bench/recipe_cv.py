@@ -161,12 +161,13 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(((probs >= 0.5) == (labels >= 0.5)).mean())
 
 
-def pooled(runs: list[dict], key: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(recipe, variant) -> the out-of-fold probabilities and labels over every image, in one image order."""
-    by_recipe: dict[str, dict[str, tuple]] = {}
+def pooled(runs: list[dict], key: str) -> dict[str, tuple[np.ndarray, np.ndarray, list]]:
+    """recipe -> the out-of-fold probabilities and labels of every (fold draw, image), in one order, and those
+    (seed, image) names. With several fold draws (`--seed`) each image is there once per draw."""
+    by_recipe: dict[str, dict[tuple, tuple]] = {}
     for run in runs:
         for image, label, prob in zip(run["images"], run["labels"], run[key]):
-            by_recipe.setdefault(run["recipe_name"], {})[image] = (prob, label)
+            by_recipe.setdefault(run["recipe_name"], {})[(run["seed"], image)] = (prob, label)
     out = {}
     for recipe, table_ in by_recipe.items():
         names = sorted(table_)
@@ -174,12 +175,19 @@ def pooled(runs: list[dict], key: str) -> dict[str, tuple[np.ndarray, np.ndarray
     return out
 
 
-def bootstrap(fn, arrays: list[tuple[np.ndarray, np.ndarray]], resamples: int = 2000, seed: int = 0):
+def bootstrap(fn, arrays: list[tuple[np.ndarray, np.ndarray]], names: list[tuple], resamples: int = 2000,
+              seed: int = 0):
+    """95 % percentile interval of `fn` over resamples of whole images: an image drawn brings its rows of every
+    fold draw (`names`: the rows' (seed, image)), since two draws' predictions of one image are not
+    independent."""
     rng = np.random.default_rng(seed)
-    n = len(arrays[0][1])
+    rows_of: dict[str, list[int]] = {}
+    for row, (_, image) in enumerate(names):
+        rows_of.setdefault(image, []).append(row)
+    groups = [np.array(rows) for rows in rows_of.values()]
     values = []
     for _ in range(resamples):
-        index = rng.integers(0, n, n)
+        index = np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])
         values.append(fn(*[(p[index], y[index]) for p, y in arrays]))
     values = [v for v in values if not math.isnan(v)]
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
@@ -187,32 +195,34 @@ def bootstrap(fn, arrays: list[tuple[np.ndarray, np.ndarray]], resamples: int = 
 
 def table(runs: list[dict], baseline: str = "default") -> str:
     k = runs[0]["k"]
-    lines = [f"{runs[0]['data']}, {k}-fold cross-validation of the shared training list (seed {runs[0]['seed']}), "
+    draws = sorted({r["seed"] for r in runs})
+    lines = [f"{runs[0]['data']}, {k}-fold cross-validation of the shared training list (fold draws {draws}), "
              "last epoch's averaged weights, float32; pooled out-of-fold figures, 95 % bootstrap intervals "
              "(2000 resamples of images; the difference paired on the same images)", "",
-             "| recipe | folds | images | AUC (95 % interval) | acc (95 % interval) | AUC - baseline (95 % interval) "
+             "| recipe | runs | predictions | AUC (95 % interval) | acc (95 % interval) | AUC - baseline (95 % interval) "
              "| acc - baseline | per-fold AUC - baseline | AUC, flip TTA | train s/run (median) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     plain, flipped = pooled(runs, "probs"), pooled(runs, "probs_tta_flip")
     base = plain.get(baseline)
-    fold_auc = {(r["recipe_name"], r["fold"]): mean_auc(np.array(r["probs"]), np.array(r["labels"])) for r in runs}
+    fold_auc = {(r["recipe_name"], r["seed"], r["fold"]): mean_auc(np.array(r["probs"]), np.array(r["labels"]))
+                for r in runs}
     for recipe in sorted(plain, key=lambda r: (r != baseline, r)):
         probs, labels, names = plain[recipe]
         recipe_runs = [r for r in runs if r["recipe_name"] == recipe]
         auc, acc = mean_auc(probs, labels), accuracy(probs, labels)
-        auc_ci = bootstrap(lambda a: mean_auc(*a), [(probs, labels)])
-        acc_ci = bootstrap(lambda a: accuracy(*a), [(probs, labels)])
+        auc_ci = bootstrap(lambda a: mean_auc(*a), [(probs, labels)], names)
+        acc_ci = bootstrap(lambda a: accuracy(*a), [(probs, labels)], names)
         diff, diff_acc, per_fold = "", "", ""
         common = sorted(set(names) & set(base[2])) if base is not None and recipe != baseline else []
         if common:  # paired on the images both recipes held out (the folds both ran)
             mine, theirs = ([row[2].index(n) for n in common] for row in (plain[recipe], base))
             a, b = (probs[mine], labels[mine]), (base[0][theirs], base[1][theirs])
             d = mean_auc(*a) - mean_auc(*b)
-            lo, hi = bootstrap(lambda x, y: mean_auc(*x) - mean_auc(*y), [a, b])
+            lo, hi = bootstrap(lambda x, y: mean_auc(*x) - mean_auc(*y), [a, b], common)
             diff = f"{d:+.4f} ({lo:+.4f} to {hi:+.4f})" + ("" if len(common) == len(names) else f" on {len(common)}")
             diff_acc = f"{accuracy(*a) - accuracy(*b):+.4f}"
-            per_fold = ", ".join(f"{fold_auc[(recipe, f)] - fold_auc[(baseline, f)]:+.3f}"
-                                 for f in range(k) if (recipe, f) in fold_auc and (baseline, f) in fold_auc)
+            per_fold = ", ".join(f"{fold_auc[(recipe, d, f)] - fold_auc[(baseline, d, f)]:+.3f}" for d in draws
+                                 for f in range(k) if (recipe, d, f) in fold_auc and (baseline, d, f) in fold_auc)
         lines.append(f"| `{recipe}` | {len(recipe_runs)} | {len(labels)} | {auc:.4f} ({auc_ci[0]:.3f}-{auc_ci[1]:.3f}) "
                      f"| {acc:.4f} ({acc_ci[0]:.3f}-{acc_ci[1]:.3f}) | {diff} | {diff_acc} | {per_fold} "
                      f"| {mean_auc(flipped[recipe][0], flipped[recipe][1]):.4f} "

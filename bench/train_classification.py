@@ -128,6 +128,9 @@ def candidates() -> dict[str, list[str]]:
         "default_wd5e-2": [_set("train#optimizer#weight_decay", 0.05)],
         "default_lr3e-3": [_set("learning_rate", 3e-3)],
         "default_lr3e-4": [_set("learning_rate", 3e-4)],
+        # issue 35: the image grid spelled out (mmar init picks 64 px for images up to 64 px since then)
+        "default_32px": [_set("spatial_size", [32, 32])],
+        "default_64px": [_set("spatial_size", [64, 64])],
     }
 
 

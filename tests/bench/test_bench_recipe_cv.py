@@ -33,8 +33,8 @@ def test_folds_cover_every_image_once_keep_patients_together_and_the_label_mix()
     assert parts == bench.folds(items, 5, seed=0) and parts != bench.folds(items, 5, seed=1)
 
 
-def record(recipe: str, fold: int, labels, probs) -> dict:
-    return {"data": "breastmnist", "recipe_name": recipe, "k": 2, "fold": fold, "seed": 0, "train_s": 1.0,
+def record(recipe: str, fold: int, labels, probs, draw: int = 0) -> dict:
+    return {"data": "breastmnist", "recipe_name": recipe, "k": 2, "fold": fold, "seed": draw, "train_s": 1.0,
             "images": [f"{fold}_{i}.png" for i in range(len(labels))], "labels": [[y] for y in labels],
             "probs": [[p] for p in probs], "probs_tta_flip": [[p] for p in probs]}
 
@@ -57,3 +57,18 @@ def test_table_pools_the_folds_and_pairs_the_difference_on_the_same_images():
     low = float(difference.split("(")[1].split(" to ")[0])
     assert low > 0  # a clearly better recipe: the paired interval of the difference excludes 0
     assert len(rows["`better`"][8].split(",")) == 2  # one paired difference per fold
+
+
+def test_a_second_fold_draw_adds_its_predictions_and_resamples_whole_images():
+    bench = load_bench()
+    rng = np.random.default_rng(1)
+    labels = [int(v) for v in rng.integers(0, 2, 40)]
+    first = [float(np.clip(y * 0.5 + rng.random() * 0.5, 0, 1)) for y in labels]
+    second = [float(np.clip(y * 0.5 + rng.random() * 0.5, 0, 1)) for y in labels]
+    runs = [record("default", 0, labels, first, draw=0), record("default", 0, labels, second, draw=1)]
+    rows = [line.split("|") for line in bench.table(runs).splitlines() if line.startswith("| `default`")]
+    assert rows[0][3].strip() == "80"  # 40 images, each predicted in both draws
+    probs, labels_, names = bench.pooled(runs, "probs")["default"]
+    seen = []
+    bench.bootstrap(lambda a: seen.append(len(a[1])) or 0.0, [(probs, labels_)], names, resamples=5)
+    assert seen == [80] * 5  # whole images drawn: each brings its two rows
