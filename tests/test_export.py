@@ -220,7 +220,7 @@ def test_classification_export_and_validate(trained_cls, capsys):
     root = trained_cls
     assert cli(capsys, "export", str(root), "--formats", "torchscript,onnx")[0] == 0
     report = json.loads((root / "models" / "export.json").read_text())
-    assert report["task"] == "classification" and report["input_shape"] == [1, 1, 64, 64]
+    assert report["task"] == "classification" and report["input_shape"] == [1, 1, 32, 32]
     onnx_entry = report["formats"]["onnx"]
     assert onnx_entry["dynamic_batch"] and not onnx_entry["dynamic_spatial"]
     assert onnx_entry["max_abs_diff"] <= onnx_entry["tolerance"]

@@ -82,10 +82,10 @@ def test_categorical_labels_get_the_same_defaults_and_softmax(tmp_path):
         assert sum(float(v) for v in row[1:]) == pytest.approx(1.0, abs=1e-4)  # softmax over the segment
 
 
-def test_init_picks_at_least_64_px_a_multiple_of_32_at_most_256():
-    """Issue 35: 28 px MedMNIST images go to the network at 64 px (2x2 maps at DenseNet121's last block, not
-    1x1: higher out-of-fold AUC on BreastMNIST in 7 of 9 folds, docs/classification.md)."""
-    assert classification.spatial_size_for([(28, 28)] * 5) == [64, 64]
+def test_init_picks_the_median_size_rounded_up_to_32_at_least_32_at_most_256():
+    """28 px MedMNIST images go to the network at 32 px (a 64 px grid was measured, issue 35: no gain beyond
+    the noise for twice the training time, docs/classification.md)."""
+    assert classification.spatial_size_for([(28, 28)] * 5) == [32, 32]
     assert classification.spatial_size_for([(64, 64), (64, 64), (80, 60)]) == [64, 64]
     assert classification.spatial_size_for([(100, 70)] * 3) == [128, 96]
     assert classification.spatial_size_for([(1024, 1024)]) == [256, 256]

@@ -54,14 +54,14 @@ def test_init_writes_the_measured_recipe_for_the_label_format(tmp_path, cls_data
     assert config["train"]["ema"] == {"decay": 0.99} and config["train"]["mixup"] == {"alpha": 1.0}
     assert config["epochs"] == 200  # 600 steps of 32 images: a 14-image list is capped at 200 epochs
     assert config["label_format"] == [1, 1, 3] and config["label_names"] == ["disk", "bar", "square_position"]
-    assert config["spatial_size"] == [64, 64]  # 32 px images: at least 64 (tasks/classification.spatial_size_for)
+    assert config["spatial_size"] == [32, 32]
     assert config["validate"]["key_metric"] == "val_mean_auc"
     env = json.loads((root / "config" / "environment.json").read_text())
     assert env["PROCESSING_TASK"] == "classification"
     from mmar.archive import load_archive
 
     network = load_archive(root).parser().get_parsed_content("network")
-    assert network(torch.zeros(2, 1, 64, 64)).shape == (2, 5)  # 1 + 1 + 3 outputs
+    assert network(torch.zeros(2, 1, 32, 32)).shape == (2, 5)  # 1 + 1 + 3 outputs
 
 
 def test_train_keeps_best_and_final_models_and_logs_per_label_auc(trained_cls_mmar):
@@ -187,7 +187,7 @@ def test_8_bit_16_bit_rgb_and_rgba_pngs_read_alike(trained_cls_mmar, tmp_path):
     assert Image.open(tmp_path / "16-bit.png").mode.startswith("I")
     for kind in ("8-bit", "16-bit", "RGBA", "RGB"):
         data = preprocess(trained_cls_mmar, tmp_path / f"{kind}.png")
-        assert data["image"].shape == (1, 64, 64), kind  # resized to the MMAR's spatial_size
+        assert data["image"].shape == (1, 32, 32), kind
         assert data["image"].dtype == torch.float32
         assert torch.equal(data["label"], torch.tensor([0.0, 1.0, 2.0]))
         inputs[kind] = data["image"].numpy()
@@ -201,10 +201,8 @@ def test_colour_is_converted_with_luma_weights(trained_cls_mmar, tmp_path):
     rgb[:, 16:] = (0, 0, 255)  # blue: luma 0.114
     Image.fromarray(rgb, mode="RGB").save(tmp_path / "colour.png")
     image = preprocess(trained_cls_mmar, tmp_path / "colour.png")["image"][0].numpy()
-    # PILReader returns (width, height): axis 0 is x. Red (left) is brighter than blue (right); the outer
-    # quarters, away from the edge the resize to spatial_size blends
-    quarter = image.shape[0] // 4
-    assert image[:quarter].mean() == pytest.approx(1.0) and image[-quarter:].mean() == pytest.approx(0.0)
+    # PILReader returns (width, height): axis 0 is x. Red (left) is brighter than blue (right).
+    assert image[:16].mean() == pytest.approx(1.0) and image[16:].mean() == pytest.approx(0.0)
 
 
 # ---- bad inputs ----------------------------------------------------------------------------------------

@@ -227,15 +227,11 @@ def mixup_targets(config: dict[str, Any]):
 # ---- init: fit the recipe to the data ------------------------------------------------------------
 
 
-def spatial_size_for(shapes: list[tuple[int, int]], multiple: int = 32, smallest: int = 64, cap: int = 256) -> list[int]:
+def spatial_size_for(shapes: list[tuple[int, int]], multiple: int = 32, smallest: int = 32, cap: int = 256) -> list[int]:
     """The median image size rounded up to a multiple of 32 (so that every stage of the network, which
-    halves the grid up to 5 times, works on whole pixels), at least 64, capped.
+    halves the grid up to 5 times, works on whole pixels), capped.
 
-    28 px (MedMNIST) -> 64; 64 -> 64; a 1024 px chest X-ray -> 256 (prepare smaller PNGs to go faster).
-    At least 64 (issue 35): DenseNet121 divides the grid by 32, so a 32 px image reaches its last block as
-    1x1 maps; upsampled to 64 (2x2 maps) BreastMNIST's out-of-fold AUC was higher in 7 of 9 cross-validation
-    folds (+0.014 pooled, accuracy +0.014; bench/recipe_cv.py, docs/classification.md), for twice the
-    training time on a CPU.
+    28 px (MedMNIST) -> 32; 64 -> 64; a 1024 px chest X-ray -> 256 (prepare smaller PNGs to go faster).
     """
     median = np.median(np.asarray(shapes), axis=0)
     return [int(min(cap, max(smallest, -(-int(m) // multiple) * multiple))) for m in median]
