@@ -216,7 +216,7 @@ def realistic_result(argv: list[str], task: str = "segmentation", processes: int
         return {"command": "pull", "series": 3, "skipped_series": 1, "retrieved": 120, "present": 0, "cases": 3,
                 "datalist": _option(args, "--datalist"), "key": _option(args, "--key") or "test"}
     if command == "push":
-        return {"command": "push", "found": 3, "stored": 3, "skipped": 0, "url": _option(args, "--url")}
+        return {"command": "push", "found": 3, "stored": 3, "skipped": 0, "failed": 0, "url": _option(args, "--url")}
     if command == "infer":
         result = {"command": "infer", "num_cases": 4, "outputs": 4, "eval_dir": evals}
         return {**result, "dicom_segs": 4} if "--dicom-seg" in args else result
