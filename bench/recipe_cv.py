@@ -62,12 +62,7 @@ RECIPES = {
 def folds(items: list[dict], k: int, seed: int) -> list[list[dict]]:
     """k disjoint folds covering `items`: the patients of each group of identical label lists dealt out in
     turn after one shuffle, so each fold holds the label mix of the list; a patient's images stay together."""
-    patients: dict[str, list[dict]] = {}
-    for item in items:
-        patients.setdefault(bench.patient_of(item), []).append(item)
-    groups: dict[str, list[str]] = {}
-    for patient, images in patients.items():
-        groups.setdefault(json.dumps(images[0]["label"]), []).append(patient)
+    groups = bench.label_groups(items)
     rng = random.Random(seed)
     fold_of: dict[str, int] = {}
     turn = 0

@@ -155,15 +155,21 @@ def patient_of(item: dict) -> str:
     return match.group(1) if match else item["image"]
 
 
-def stratified_holdout(items: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out `fraction` of the patients of each group of identical label lists (by a patient's first
-    image; at least one of a group of 2+); all images of a patient land on the same side."""
+def label_groups(items: list[dict]) -> dict[str, list[str]]:
+    """The patients of each group of identical label lists (a patient's label list: its first image's)."""
     patients: dict[str, list[dict]] = {}
     for item in items:
         patients.setdefault(patient_of(item), []).append(item)
     groups: dict[str, list[str]] = {}
     for patient, images in patients.items():
         groups.setdefault(json.dumps(images[0]["label"]), []).append(patient)
+    return groups
+
+
+def stratified_holdout(items: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out `fraction` of the patients of each group of identical label lists (by a patient's first
+    image; at least one of a group of 2+); all images of a patient land on the same side."""
+    groups = label_groups(items)
     rng = random.Random(seed)
     held_patients: set[str] = set()
     for key in sorted(groups):
