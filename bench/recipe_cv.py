@@ -172,20 +172,14 @@ def pooled(runs: list[dict], key: str) -> dict[str, tuple[np.ndarray, np.ndarray
 
 def bootstrap(fn, arrays: list[tuple[np.ndarray, np.ndarray]], names: list[tuple], resamples: int = 2000,
               seed: int = 0):
-    """95 % percentile interval of `fn` over resamples of whole images: an image drawn brings its rows of every
-    fold draw (`names`: the rows' (seed, image)), since two draws' predictions of one image are not
-    independent."""
-    rng = np.random.default_rng(seed)
-    rows_of: dict[str, list[int]] = {}
-    for row, (_, image) in enumerate(names):
-        rows_of.setdefault(image, []).append(row)
-    groups = [np.array(rows) for rows in rows_of.values()]
-    values = []
-    for _ in range(resamples):
-        index = np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])
-        values.append(fn(*[(p[index], y[index]) for p, y in arrays]))
-    values = [v for v in values if not math.isnan(v)]
-    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+    """95 % percentile interval of `fn` over resamples of whole images (`mmar.engine.intervals`, as `mmar
+    validate`'s): an image drawn brings its rows of every fold draw (`names`: the rows' (seed, image)), since
+    two draws' predictions of one image are not independent."""
+    from mmar.engine.intervals import percentile, resample_rows
+
+    values = [fn(*[(p[index], y[index]) for p, y in arrays])
+              for index in resample_rows([image for _, image in names], resamples, seed)]
+    return percentile(np.asarray(values, dtype=float), 0.95)
 
 
 def table(runs: list[dict], baseline: str = "default") -> str:
